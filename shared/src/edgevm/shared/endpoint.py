@@ -1,0 +1,152 @@
+"""The endpoint adapter: nats.micro requests in, typed handlers called, replies and error codes out."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.micro import add_service
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.service import Service
+
+from edgevm.shared.errors import EdgevmError, Internal, Unavailable, invalid_from_msgspec, to_edgevm_error
+from edgevm.shared.metrics import COMMAND_DURATION, COMMANDS
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any], Awaitable[Any]]
+DEFAULT_DEADLINE = 2.0
+_encoder = msgspec.json.Encoder()
+
+
+class ErrorBody(msgspec.Struct):
+    """The `error` object of an error reply."""
+
+    code: str
+    message: str
+    field: str | None
+
+
+class ErrorReply(msgspec.Struct):
+    """The body of an error reply."""
+
+    error: ErrorBody
+
+
+def error_reply(error: EdgevmError) -> tuple[bytes, dict[str, str]]:
+    """Return the body and the nats micro headers that report `error`."""
+    body = _encoder.encode(ErrorReply(ErrorBody(error.code, error.message, error.field)))
+    # Headers are single lines: a multi-line message would break the header block.
+    headers = {ERROR_CODE_HEADER: error.code, ERROR_HEADER: " ".join(error.message.split())}
+    return body, headers
+
+
+def request_type_of(handler: Handler) -> type[Any]:
+    """Return the type of the handler's single parameter: the request struct it takes."""
+    params = list(inspect.signature(handler).parameters)
+    if len(params) != 1:
+        raise TypeError(f"{handler!r} must take exactly one request parameter")
+    return typing.get_type_hints(handler)[params[0]]  # type: ignore[no-any-return]
+
+
+class CommandService:
+    """A nats.micro service of typed command handlers, one per `edgevm.<node>.<verb>` subject."""
+
+    def __init__(self, nc: NATS, name: str, version: str = "1.0.0", description: str = "") -> None:
+        self._nc = nc
+        self.name = name
+        self._version = version
+        self._description = description
+        self._service: Service | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._accepting = True
+
+    async def start(self) -> None:
+        """Register the micro service (PING/INFO/STATS) on the connection."""
+        self._service = await add_service(
+            self._nc, name=self.name, version=self._version, description=self._description
+        )
+
+    async def add(
+        self, subject: str, handler: Handler, *, verb: str | None = None, deadline: float = DEFAULT_DEADLINE
+    ) -> None:
+        """Serve `handler` on `subject`; the request type comes from the handler's annotation."""
+        assert self._service is not None, "start() first"
+        verb = verb or subject.split(".", 2)[-1]
+        request_type = request_type_of(handler)
+        decoder = msgspec.json.Decoder(request_type)
+        serve = self._make_callback(verb, handler, decoder, deadline, request_type)
+        await self._service.add_endpoint(name=verb.replace(".", "-"), subject=subject, handler=serve)
+
+    def _make_callback(
+        self, verb: str, handler: Handler, decoder: msgspec.json.Decoder[Any], deadline: float, root: Any
+    ) -> Callable[[Request], Awaitable[None]]:
+        duration = COMMAND_DURATION.labels(self.name, verb)
+        counters: dict[str, Any] = {}
+
+        async def answer(request: Request) -> None:
+            started = time.perf_counter()
+            body, headers = await self._call(verb, handler, decoder, deadline, root, request.data)
+            code = headers[ERROR_CODE_HEADER] if headers else "200"
+            try:
+                await request.respond(body, headers=headers)
+            except Exception:
+                log.warning("%s: the reply could not be sent", verb, exc_info=True)
+            counter = counters.get(code)
+            if counter is None:
+                counter = counters[code] = COMMANDS.labels(self.name, verb, code)
+            counter.inc()
+            duration.observe(time.perf_counter() - started)
+
+        async def serve(request: Request) -> None:
+            # nats-py runs a subscription's callbacks one after the other: answer each request in its own
+            # task so a slow command (a libvirt call) does not hold up the quick ones behind it.
+            task = asyncio.create_task(answer(request))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+        return serve
+
+    async def _call(
+        self,
+        verb: str,
+        handler: Handler,
+        decoder: msgspec.json.Decoder[Any],
+        deadline: float,
+        root: Any,
+        data: bytes,
+    ) -> tuple[bytes, dict[str, str] | None]:
+        try:
+            request = decoder.decode(data or b"{}")
+        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+            return error_reply(invalid_from_msgspec(exc, root))
+        try:
+            async with asyncio.timeout(deadline):
+                reply = await handler(request)
+            return _encoder.encode(reply if reply is not None else {}), None
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            log.error("%s did not finish within %.1f s", verb, deadline)
+            return error_reply(Unavailable(f"{verb} did not finish within {deadline:g} s: a backend is slow"))
+        except Exception as exc:
+            error = to_edgevm_error(exc)
+            if error is None:
+                log.exception("%s failed unexpectedly", verb)
+                error = Internal(f"{verb} failed because of an internal error; the node's log has the details")
+            return error_reply(error)
+
+    async def stop(self) -> None:
+        """Stop taking requests and wait for the ones in flight to be answered."""
+        if self._service is not None:
+            await self._service.stop()
+            self._service = None
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=10)

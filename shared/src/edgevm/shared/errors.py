@@ -1,0 +1,153 @@
+"""The errors a command can end with, and the one table that maps them to protocol codes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+import msgspec.inspect
+
+
+class EdgevmError(Exception):
+    """An error a command reports to its caller: a code from PROTOCOL.md, a sentence, and maybe a field."""
+
+    code = "500"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidRequest(EdgevmError):
+    """The request breaks a rule; the message names the field and the rule."""
+
+    code = "400"
+
+
+class NotFound(EdgevmError):
+    """The object the request names does not exist."""
+
+    code = "404"
+
+
+class Conflict(EdgevmError):
+    """The request conflicts with the current state: a taken name, a stale revision, a busy VM."""
+
+    code = "409"
+
+
+class Unprocessable(EdgevmError):
+    """The request is valid but not possible here (e.g. an internal snapshot of a UEFI VM)."""
+
+    code = "422"
+
+
+class Internal(EdgevmError):
+    """Something went wrong inside edgevm; the message is a plain sentence, never a traceback."""
+
+    code = "500"
+
+
+class Unavailable(EdgevmError):
+    """A backend (libvirt, the kernel, JetStream) is unavailable or did not answer in time."""
+
+    code = "503"
+
+
+class RemoteError(EdgevmError):
+    """An error reply received from another edgevm endpoint, carrying its code unchanged."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message, field)
+        self.code = code
+
+
+_TRANSLATIONS: dict[type[BaseException], type[EdgevmError]] = {}
+
+
+def register_translation(source: type[BaseException], target: type[EdgevmError]) -> None:
+    """Make errors of type `source` (from a backend's own hierarchy) reply as `target` does."""
+    _TRANSLATIONS[source] = target
+
+
+def to_edgevm_error(error: BaseException) -> EdgevmError | None:
+    """Return `error` as an EdgevmError when it is one or has a registered translation, else None."""
+    if isinstance(error, EdgevmError):
+        return error
+    for cls in type(error).__mro__:
+        target = _TRANSLATIONS.get(cls)
+        if target is not None:
+            return target(str(error) or target.__doc__ or cls.__name__, getattr(error, "field", None))
+    return None
+
+
+_AT = re.compile(r"^(?P<rule>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
+_NAMED_FIELD = re.compile(r"^(?:Object (?:missing required|contains unknown) field `(?P<key>[^`]+)`)$")
+_FIELD_PREFIX = re.compile(r"^(?P<key>[a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*(?:\[\d+\])?)*): (?P<rule>.+)$", re.S)
+
+
+def invalid_from_msgspec(
+    error: msgspec.ValidationError | msgspec.DecodeError, root: Any = None
+) -> InvalidRequest:
+    """Turn a msgspec decoding error into a 400 whose field is a dotted path like `volumes[0].size`.
+
+    With `root`, the type that was decoded, an invalid enum value is answered with the values allowed.
+    """
+    if isinstance(error, msgspec.DecodeError) and not isinstance(error, msgspec.ValidationError):
+        return InvalidRequest(f"the request body is not valid JSON: {error}", None)
+    match = _AT.match(str(error))
+    assert match is not None  # the pattern matches every string
+    rule, path = match.group("rule"), match.group("path") or "$"
+    parts = [path[2:]] if path.startswith("$.") else []
+    if named := _NAMED_FIELD.match(rule):
+        parts.append(named.group("key"))
+        rule = "is required" if "missing" in rule else "is not a known field"
+    elif prefixed := _FIELD_PREFIX.match(rule):
+        parts.append(prefixed.group("key"))
+        rule = prefixed.group("rule")
+    else:
+        rule = rule[0].lower() + rule[1:] if rule else "is invalid"
+    field = ".".join(p for p in parts if p).replace(".[", "[") or None
+    if root is not None and field is not None and rule.startswith("invalid enum value"):
+        allowed = _literal_values(root, field)
+        if allowed:
+            rule += ": must be one of " + ", ".join(repr(v) for v in allowed)
+    if field is None:
+        return InvalidRequest(f"request: {rule}", None)
+    return InvalidRequest(f"{field}: {rule}", field)
+
+
+def _literal_values(root: Any, field: str) -> list[Any]:
+    """Return the values a Literal field at dotted path `field` of type `root` allows (or [])."""
+    info: Any = msgspec.inspect.type_info(root)
+    for part in re.findall(r"[a-z_][a-z0-9_]*|\[\d+\]", field):
+        info = _unwrap(info, part)
+        if info is None:
+            return []
+    options = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    values: list[Any] = []
+    for option in options:
+        if isinstance(option, msgspec.inspect.LiteralType):
+            values.extend(option.values)
+    return values
+
+
+def _unwrap(info: Any, part: str) -> Any:
+    options = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+    for option in options:
+        if part.startswith("[") and isinstance(option, msgspec.inspect.ListType):
+            return option.item_type
+        if isinstance(option, msgspec.inspect.StructType):
+            for f in option.fields:
+                if f.encode_name == part:
+                    return f.type
+    return None
+
+
+class FieldError(ValueError):
+    """A rule broken by one field, raised while validating a struct; msgspec adds where the struct sits."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")

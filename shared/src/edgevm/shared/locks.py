@@ -1,0 +1,100 @@
+"""One mutating operation per VM at a time, across services: leases in the `edgevm_locks` bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import msgspec
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from edgevm.shared.clock import now
+from edgevm.shared.errors import Conflict
+
+log = logging.getLogger(__name__)
+# The bucket's TTL is 30 s (bus.LOCKS): a holder renews its lease well within it, so a lease whose holder
+# died expires by itself and the VM is free again.
+RENEW_EVERY = 8.0
+
+
+class Lease(msgspec.Struct):
+    """Who holds a VM: the operation and the task that runs it."""
+
+    operation: str
+    task_id: str | None
+    service: str
+    since: str
+
+
+class VmLocks:
+    """Leases on VMs of one node, held while an operation runs."""
+
+    def __init__(self, kv: KeyValue, node: str, service: str) -> None:
+        self._kv = kv
+        self._node = node
+        self._service = service
+
+    def _key(self, vm: str) -> str:
+        return f"{self._node}.{vm}"
+
+    async def acquire(self, vm: str, operation: str, task_id: str | None = None) -> int:
+        """Take the lease on `vm`, or raise Conflict naming the operation (and task) that holds it."""
+        lease = Lease(operation=operation, task_id=task_id, service=self._service, since=now())
+        try:
+            return await self._kv.create(self._key(vm), msgspec.json.encode(lease))
+        except KeyWrongLastSequenceError:
+            holder = await self.holder(vm)
+            if holder is None:  # expired between our create and our read: try once more
+                return await self._kv.create(self._key(vm), msgspec.json.encode(lease))
+            task = f" (task {holder.task_id})" if holder.task_id else ""
+            raise Conflict(f"VM {vm} is busy with {holder.operation}{task}; try again when it ends", "name") from None
+
+    async def holder(self, vm: str) -> Lease | None:
+        """Return the lease on `vm`, or None when it is free."""
+        try:
+            entry = await self._kv.get(self._key(vm))
+        except Exception:
+            return None
+        if not entry.value:
+            return None
+        return msgspec.json.decode(entry.value, type=Lease)
+
+    async def release(self, vm: str, revision: int) -> None:
+        """Give the lease back (only if it is still ours)."""
+        try:
+            await self._kv.delete(self._key(vm), last=revision)
+        except KeyWrongLastSequenceError:
+            log.warning("lease on %s changed hands before release", vm)
+
+    async def renew(self, vm: str, revision: int) -> int:
+        """Keep the lease alive; return its new revision."""
+        entry = await self._kv.get(self._key(vm))
+        assert entry.value is not None
+        return await self._kv.update(self._key(vm), entry.value, last=revision)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, vm: str, operation: str, task_id: str | None = None) -> AsyncIterator[None]:
+        """Hold the lease on `vm` for the duration of the block, renewing it in the background."""
+        revision = await self.acquire(vm, operation, task_id)
+        current = revision
+
+        async def keep() -> None:
+            nonlocal current
+            while True:
+                await asyncio.sleep(RENEW_EVERY)
+                try:
+                    current = await self.renew(vm, current)
+                except Exception as exc:
+                    log.warning("lease on %s not renewed: %s", vm, exc)
+
+        keeper = asyncio.create_task(keep())
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await self.release(vm, current)

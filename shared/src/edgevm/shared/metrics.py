@@ -1,0 +1,28 @@
+"""Prometheus metrics shared by every service: the command metrics and each service's HTTP endpoint."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+
+COMMANDS = Counter(
+    "edgevm_commands_total",
+    "Commands answered, by service, endpoint and reply code.",
+    ["service", "endpoint", "code"],
+)
+COMMAND_DURATION = Histogram(
+    "edgevm_command_duration_seconds",
+    "Time from a command's arrival to its reply.",
+    ["service", "endpoint"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+)
+EVENTS_PUBLISHED = Counter(
+    "edgevm_events_published_total",
+    "Events published, by service and event type.",
+    ["service", "type"],
+)
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
+    """Start the metrics HTTP server in a daemon thread; return the port it listens on (port 0: any)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return int(server.server_address[1])

@@ -1,0 +1,129 @@
+"""The life of a service process: connect, set up JetStream, serve commands and metrics, stop cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from edgevm.shared import subjects
+from edgevm.shared.bus import connect, ensure_jetstream
+from edgevm.shared.config import Config
+from edgevm.shared.endpoint import CommandService, Handler
+from edgevm.shared.heartbeat import beat_forever
+from edgevm.shared.metrics import serve_metrics
+from edgevm.shared.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """What a service's set-up gets: its config, NATS, JetStream, buckets, publisher and command service."""
+
+    name: str
+    config: Config
+    nc: NATS
+    js: JetStreamContext
+    buckets: dict[str, KeyValue]
+    publisher: EventPublisher
+    commands: CommandService
+    stack: contextlib.AsyncExitStack
+    metrics_port: int = 0
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    async def command(self, verb: str, handler: Handler, deadline: float = 2.0) -> None:
+        """Serve `handler` as command `verb` of this node (`edgevm.<node>.<verb>`)."""
+        await self.commands.add(subjects.command(self.config.node, verb), handler, verb=verb, deadline=deadline)
+
+    def background(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run `coro` for the life of the service; it is cancelled (and awaited) at shutdown."""
+        task = asyncio.create_task(_logged(coro, name), name=name)
+        self._tasks.append(task)
+        return task
+
+    async def stop_background(self) -> None:
+        """Cancel the background tasks and wait for them to end."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("background task %s failed", name)
+        raise
+
+
+Setup = Callable[[ServiceContext], Awaitable[None]]
+
+
+async def connect_when_ready(url: str, name: str, stop: asyncio.Event) -> NATS:
+    """Connect to NATS, retrying with backoff while the server is not up yet (e.g. during node start)."""
+    delay = 0.2
+    while True:
+        try:
+            return await connect(url, name)
+        except Exception as exc:
+            if stop.is_set():
+                raise
+            log.info("%s: NATS at %s not ready (%s); retrying in %.1f s", name, url, exc, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def serve(name: str, setup: Setup, config: Config | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run service `name` until `stop` is set (or SIGTERM/SIGINT when run as a process)."""
+    config = config or Config.from_env()
+    stop = stop or asyncio.Event()
+    nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop)
+    js = nc.jetstream(timeout=5)
+    async with contextlib.AsyncExitStack() as stack:
+        buckets = await ensure_jetstream(js)
+        publisher = EventPublisher(js, config.node, name)
+        commands = CommandService(nc, f"edgevm-{name}", description=f"edgevm {name} on {config.node}")
+        ctx = ServiceContext(name, config, nc, js, buckets, publisher, commands, stack)
+        ctx.metrics_port = serve_metrics(config.metrics_host, config.metrics_port_for(name))
+        await commands.start()
+        await setup(ctx)
+        ctx.background(beat_forever(publisher, config.node, name), "heartbeat")
+        log.info(
+            "edgevm-%s serving node %s on %s; metrics on http://%s:%d/metrics",
+            name, config.node, config.nats_url, config.metrics_host, ctx.metrics_port,
+        )
+        await stop.wait()
+        log.info("edgevm-%s stopping", name)
+        await commands.stop()
+        await ctx.stop_background()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.drain(), 5)
+
+
+def main(name: str, setup: Setup) -> None:
+    """Entry point of a service process: logging, signals, and `serve` until SIGTERM or Ctrl-C."""
+    config = Config.from_env()
+    logging.basicConfig(
+        level=config.log_level, format=f"%(asctime)s edgevm-{name} %(levelname)s %(name)s: %(message)s"
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(name, setup, config, stop)
+
+    asyncio.run(run())

@@ -1,0 +1,51 @@
+"""Size strings ("512MB", "2GiB", "1073741824") parsed into bytes; KB, MB, GB and TB are binary."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+    "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+SIZE_RULE = "must be a number of bytes or a string '<n><unit>' with unit B, KB, MB, GB, TB (binary) or KiB, MiB, GiB, TiB"
+
+
+def parse_size(value: int | str) -> int:
+    """Return the number of bytes `value` stands for, or raise ValueError naming the rule."""
+    if isinstance(value, bool):
+        raise ValueError(SIZE_RULE)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    match = _SIZE.match(value)
+    if match is None or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{SIZE_RULE}, got {value!r}")
+    number, unit = match.groups()
+    size = float(number) * _UNITS[unit.lower()]
+    if size != int(size):
+        raise ValueError(f"{value!r} is not a whole number of bytes")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    """Return `size` bytes as the shortest exact binary unit string, e.g. 536870912 -> '512MiB'."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"

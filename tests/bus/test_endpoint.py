@@ -1,0 +1,127 @@
+"""The endpoint adapter over a real nats-server: typed replies, error codes and headers, no Python text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NATS
+
+from edgevm.shared import subjects
+from edgevm.shared.client import Client
+from edgevm.shared.commands import VmRef
+from edgevm.shared.endpoint import CommandService
+from edgevm.shared.errors import Conflict, RemoteError
+from edgevm.shared.objects import Vm, VmStatus
+from edgevm.shared.spec import VmSpec
+from tests.unit.test_protocol import BAD_SPECS
+
+
+class Echo(msgspec.Struct):
+    spec: VmSpec
+
+
+@pytest.fixture
+async def service(nc: NATS) -> AsyncIterator[tuple[Client, CommandService]]:
+    """A command service on a node of its own with a few handlers that show each path of the adapter."""
+    node = f"t{uuid.uuid4().hex[:8]}"
+    svc = CommandService(nc, "edgevm-test")
+    await svc.start()
+
+    async def create(spec: VmSpec) -> Vm:
+        return Vm(spec, VmStatus("defined", 1, "t", "t"))
+
+    async def boom(ref: VmRef) -> Vm:
+        raise RuntimeError("secret <object at 0xdeadbeef> in a repr")
+
+    async def busy(ref: VmRef) -> Vm:
+        raise Conflict(f"VM {ref.name} is busy with vm.start (task X)", "name")
+
+    async def slow(ref: VmRef) -> Vm:
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    for verb, handler, deadline in [("vm.create", create, 2.0), ("vm.boom", boom, 2.0),
+                                     ("vm.busy", busy, 2.0), ("vm.slow", slow, 0.2)]:
+        await svc.add(subjects.command(node, verb), handler, verb=verb, deadline=deadline)
+    yield Client(nc, node), svc
+    await svc.stop()
+
+
+async def test_typed_reply(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    vm = await client.call("vm.create", {"name": "a", "image": "img", "memory": "1GiB"}, Vm)
+    assert vm.spec.memory == 1024**3 and vm.status.state == "defined"
+
+
+@pytest.mark.parametrize(("doc", "field", "rule"), BAD_SPECS, ids=[f for _, f, _ in BAD_SPECS])
+async def test_bad_input_is_400_naming_the_field_over_nats(
+    service: tuple[Client, CommandService], doc: dict, field: str, rule: str
+) -> None:
+    client, _ = service
+    msg = await client.nc.request(subjects.command(client.node, "vm.create"), json.dumps(doc).encode(), timeout=2)
+    assert msg.headers is not None
+    assert msg.headers["Nats-Service-Error-Code"] == "400"
+    assert field in msg.headers["Nats-Service-Error"]
+    body = json.loads(msg.data)["error"]
+    assert body["code"] == "400" and body["field"] == field and rule in body["message"]
+
+
+async def test_unknown_enum_value_lists_the_allowed_ones(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    with pytest.raises(RemoteError) as info:
+        await client.call("vm.create", {"name": "a", "image": "i", "firmware": "coreboot"})
+    assert info.value.field == "firmware" and "'bios', 'uefi'" in info.value.message
+
+
+async def test_malformed_json_and_empty_body(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    msg = await client.nc.request(subjects.command(client.node, "vm.create"), b'{"name":', timeout=2)
+    assert json.loads(msg.data)["error"]["code"] == "400"
+    msg = await client.nc.request(subjects.command(client.node, "vm.create"), b"", timeout=2)
+    body = json.loads(msg.data)["error"]
+    assert body["code"] == "400" and body["field"] == "name"  # empty means {}: name is missing
+
+
+async def test_unexpected_exception_is_500_without_python_text(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    msg = await client.nc.request(subjects.command(client.node, "vm.boom"), b'{"name":"a"}', timeout=2)
+    assert msg.headers is not None and msg.headers["Nats-Service-Error-Code"] == "500"
+    text = msg.data.decode() + msg.headers["Nats-Service-Error"]
+    for leak in ("RuntimeError", "0xdeadbeef", "Traceback", "secret", "repr"):
+        assert leak not in text
+    assert json.loads(msg.data)["error"]["message"].startswith("vm.boom failed because of an internal error")
+    # and the service keeps serving
+    vm = await client.call("vm.create", {"name": "b", "image": "img"}, Vm)
+    assert vm.spec.name == "b"
+
+
+async def test_domain_errors_keep_their_code_and_field(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    with pytest.raises(RemoteError) as info:
+        await client.call("vm.busy", {"name": "a"})
+    assert (info.value.code, info.value.field) == ("409", "name") and "task X" in info.value.message
+
+
+async def test_a_handler_past_its_deadline_is_503_and_does_not_block_others(
+    service: tuple[Client, CommandService],
+) -> None:
+    client, _ = service
+    slow = asyncio.create_task(client.call("vm.slow", {"name": "a"}))
+    vm = await client.call("vm.create", {"name": "c", "image": "img"}, Vm)  # answered while slow still runs
+    assert vm.spec.name == "c" and not slow.done()
+    with pytest.raises(RemoteError) as info:
+        await slow
+    assert info.value.code == "503"
+
+
+async def test_micro_ping_and_info_list_the_endpoints(service: tuple[Client, CommandService]) -> None:
+    client, svc = service
+    info = json.loads((await client.nc.request("$SRV.INFO.edgevm-test", b"", timeout=2)).data)
+    assert {e["subject"] for e in info["endpoints"]} >= {subjects.command(client.node, "vm.create")}
+    ping = json.loads((await client.nc.request("$SRV.PING.edgevm-test", b"", timeout=2)).data)
+    assert ping["name"] == "edgevm-test"
