@@ -1,0 +1,165 @@
+"""`edgevm node up`: the embedded NATS and every installed service as child processes, restarted on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgevm.cli.natsserver import NatsServer, start_nats_server
+from edgevm.shared.config import SERVICES
+
+log = logging.getLogger("edgevm.node")
+BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
+# A child that ran this long before dying is considered healthy again: its backoff starts over.
+HEALTHY_AFTER = 60.0
+_PR_SET_PDEATHSIG = 1
+
+
+def installed_services() -> list[str]:
+    """Return the services whose package (with a __main__) is installed, in start order."""
+    return [s for s in SERVICES if importlib.util.find_spec(f"edgevm.{s}.__main__") is not None]
+
+
+def _die_with_parent() -> None:
+    # A child gets SIGTERM when `node up` itself dies (even by SIGKILL), so no service outlives its node.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Child:
+    """One supervised service process."""
+
+    name: str
+    env: dict[str, str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    backoff: float = BACKOFF_START
+    started_at: float = field(default=0.0)
+
+    async def spawn(self) -> None:
+        """Start the service process."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"edgevm.{self.name}", env=self.env, preexec_fn=_die_with_parent
+        )
+        self.started_at = time.monotonic()
+        log.info("started edgevm-%s (pid %d)", self.name, self.process.pid)
+
+
+@dataclass
+class NodeOptions:
+    """What `edgevm node up` was asked for."""
+
+    node: str
+    state_dir: Path
+    nats_url: str | None
+    nats_host: str
+    nats_port: int
+    metrics_base_port: int
+    libvirt_uri: str | None
+
+
+class Supervisor:
+    """Runs the node: NATS (unless external), then the services, until stopped."""
+
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.nats: NatsServer | None = None
+        self.children: list[Child] = []
+        self._stopping = asyncio.Event()
+
+    def child_env(self, nats_url: str) -> dict[str, str]:
+        """Return the environment every service process gets."""
+        env = {
+            **os.environ,
+            "EDGEVM_NODE": self.options.node,
+            "EDGEVM_NATS_URL": nats_url,
+            "EDGEVM_STATE_DIR": str(self.options.state_dir),
+            "EDGEVM_METRICS_BASE_PORT": str(self.options.metrics_base_port),
+        }
+        env.pop("EDGEVM_METRICS_PORT", None)
+        if self.options.libvirt_uri:
+            env["EDGEVM_LIBVIRT_URI"] = self.options.libvirt_uri
+        return env
+
+    async def run(self) -> None:
+        """Start everything, supervise until SIGTERM/SIGINT, then stop everything."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        self.options.state_dir.mkdir(parents=True, exist_ok=True)
+        nats_url = self.options.nats_url
+        if nats_url is None:
+            self.nats = await asyncio.to_thread(
+                start_nats_server,
+                self.options.state_dir / "nats",
+                self.options.nats_host,
+                self.options.nats_port,
+                self.options.state_dir / "nats.log",
+            )
+            nats_url = self.nats.url
+        print(f"edgevm node {self.options.node}: NATS on {nats_url}"
+              f"{' (embedded, JetStream in ' + str(self.options.state_dir / 'nats') + ')' if self.nats else ''}",
+              flush=True)
+        names = installed_services()
+        env = self.child_env(nats_url)
+        for index, name in enumerate(SERVICES):
+            if name in names:
+                print(f"  edgevm-{name}: metrics on http://127.0.0.1:{self.options.metrics_base_port + index}/metrics",
+                      flush=True)
+            else:
+                print(f"  edgevm-{name}: not installed (not built yet), not started", flush=True)
+        self.children = [Child(name, env) for name in names]
+        try:
+            for child in self.children:
+                await child.spawn()
+            watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
+            await self._stopping.wait()
+            for watcher in watchers:
+                watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        finally:
+            await self._stop_children()
+            if self.nats is not None:
+                await asyncio.to_thread(self.nats.stop)
+            print(f"edgevm node {self.options.node}: stopped", flush=True)
+
+    async def _watch(self, child: Child) -> None:
+        """Restart `child` whenever it exits, with exponential backoff, until the node stops."""
+        while True:
+            assert child.process is not None
+            code = await child.process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - child.started_at > HEALTHY_AFTER:
+                child.backoff = BACKOFF_START
+            log.warning("edgevm-%s exited with code %s; restarting in %.1f s", child.name, code, child.backoff)
+            print(f"edgevm-{child.name} exited with code {code}; restarting in {child.backoff:.1f} s", flush=True)
+            await asyncio.sleep(child.backoff)
+            child.backoff = min(child.backoff * 2, BACKOFF_MAX)
+            child.restarts += 1
+            await child.spawn()
+
+    async def _stop_children(self, timeout: float = 15) -> None:
+        running = [c.process for c in self.children if c.process is not None and c.process.returncode is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+        if not running:
+            return
+        _, late = await asyncio.wait([asyncio.create_task(p.wait()) for p in running], timeout=timeout)
+        if late:
+            for process in running:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+            await asyncio.gather(*(p.wait() for p in running))

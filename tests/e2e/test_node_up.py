@@ -1,0 +1,128 @@
+"""`edgevm node up` started as a user would: services answer, a killed one comes back, SIGTERM leaves nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from edgevm.cli.natsserver import free_port, wait_for_port
+from edgevm.cli.supervisor import installed_services
+from tests.helpers import eventually
+
+
+def children_of(pid: int) -> dict[int, str]:
+    """Return the live child processes of `pid` with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == pid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def node_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+    nats_port, metrics_base = free_port(), free_port()
+    log = tmp_path / "node.log"
+    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default"}
+    env.pop("EDGEVM_METRICS_PORT", None)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "edgevm"), "--node", "e2e", "node", "up",
+         "--state-dir", str(tmp_path / "state"), "--nats-port", str(nats_port),
+         "--metrics-base-port", str(metrics_base)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        wait_for_port("127.0.0.1", nats_port, 20)
+        yield process, nats_port, metrics_base, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def ping_names(url: str) -> set[str]:
+    """Return the names of the micro services answering $SRV.PING."""
+    nc = await nats.connect(url)
+    try:
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("$SRV.PING", b"", reply=inbox)
+        names = set()
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=max(0.01, deadline - time.monotonic()))
+            except (TimeoutError, nats.errors.TimeoutError):
+                break
+            names.add(json.loads(msg.data)["name"])
+        return names
+    finally:
+        await nc.close()
+
+
+async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple) -> None:
+    process, nats_port, metrics_base, log = node_up
+    url = f"nats://127.0.0.1:{nats_port}"
+    expected = {f"edgevm-{s}" for s in installed_services()}
+    assert expected, "no service installed"
+    await eventually(lambda: _has(url, expected), timeout=30, what=f"$SRV.PING lists {expected}")
+    text = log.read_text()
+    assert f"NATS on {url}" in text and "/metrics" in text
+    assert port_open(metrics_base + 4), "the gateway's metrics endpoint listens while the node runs"
+
+    # SIGKILL one service child: node up restarts it and it answers again.
+    children = children_of(process.pid)
+    victim = next(pid for pid, cmd in children.items() if "edgevm.gateway" in cmd)
+    os.kill(victim, signal.SIGKILL)
+    await eventually(lambda: _restarted(process.pid, victim), timeout=20, what="the gateway restarted")
+    await eventually(lambda: _has(url, {"edgevm-gateway"}), timeout=20, what="the restarted gateway answers")
+    assert "edgevm-gateway exited with code -9" in log.read_text()
+
+    # SIGTERM: everything ends, no port is left listening.
+    everything = set(children_of(process.pid))
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(process.wait, 30) == 0
+    assert not [pid for pid in everything if alive(pid)]
+    gateway_metrics = metrics_base + 4
+    assert not port_open(nats_port) and not port_open(gateway_metrics)
+    assert "stopped" in log.read_text()
+
+
+async def _has(url: str, names: set[str]) -> bool:
+    return names <= await ping_names(url)
+
+
+async def _restarted(parent: int, old: int) -> bool:
+    return any("edgevm.gateway" in cmd and pid != old for pid, cmd in children_of(parent).items())
