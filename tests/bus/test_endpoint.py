@@ -120,7 +120,7 @@ async def test_a_handler_past_its_deadline_is_503_and_does_not_block_others(
 
 
 async def test_micro_ping_and_info_list_the_endpoints(service: tuple[Client, CommandService]) -> None:
-    client, svc = service
+    client, _ = service
     info = json.loads((await client.nc.request("$SRV.INFO.edgevm-test", b"", timeout=2)).data)
     assert {e["subject"] for e in info["endpoints"]} >= {subjects.command(client.node, "vm.create")}
     ping = json.loads((await client.nc.request("$SRV.PING.edgevm-test", b"", timeout=2)).data)

@@ -77,14 +77,14 @@ class UpdateVm(Spec):
     firmware: Firmware | UnsetType = UNSET
     device_bus: Bus | UnsetType = UNSET
     description: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
-    hostname: str | None | UnsetType = UNSET
+    hostname: str | UnsetType | None = UNSET
     stop_timeout: Annotated[int, Meta(ge=1, le=3600)] | UnsetType = UNSET
     auto_start: bool | UnsetType = UNSET
     cpu: Annotated[int, Meta(ge=1, le=512)] | UnsetType = UNSET
     memory: Size | UnsetType = UNSET
     volumes: list[Volume] | UnsetType = UNSET
     network: Network | UnsetType = UNSET
-    cloud_init: CloudInit | None | UnsetType = UNSET
+    cloud_init: CloudInit | UnsetType | None = UNSET
 
     def __post_init__(self) -> None:
         if self.memory is not UNSET:

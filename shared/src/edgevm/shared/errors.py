@@ -85,7 +85,8 @@ def to_edgevm_error(error: BaseException) -> EdgevmError | None:
 
 _AT = re.compile(r"^(?P<rule>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
 _NAMED_FIELD = re.compile(r"^(?:Object (?:missing required|contains unknown) field `(?P<key>[^`]+)`)$")
-_FIELD_PREFIX = re.compile(r"^(?P<key>[a-z_][a-z0-9_]*(?:\[\d+\])?(?:\.[a-z_][a-z0-9_]*(?:\[\d+\])?)*): (?P<rule>.+)$", re.S)
+_KEY = r"[a-z_][a-z0-9_]*(?:\[\d+\])?"
+_FIELD_PREFIX = re.compile(rf"^(?P<key>{_KEY}(?:\.{_KEY})*): (?P<rule>.+)$", re.S)
 
 
 def invalid_from_msgspec(

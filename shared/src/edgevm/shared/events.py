@@ -110,12 +110,13 @@ AnyEvent = (
     | Heartbeat
 )
 
-_decoder = msgspec.json.Decoder(AnyEvent)
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
 
 
 def decode_event(data: bytes) -> AnyEvent:
     """Decode an event body; raise msgspec.ValidationError when it is not a known event."""
-    return _decoder.decode(data)
+    event: AnyEvent = _decoder.decode(data)
+    return event
 
 
 def event_subject_tail(event: Event) -> str:

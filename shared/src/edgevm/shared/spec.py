@@ -22,7 +22,8 @@ Firmware = Literal["bios", "uefi"]
 Bus = Literal["virtio", "ide", "sata"]
 
 USER_DATA_MAX = 64 * 1024
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)(\.[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)*$")
+_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
 
 
 class Spec(Struct, forbid_unknown_fields=True, omit_defaults=False):

@@ -22,7 +22,9 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
-SIZE_RULE = "must be a number of bytes or a string '<n><unit>' with unit B, KB, MB, GB, TB (binary) or KiB, MiB, GiB, TiB"
+SIZE_RULE = (
+    "must be a number of bytes or a string '<n><unit>' with unit B, KB, MB, GB, TB (binary) or KiB, MiB, GiB, TiB"
+)
 
 
 def parse_size(value: int | str) -> int:
