@@ -130,3 +130,21 @@ async def _ensure_bucket(js: JetStreamContext, bucket: Bucket) -> KeyValue:
         if exc.err_code != 10058:
             raise
         return await js.key_value(bucket.name)
+
+
+async def current_values(kv: KeyValue, pattern: str) -> dict[str, KeyValue.Entry]:
+    """Return the current entry of every live key matching `pattern` (e.g. `<node>.*`), read in one pass."""
+    # KeyValue.keys() filters by substring after reading every key; a subject-filtered watch reads only ours.
+    watcher = await kv.watch(pattern, ignore_deletes=True)
+    values: dict[str, KeyValue.Entry] = {}
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.value and entry.key:
+                values[entry.key] = entry
+            if entry.delta == 0:
+                break
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return values

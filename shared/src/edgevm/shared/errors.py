@@ -152,3 +152,8 @@ class FieldError(ValueError):
 
     def __init__(self, field: str, rule: str) -> None:
         super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+register_translation(FieldError, InvalidRequest)

@@ -75,26 +75,40 @@ class VmLocks:
         assert entry.value is not None
         return await self._kv.update(self._key(vm), entry.value, last=revision)
 
+    async def take(self, vm: str, operation: str, task_id: str | None = None) -> HeldLease:
+        """Take the lease on `vm` and keep it renewed until the returned handle is released."""
+        return HeldLease(self, vm, await self.acquire(vm, operation, task_id))
+
     @contextlib.asynccontextmanager
     async def hold(self, vm: str, operation: str, task_id: str | None = None) -> AsyncIterator[None]:
-        """Hold the lease on `vm` for the duration of the block, renewing it in the background."""
-        revision = await self.acquire(vm, operation, task_id)
-        current = revision
-
-        async def keep() -> None:
-            nonlocal current
-            while True:
-                await asyncio.sleep(RENEW_EVERY)
-                try:
-                    current = await self.renew(vm, current)
-                except Exception as exc:
-                    log.warning("lease on %s not renewed: %s", vm, exc)
-
-        keeper = asyncio.create_task(keep())
+        """Hold the lease on `vm` for the duration of the block."""
+        lease = await self.take(vm, operation, task_id)
         try:
             yield
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            await self.release(vm, current)
+            await lease.release()
+
+
+class HeldLease:
+    """A lease this process holds: renewed in the background until `release`."""
+
+    def __init__(self, locks: VmLocks, vm: str, revision: int) -> None:
+        self._locks = locks
+        self._vm = vm
+        self._revision = revision
+        self._keeper = asyncio.create_task(self._keep())
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY)
+            try:
+                self._revision = await self._locks.renew(self._vm, self._revision)
+            except Exception as exc:
+                log.warning("lease on %s not renewed: %s", self._vm, exc)
+
+    async def release(self) -> None:
+        """Stop renewing and give the lease back."""
+        self._keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._keeper
+        await self._locks.release(self._vm, self._revision)

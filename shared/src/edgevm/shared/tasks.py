@@ -37,9 +37,13 @@ class TaskStore:
         self._publisher = publisher
         self._node = node
 
-    async def create(self, kind: str, vm: str | None = None, message: str = "queued") -> tuple[Task, int]:
-        """Write a new queued task; return it with its bucket revision."""
-        task = Task(id=new_id(), node=self._node, kind=kind, vm=vm, status="queued", created_at=now(), message=message)
+    async def create(
+        self, kind: str, vm: str | None = None, message: str = "queued", task_id: str | None = None
+    ) -> tuple[Task, int]:
+        """Write a new queued task (`task_id` when the caller made one); return it and its revision."""
+        task = Task(
+            id=task_id or new_id(), node=self._node, kind=kind, vm=vm, status="queued", created_at=now(), message=message
+        )
         revision = await self._kv.create(task_key(self._node, task.id), _encoder.encode(task))
         await self._publisher.publish(TaskUpdated(at=now(), task=task))
         return task, revision

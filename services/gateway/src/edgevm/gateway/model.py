@@ -113,7 +113,7 @@ class FleetModel:
     def flow_list(self, node: str | None, vm: str | None, status: str, limit: int) -> list[Flow]:
         """Return the newest flows first, filtered by node, VM and status (active, completed or all)."""
         def wanted(n: str, f: Flow) -> bool:
-            if node is not None and n != node or vm is not None and f.vm != vm:
+            if (node is not None and n != node) or (vm is not None and f.vm != vm):
                 return False
             return status == "all" or (f.status == "active") == (status == "active")
 

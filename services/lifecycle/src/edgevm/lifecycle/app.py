@@ -1,0 +1,121 @@
+"""The lifecycle service assembled: stores, libvirt, tasks and every command it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from edgevm.lifecycle import errormap
+from edgevm.lifecycle.drivers.connection import HypervisorConnection
+from edgevm.lifecycle.drivers.domains import Domains
+from edgevm.lifecycle.drivers.events import LifecycleEvents
+from edgevm.lifecycle.drivers.host import detect_domain_type
+from edgevm.lifecycle.drivers.states import EventKind
+from edgevm.lifecycle.images import ImageService
+from edgevm.lifecycle.imagestore import ImageStore
+from edgevm.lifecycle.layout import Layout
+from edgevm.lifecycle.paths import default_import_roots
+from edgevm.lifecycle.planner import Planner
+from edgevm.lifecycle.records import VmRecords
+from edgevm.lifecycle.runner import TaskRunner
+from edgevm.lifecycle.taskcommands import TaskCommands
+from edgevm.lifecycle.taskindex import TaskIndex
+from edgevm.lifecycle.vms import VmService
+from edgevm.shared import bus
+from edgevm.shared.heartbeat import host_memory_bytes
+from edgevm.shared.locks import VmLocks
+from edgevm.shared.runtime import ServiceContext
+from edgevm.shared.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+# Tasks of these kinds are the lifecycle's own: after a restart, unfinished ones are failed.
+OWN_TASK_KINDS = ("vm.", "image.")
+
+
+def import_roots(state_dir: Path) -> list[Path]:
+    """Return where image.import may read: `<state>/import` plus EDGEVM_IMPORT_DIRS (colon-separated)."""
+    roots = default_import_roots(state_dir)
+    extra = os.environ.get("EDGEVM_IMPORT_DIRS", "")
+    roots += [Path(p) for p in extra.split(":") if p]
+    return roots
+
+
+async def setup(ctx: ServiceContext) -> None:
+    """Wire the lifecycle service into `ctx` and start its background work."""
+    errormap.register()
+    config = ctx.config
+    node = config.node
+    layout = Layout(config.service_dir("lifecycle"))
+    layout.ensure()
+    roots = import_roots(config.state_dir)
+    for root in roots[:1]:
+        root.mkdir(parents=True, exist_ok=True)
+
+    connection = HypervisorConnection(config.libvirt_uri)
+    await connection.open()
+    ctx.stack.push_async_callback(connection.close)
+    domains = Domains(connection)
+    domain_type = await detect_domain_type(connection) if config.libvirt_uri.startswith("qemu") else "qemu"
+    log.info("libvirt %s: guests run as domain type %s", config.libvirt_uri, domain_type)
+
+    store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
+    index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
+    locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle")
+    runner = TaskRunner(store, locks, index)
+    ctx.stack.push_async_callback(runner.drain)
+    records = VmRecords(ctx.buckets[bus.VMS.name], node)
+    await records.load()
+    image_store = ImageStore(layout.images)
+    image_store.remove_partials()
+    vms: VmService
+    images = ImageService(ctx.buckets[bus.IMAGES.name], node, image_store, runner, roots,
+                          lambda name: vms.users_of_image(name))
+    await images.load()
+    vms = VmService(node, records, images, domains, Planner(layout, node, domain_type), runner, locks,
+                    ctx.publisher, os.cpu_count() or 1, host_memory_bytes())
+    tasks = TaskCommands(index, store, node)
+
+    ctx.background(index.follow(), "task index")
+    await asyncio.wait_for(index.ready.wait(), 30)
+    interrupted = await tasks.fail_interrupted(OWN_TASK_KINDS)
+    if interrupted:
+        log.warning("%d task(s) interrupted by the last restart were marked failed", interrupted)
+    await vms.reconcile()
+    events = LifecycleEvents(connection)
+    await events.__aenter__()
+    ctx.stack.push_async_callback(events.__aexit__, None, None, None)
+    ctx.background(follow_domains(events, vms), "libvirt events")
+
+    for verb, handler in [
+        ("image.import", images.import_image),
+        ("image.list", images.list),
+        ("image.get", images.get),
+        ("image.delete", images.delete),
+        ("vm.create", vms.create),
+        ("vm.get", vms.get),
+        ("vm.list", vms.list),
+        ("vm.update", vms.update),
+        ("vm.start", vms.start),
+        ("vm.stop", vms.stop),
+        ("vm.restart", vms.restart),
+        ("vm.delete", vms.delete),
+        ("task.get", tasks.get),
+        ("task.list", tasks.list),
+        ("task.cancel", tasks.cancel),
+    ]:
+        await ctx.command(verb, handler)
+
+
+async def follow_domains(events: LifecycleEvents, vms: VmService) -> None:
+    """Keep VM states true to libvirt's lifecycle events (a guest that powers itself off is `stopped`)."""
+    async for event in events:
+        try:
+            if event.kind == EventKind.RESYNC or event.vm is None:
+                for vm in vms.records.all():
+                    await vms.observe(vm.spec.name, await vms._domain_state(vm.spec.name))
+            elif event.kind in (EventKind.STARTED, EventKind.STOPPED, EventKind.CRASHED, EventKind.RESUMED):
+                await vms.observe(event.vm, await vms._domain_state(event.vm))
+        except Exception:
+            log.exception("libvirt event %s of %s not applied", event.kind, event.vm)

@@ -1,0 +1,1 @@
+"""The libvirt boundary of the lifecycle service: domain XML, connection, domains, events, host probe."""

@@ -1,0 +1,107 @@
+"""image.* commands: the node's images, their files in the store and their records in `edgevm_images`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from edgevm.lifecycle.imagestore import ImageStore
+from edgevm.lifecycle.paths import confine
+from edgevm.lifecycle.runner import Progress, TaskRunner
+from edgevm.shared.bus import current_values
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, ImageList, ImageRef, ImportImage, TaskReply
+from edgevm.shared.errors import Conflict, NotFound
+from edgevm.shared.objects import Image
+
+_decoder = msgspec.json.Decoder(Image)
+
+
+class ImageService:
+    """Imports, lists and deletes images; knows which are in use through `users`."""
+
+    def __init__(
+        self,
+        kv: KeyValue,
+        node: str,
+        store: ImageStore,
+        runner: TaskRunner,
+        import_roots: list[Path],
+        users: Callable[[str], list[str]],
+    ) -> None:
+        self._kv = kv
+        self._node = node
+        self._store = store
+        self._runner = runner
+        self._import_roots = import_roots
+        self._users = users
+        self.images: dict[str, Image] = {}
+
+    def _key(self, name: str) -> str:
+        return f"{self._node}.{name}"
+
+    async def load(self) -> None:
+        """Read the node's image records."""
+        for entry in (await current_values(self._kv, f"{self._node}.*")).values():
+            image = _decoder.decode(entry.value or b"")
+            self.images[image.name] = image
+
+    def path(self, name: str) -> Path:
+        """Return the file of image `name`."""
+        image = self.images[name]
+        return self._store.path_for(name, image.format)
+
+    async def import_image(self, req: ImportImage) -> TaskReply:
+        """image.import: check the request now, copy in a task."""
+        source = confine(req.path, self._import_roots, field="path")
+        if req.name in self.images:
+            raise Conflict(f"an image named {req.name} exists already", "name")
+
+        async def work(progress: Progress) -> dict[str, Any]:
+            done = [0]
+            copy = asyncio.ensure_future(self._store.import_image(req.name, source, req.format, done.append))
+            shown = 0
+            while not copy.done():
+                await asyncio.wait([copy], timeout=0.5)
+                if done[-1] != shown and not copy.done():
+                    shown = done[-1]
+                    await progress(shown, f"copying {source.name}")
+            record = copy.result()
+            image = Image(req.name, record.format, req.guest_os, record.size_bytes, record.sha256, now())
+            try:
+                await self._kv.create(self._key(req.name), msgspec.json.encode(image))
+            except KeyWrongLastSequenceError:
+                await self._store.remove(req.name)
+                raise Conflict(f"an image named {req.name} was imported meanwhile", "name") from None
+            self.images[req.name] = image
+            return msgspec.to_builtins(image)  # type: ignore[no-any-return]
+
+        return TaskReply(await self._runner.submit("image.import", None, work))
+
+    async def list(self, req: Empty) -> ImageList:
+        """image.list."""
+        return ImageList([self.images[name] for name in sorted(self.images)])
+
+    async def get(self, req: ImageRef) -> Image:
+        """image.get."""
+        image = self.images.get(req.name)
+        if image is None:
+            raise NotFound(f"no image named {req.name} on node {self._node}", "name")
+        return image
+
+    async def delete(self, req: ImageRef) -> Empty:
+        """image.delete: refused while a VM uses the image."""
+        await self.get(req)
+        users = self._users(req.name)
+        if users:
+            raise Conflict(f"image {req.name} is used by VM {', '.join(users)}", "name")
+        await self._kv.delete(self._key(req.name))
+        self.images.pop(req.name, None)
+        await self._store.remove(req.name)
+        return Empty()

@@ -1,0 +1,78 @@
+"""The VMs of this node in the `edgevm_vms` bucket, with a write-through cache that serves reads."""
+
+from __future__ import annotations
+
+import msgspec
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from edgevm.shared.bus import current_values
+from edgevm.shared.errors import Conflict, NotFound
+from edgevm.shared.objects import Vm
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Vm)
+
+
+class VmRecords:
+    """Desired state of the node's VMs; every write checks the bucket revision it last saw.
+
+    The lifecycle service is the only writer of its node's keys, so the cache is the bucket's content;
+    `vm.get` and `vm.list` never touch JetStream or libvirt.
+    """
+
+    def __init__(self, kv: KeyValue, node: str) -> None:
+        self._kv = kv
+        self._node = node
+        self._vms: dict[str, Vm] = {}
+        self._revisions: dict[str, int] = {}
+
+    def _key(self, name: str) -> str:
+        return f"{self._node}.{name}"
+
+    async def load(self) -> None:
+        """Read every VM of this node from the bucket into the cache."""
+        self._vms.clear()
+        self._revisions.clear()
+        for entry in (await current_values(self._kv, f"{self._node}.*")).values():
+            assert entry.value is not None
+            vm = _decoder.decode(entry.value)
+            self._vms[vm.spec.name] = vm
+            self._revisions[vm.spec.name] = entry.revision or 0
+
+    def get(self, name: str) -> Vm:
+        """Return the VM, or raise NotFound."""
+        vm = self._vms.get(name)
+        if vm is None:
+            raise NotFound(f"VM {name} does not exist", "name")
+        return vm
+
+    def find(self, name: str) -> Vm | None:
+        """Return the VM or None."""
+        return self._vms.get(name)
+
+    def all(self) -> list[Vm]:
+        """Return every VM, ordered by name."""
+        return [self._vms[name] for name in sorted(self._vms)]
+
+    async def create(self, vm: Vm) -> None:
+        """Store a new VM; Conflict when the name is taken."""
+        try:
+            revision = await self._kv.create(self._key(vm.spec.name), _encoder.encode(vm))
+        except KeyWrongLastSequenceError:
+            raise Conflict(f"a VM named {vm.spec.name} exists already", "name") from None
+        self._vms[vm.spec.name] = vm
+        self._revisions[vm.spec.name] = revision
+
+    async def save(self, vm: Vm) -> None:
+        """Store a changed VM over the revision this cache last wrote."""
+        name = vm.spec.name
+        revision = await self._kv.update(self._key(name), _encoder.encode(vm), last=self._revisions[name])
+        self._vms[name] = vm
+        self._revisions[name] = revision
+
+    async def delete(self, name: str) -> None:
+        """Forget a VM."""
+        await self._kv.delete(self._key(name))
+        self._vms.pop(name, None)
+        self._revisions.pop(name, None)

@@ -1,0 +1,381 @@
+"""vm.* commands: define VMs from specs, keep their records, and run their power operations as tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from edgevm.lifecycle.drivers.domain_xml import build_domain_xml
+from edgevm.lifecycle.drivers.domains import Domains
+from edgevm.lifecycle.drivers.errors import DomainNotFound, OperationInvalid
+from edgevm.lifecycle.drivers.states import DomainState
+from edgevm.lifecycle.images import ImageService
+from edgevm.lifecycle.imagestore import QemuImg
+from edgevm.lifecycle.layout import Layout
+from edgevm.lifecycle.paths import confine, is_store_path
+from edgevm.lifecycle.planner import Planner, VolumeFile, seed_content
+from edgevm.lifecycle.records import VmRecords
+from edgevm.lifecycle.runner import Progress, TaskRunner
+from edgevm.lifecycle.seed import write_seed
+from edgevm.lifecycle.userdata import validate_meta_data, validate_network_config, validate_user_data
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, StopVm, TaskReply, UpdateVm, VmList, VmRef
+from edgevm.shared.errors import Conflict, InvalidRequest
+from edgevm.shared.events import VmCrashed, VmCreated, VmDeleted, VmStarted, VmStopped, VmUpdated
+from edgevm.shared.locks import VmLocks
+from edgevm.shared.objects import Vm, VmState, VmStatus
+from edgevm.shared.publisher import EventPublisher
+from edgevm.shared.spec import IMMUTABLE_FIELDS, VmSpec
+
+log = logging.getLogger(__name__)
+POLL = 0.25
+START_TIMEOUT = 60.0
+
+
+class VmService:
+    """Owns the node's VMs: records, files, domains and their power state."""
+
+    def __init__(
+        self,
+        node: str,
+        records: VmRecords,
+        images: ImageService,
+        domains: Domains,
+        planner: Planner,
+        runner: TaskRunner,
+        locks: VmLocks,
+        publisher: EventPublisher,
+        host_cpus: int,
+        host_memory: int,
+        qemu_img: QemuImg | None = None,
+    ) -> None:
+        self.node = node
+        self.records = records
+        self.images = images
+        self.domains = domains
+        self.planner = planner
+        self.runner = runner
+        self.locks = locks
+        self.publisher = publisher
+        self.host_cpus = host_cpus
+        self.host_memory = host_memory
+        self.qemu_img = qemu_img or QemuImg()
+
+    @property
+    def layout(self) -> Layout:
+        """The node's lifecycle directories."""
+        return self.planner.layout
+
+    # -- checks -------------------------------------------------------------------------------------------
+    def check_spec(self, spec: VmSpec) -> dict[str, Path]:
+        """Check what the struct alone cannot (images exist, host limits, cloud-init); return source paths."""
+        if spec.image not in self.images.images:
+            raise InvalidRequest(f"image: no image named {spec.image!r} on node {self.node}", "image")
+        if spec.cpu > self.host_cpus:
+            raise InvalidRequest(f"cpu: must be at most the host's {self.host_cpus} CPUs, got {spec.cpu}", "cpu")
+        if spec.memory_bytes > self.host_memory:
+            raise InvalidRequest(
+                f"memory: must be at most the host's {self.host_memory} bytes, got {spec.memory_bytes}", "memory"
+            )
+        paths = {spec.image: self.images.path(spec.image)}
+        for i, volume in enumerate(spec.volumes):
+            field = f"volumes[{i}].source"
+            if volume.source is None:
+                continue
+            if is_store_path(volume.source):
+                paths[volume.source] = confine(volume.source, [self.layout.volumes], field=field)
+            elif volume.source in self.images.images:
+                image = self.images.images[volume.source]
+                if volume.kind == "cdrom" and image.format != "iso":
+                    raise InvalidRequest(f"{field}: a cdrom needs an iso image, {volume.source} is {image.format}",
+                                         field)
+                paths[volume.source] = self.images.path(volume.source)
+            else:
+                raise InvalidRequest(f"{field}: no image named {volume.source!r} on node {self.node}"
+                                     " (a path in the volume store has a '/')", field)
+        if spec.cloud_init is not None:
+            validate_user_data(spec.cloud_init.user_data)
+            if spec.cloud_init.network_config:
+                validate_network_config(spec.cloud_init.network_config)
+            if spec.cloud_init.meta_data:
+                validate_meta_data(spec.cloud_init.meta_data)
+        return paths
+
+    # -- files and domain ---------------------------------------------------------------------------------
+    async def _make_files(self, spec: VmSpec, paths: dict[str, Path]) -> list[VolumeFile]:
+        vm_dir = self.layout.vm_dir(spec.name)
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(vm_dir, 0o755)
+        files = self.planner.files(spec, self.images.images, paths)
+        for f in files:
+            if f.path.exists() or f.create == "none":
+                continue
+            if f.create == "overlay":
+                assert f.backing is not None
+                await self.qemu_img.create_overlay(f.backing, f.path, f.backing_format)
+            elif f.create == "blank":
+                assert f.size is not None
+                await self.qemu_img.create_blank_disk(f.path, f.size)
+        await asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed_content(spec))
+        return files
+
+    async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> None:
+        files = await self._make_files(spec, paths)
+        await self.domains.define(build_domain_xml(self.planner.domain(spec, revision, files)))
+
+    async def _remove_files(self, vm: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.layout.vm_dir(vm), True)
+
+    # -- records ------------------------------------------------------------------------------------------
+    async def _set_state(self, vm: Vm, state: VmState, error: str | None = None, event: type | None = None) -> Vm:
+        status = msgspec.structs.replace(vm.status, state=state, updated_at=now(),
+                                         last_error=error if state == "error" else vm.status.last_error)
+        updated = Vm(vm.spec, status)
+        await self.records.save(updated)
+        await self.publisher.publish((event or VmUpdated)(at=now(), vm=updated))
+        return updated
+
+    def users_of_image(self, image: str) -> list[str]:
+        """Return the VMs whose spec names `image`."""
+        return [
+            vm.spec.name for vm in self.records.all()
+            if vm.spec.image == image or any(v.source == image for v in vm.spec.volumes)
+        ]
+
+    # -- commands -----------------------------------------------------------------------------------------
+    async def create(self, spec: VmSpec) -> Vm:
+        """vm.create: files and domain now; a vm.start task after when auto_start."""
+        if self.records.find(spec.name) is not None:
+            raise Conflict(f"a VM named {spec.name} exists already", "name")
+        paths = self.check_spec(spec)
+        async with self.locks.hold(spec.name, "vm.create"):
+            if self.records.find(spec.name) is not None:
+                raise Conflict(f"a VM named {spec.name} exists already", "name")
+            stamp = now()
+            vm = Vm(spec, VmStatus(state="defined", revision=1, created_at=stamp, updated_at=stamp))
+            try:
+                await self._define(spec, 1, paths)
+                await self.records.create(vm)
+            except BaseException:
+                await self._undo_create(spec.name)
+                raise
+        await self.publisher.publish(VmCreated(at=now(), vm=vm))
+        if spec.auto_start:
+            await self.start(VmRef(spec.name))
+        return vm
+
+    async def _undo_create(self, name: str) -> None:
+        try:
+            await self.domains.undefine(name)
+        except DomainNotFound:
+            pass
+        except Exception:
+            log.exception("VM %s: the half-made domain could not be removed", name)
+        await self._remove_files(name)
+
+    async def get(self, req: VmRef) -> Vm:
+        """vm.get: from the records, never from libvirt."""
+        return self.records.get(req.name)
+
+    async def list(self, req: Empty) -> VmList:
+        """vm.list."""
+        return VmList(self.records.all())
+
+    async def update(self, req: UpdateVm) -> Vm:
+        """vm.update: against the revision the caller saw; immutable fields stay as they are."""
+        vm = self.records.get(req.name)
+        if req.revision != vm.status.revision:
+            raise Conflict(
+                f"VM {req.name} is at revision {vm.status.revision}, not {req.revision}: read it again", "revision"
+            )
+        changes = req.changes()
+        for field in IMMUTABLE_FIELDS:
+            if field in changes and changes[field] != getattr(vm.spec, field):
+                raise InvalidRequest(f"{field}: is immutable after create; create a new VM instead", field)
+        doc = msgspec.to_builtins(vm.spec)
+        doc.update({k: msgspec.to_builtins(v) for k, v in changes.items()})
+        spec = msgspec.convert(doc, VmSpec)  # runs every rule of a new spec again
+        if spec == vm.spec:
+            return vm
+        paths = self.check_spec(spec)
+        async with self.locks.hold(req.name, "vm.update"):
+            current = self.records.get(req.name)
+            if current.status.revision != req.revision:
+                raise Conflict(f"VM {req.name} changed meanwhile (revision {current.status.revision})", "revision")
+            running = current.status.state in ("running", "starting", "stopping")
+            if running and [v.name for v in spec.volumes] != [v.name for v in vm.spec.volumes]:
+                raise Conflict(f"VM {req.name} is running: stop it to add or remove volumes", "volumes")
+            removed = {v.name for v in vm.spec.volumes} - {v.name for v in spec.volumes}
+            revision = current.status.revision + 1
+            # Redefining a running domain changes its next boot, as Proxmox' pending changes do.
+            await self._define(spec, revision, paths)
+            for name in removed:
+                (self.layout.vm_dir(req.name) / f"volume-{name}.qcow2").unlink(missing_ok=True)
+            updated = Vm(spec, msgspec.structs.replace(current.status, revision=revision, updated_at=now()))
+            await self.records.save(updated)
+        await self.publisher.publish(VmUpdated(at=now(), vm=updated))
+        return updated
+
+    async def start(self, req: VmRef) -> TaskReply:
+        """vm.start."""
+        self.records.get(req.name)
+        return TaskReply(await self.runner.submit("vm.start", req.name, lambda p: self._start(req.name, p)))
+
+    async def stop(self, req: StopVm) -> TaskReply:
+        """vm.stop: ACPI shutdown, destroyed after stop_timeout; at once with force."""
+        self.records.get(req.name)
+        return TaskReply(
+            await self.runner.submit("vm.stop", req.name, lambda p: self._stop(req.name, req.force, p))
+        )
+
+    async def restart(self, req: VmRef) -> TaskReply:
+        """vm.restart: a graceful stop, then a start."""
+        self.records.get(req.name)
+
+        async def work(progress: Progress) -> dict[str, Any] | None:
+            await self._stop(req.name, False, progress)
+            return await self._start(req.name, progress)
+
+        return TaskReply(await self.runner.submit("vm.restart", req.name, work))
+
+    async def delete(self, req: VmRef) -> TaskReply:
+        """vm.delete: kill it when running, then remove the domain, disks, seed and NVRAM (never the image)."""
+        self.records.get(req.name)
+        return TaskReply(await self.runner.submit("vm.delete", req.name, lambda p: self._delete(req.name, p)))
+
+    # -- task bodies --------------------------------------------------------------------------------------
+    async def _start(self, name: str, progress: Progress) -> dict[str, Any] | None:
+        vm = self.records.get(name)
+        if await self._domain_state(name) == DomainState.RUNNING:
+            await self._set_state(vm, "running")
+            return None
+        vm = await self._set_state(vm, "starting")
+        await progress(10, "starting the domain")
+        try:
+            await self.domains.start(name)
+        except Exception as exc:
+            await self._set_state(vm, "error", f"start failed: {exc}")
+            raise
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+        while await self._domain_state(name) != DomainState.RUNNING:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"VM {name} did not reach running within {START_TIMEOUT:g} s")
+            await asyncio.sleep(POLL)
+        await self._set_state(self.records.get(name), "running", event=VmStarted)
+        return None
+
+    async def _stop(self, name: str, force: bool, progress: Progress) -> dict[str, Any] | None:
+        vm = self.records.get(name)
+        if await self._domain_state(name) in (DomainState.SHUTOFF, DomainState.CRASHED):
+            if vm.status.state not in ("stopped", "defined", "crashed"):
+                await self._set_state(vm, "stopped", event=VmStopped)
+            return {"forced": False}
+        vm = await self._set_state(vm, "stopping")
+        forced = force
+        if not force:
+            await progress(10, "ACPI shutdown sent")
+            try:
+                await self.domains.shutdown(name)
+            except OperationInvalid:
+                pass  # it stopped meanwhile
+            forced = not await self._wait_off(name, vm.spec.stop_timeout, progress)
+        if forced:
+            await progress(90, "destroying the domain")
+            try:
+                await self.domains.destroy(name)
+            except OperationInvalid:
+                pass
+            await self._wait_off(name, 10, None)
+        await self._set_state(self.records.get(name), "stopped", event=VmStopped)
+        return {"forced": forced}
+
+    async def _wait_off(self, name: str, timeout: float, progress: Progress | None) -> bool:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while await self._domain_state(name) not in (DomainState.SHUTOFF, DomainState.CRASHED):
+            elapsed = loop.time() - start
+            if elapsed >= timeout:
+                return False
+            await asyncio.sleep(POLL)
+        return True
+
+    async def _delete(self, name: str, progress: Progress) -> dict[str, Any] | None:
+        vm = self.records.get(name)
+        state = await self._domain_state(name)
+        if state not in (DomainState.SHUTOFF, DomainState.CRASHED, None):
+            await progress(20, "destroying the domain")
+            try:
+                await self.domains.destroy(name)
+            except OperationInvalid:
+                pass
+            await self._wait_off(name, 10, None)
+        await progress(60, "removing the domain and its files")
+        try:
+            await self.domains.undefine(name)
+        except DomainNotFound:
+            pass
+        await self._remove_files(name)
+        await self.records.delete(name)
+        await self.publisher.publish(VmDeleted(at=now(), vm=msgspec.structs.replace(
+            vm, status=msgspec.structs.replace(vm.status, state="stopped", updated_at=now()))))
+        return None
+
+    async def _domain_state(self, name: str) -> DomainState | None:
+        try:
+            return await self.domains.state(name)
+        except DomainNotFound:
+            return None
+
+    # -- what libvirt tells ---------------------------------------------------------------------------------
+    async def observe(self, name: str, state: DomainState | None) -> None:
+        """Bring a VM's recorded state in line with its domain's real state (from an event or a resync)."""
+        vm = self.records.find(name)
+        if vm is None:
+            return
+        holder = await self.locks.holder(name)
+        if holder is not None:
+            return  # a task of ours is changing it; that task records the outcome
+        if state == DomainState.RUNNING and vm.status.state != "running":
+            await self._set_state(vm, "running", event=VmStarted)
+        elif state == DomainState.SHUTOFF and vm.status.state in ("running", "starting", "stopping"):
+            await self._set_state(vm, "stopped", event=VmStopped)
+        elif state == DomainState.CRASHED and vm.status.state != "crashed":
+            await self._set_state(vm, "crashed", event=VmCrashed)
+
+    async def reconcile(self) -> list[str]:
+        """At start-up: redefine missing domains, take real states, report stray domains; return the strays."""
+        domains = {d.vm: d for d in await self.domains.list()}
+        for vm in self.records.all():
+            name = vm.spec.name
+            if name not in domains:
+                log.warning("VM %s has no domain: defining it again from its spec", name)
+                try:
+                    await self._define(vm.spec, vm.status.revision, self.check_spec(vm.spec))
+                except Exception as exc:
+                    log.error("VM %s could not be defined again: %s", name, exc)
+                    await self._set_state(vm, "error", f"its domain was missing and could not be defined: {exc}")
+                    continue
+                if vm.status.state in ("running", "starting", "stopping"):
+                    await self._set_state(vm, "stopped", event=VmStopped)
+                continue
+            real = domains[name].state
+            wanted: VmState | None = {
+                DomainState.RUNNING: "running",
+                DomainState.PAUSED: "running",
+                DomainState.CRASHED: "crashed",
+            }.get(real)
+            if wanted is None and real == DomainState.SHUTOFF and vm.status.state not in ("defined", "stopped"):
+                wanted = "stopped"
+            if wanted is not None and wanted != vm.status.state:
+                await self._set_state(vm, wanted)
+        strays = sorted(set(domains) - {vm.spec.name for vm in self.records.all()})
+        for stray in strays:
+            log.warning("domain edgevm-%s has no VM record on node %s: left alone, remove it by hand", stray,
+                        self.node)
+        return strays

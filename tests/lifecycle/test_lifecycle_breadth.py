@@ -1,0 +1,228 @@
+"""Every lifecycle command and error code over real NATS, on libvirt's `test:///default`."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from edgevm.cli.natsserver import NatsServer
+from edgevm.shared import subjects
+from edgevm.shared.bus import LOCKS, TASKS, ensure_jetstream
+from edgevm.shared.commands import ImageList, TaskList, TaskReply, VmList
+from edgevm.shared.errors import RemoteError
+from edgevm.shared.ids import new_id
+from edgevm.shared.locks import VmLocks
+from edgevm.shared.objects import Image, Task, Vm
+from edgevm.shared.publisher import EventPublisher
+from edgevm.shared.tasks import TaskStore
+from tests.helpers import EventCollector, eventually
+from tests.lifecycle.conftest import Node, start_node
+
+
+async def wait_task(node: Node, reply: TaskReply | dict, timeout: float = 30) -> Task:
+    task_id = reply.task.id if isinstance(reply, TaskReply) else reply["task"]["id"]
+
+    async def done() -> Task | None:
+        task = await node.client.call("task.get", {"id": task_id}, Task)
+        return task if task.finished else None
+
+    return await eventually(done, timeout=timeout, what=f"task {task_id} ends")
+
+
+async def import_image(node: Node, name: str = "base", fmt: str = "qcow2") -> Image:
+    node.make_image_file(f"{name}.{fmt}", fmt=fmt)
+    reply = await node.client.call("image.import", {"name": name, "path": f"{name}.{fmt}"}, TaskReply)
+    task = await wait_task(node, reply)
+    assert task.status == "succeeded", task.error
+    return Image(**task.result)  # type: ignore[arg-type]
+
+
+async def expect_error(node: Node, verb: str, body: dict, code: str, field: str | None = None) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        await node.client.call(verb, body)
+    assert info.value.code == code, info.value.message
+    if field is not None:
+        assert info.value.field == field, info.value.message
+    return info.value
+
+
+async def test_images_import_list_get_delete(node: Node) -> None:
+    image = await import_image(node)
+    assert image.format == "qcow2" and len(image.sha256) == 64 and image.size_bytes > 0
+    listed = await node.client.call("image.list", {}, ImageList)
+    assert [i.name for i in listed.images] == ["base"]
+    assert (await node.client.call("image.get", {"name": "base"}, Image)).sha256 == image.sha256
+    await expect_error(node, "image.import", {"name": "base", "path": "base.qcow2"}, "409", "name")
+    await expect_error(node, "image.import", {"name": "x", "path": "/etc/passwd"}, "400", "path")
+    await expect_error(node, "image.import", {"name": "x", "path": "../../etc/passwd"}, "400", "path")
+    await expect_error(node, "image.get", {"name": "nope"}, "404", "name")
+    await node.client.call("image.delete", {"name": "base"})
+    await expect_error(node, "image.get", {"name": "base"}, "404")
+    assert not (node.config.state_dir / "lifecycle" / "images" / "base.qcow2").exists()
+
+
+async def test_vm_create_get_list_and_conflicts(node: Node, nc: NATS) -> None:
+    await import_image(node)
+    events = await EventCollector().start(nc, subjects.all_events(node.config.node))
+    vm = await node.client.call("vm.create", {"name": "web", "image": "base", "memory": "256MB", "cpu": 1}, Vm)
+    assert (vm.status.state, vm.status.revision, vm.spec.memory) == ("defined", 1, 256 * 1024**2)
+    assert (await node.client.call("vm.get", {"name": "web"}, Vm)) == vm
+    assert [v.spec.name for v in (await node.client.call("vm.list", {}, VmList)).vms] == ["web"]
+    vm_dir = node.config.state_dir / "lifecycle" / "vms" / "web"
+    assert (vm_dir / "root.qcow2").exists() and (vm_dir / "seed.iso").exists()
+    await expect_error(node, "vm.create", {"name": "web", "image": "base"}, "409", "name")
+    await expect_error(node, "vm.get", {"name": "ghost"}, "404", "name")
+    await expect_error(node, "image.delete", {"name": "base"}, "409", "name")
+    await eventually(lambda: _async(events.of_type("vm.created")), what="vm.created event")
+    await events.stop()
+
+
+async def _async(value: object) -> object:
+    return value
+
+
+BAD_CREATES = [
+    ({"name": "a", "image": "missing"}, "image"),
+    ({"name": "a", "image": "base", "memory": "100TiB"}, "memory"),
+    ({"name": "a", "image": "base", "cpu": 0}, "cpu"),
+    ({"name": "a", "image": "base", "cpu": 4096}, "cpu"),
+    ({"name": "a", "image": "base", "volumes": [{"name": "d", "size": "1GB"}, {"name": "d", "size": "2GB"}]},
+     "volumes[1].name"),
+    ({"name": "a", "image": "base", "volumes": [{"name": "d", "source": "../../../etc/passwd"}]}, "volumes[0].source"),
+    ({"name": "a", "image": "base", "volumes": [{"name": "d", "source": "no-such-image"}]}, "volumes[0].source"),
+    ({"name": "a", "image": "base", "cloud_init": {"user_data": "#cloud-config\nusers: [unclosed\n"}},
+     "cloud_init.user_data"),
+    ({"name": "a", "image": "base", "cloud_init": {"user_data": "just text"}}, "cloud_init.user_data"),
+]
+
+
+async def test_bad_creates_are_400_and_create_nothing(node: Node) -> None:
+    await import_image(node)
+    for body, field in BAD_CREATES:
+        error = await expect_error(node, "vm.create", body, "400", field)
+        assert field.split("[")[0] in error.message
+    assert (await node.client.call("vm.list", {}, VmList)).vms == []
+    vms_dir = node.config.state_dir / "lifecycle" / "vms"
+    assert not vms_dir.exists() or list(vms_dir.iterdir()) == []
+
+
+async def test_update_revisions_and_immutables(node: Node) -> None:
+    await import_image(node)
+    await node.client.call("vm.create", {"name": "u", "image": "base"}, Vm)
+    await expect_error(node, "vm.update", {"name": "u", "revision": 7, "cpu": 2}, "409", "revision")
+    await expect_error(node, "vm.update", {"name": "u", "revision": 1, "firmware": "uefi"}, "400", "firmware")
+    await expect_error(node, "vm.update", {"name": "u", "revision": 1, "image": "other"}, "400", "image")
+    await expect_error(node, "vm.update", {"name": "u", "revision": 1, "cpu": 0}, "400", "cpu")
+    vm = await node.client.call("vm.update", {"name": "u", "revision": 1, "cpu": 2, "memory": "1GiB",
+                                              "description": "bigger"}, Vm)
+    assert (vm.status.revision, vm.spec.cpu, vm.spec.memory, vm.spec.description) == (2, 2, 1024**3, "bigger")
+    await expect_error(node, "vm.update", {"name": "u", "revision": 1, "cpu": 1}, "409", "revision")
+    same = await node.client.call("vm.update", {"name": "u", "revision": 2, "firmware": "bios"}, Vm)
+    assert same.status.revision == 2  # an immutable field given unchanged changes nothing
+
+
+async def test_power_tasks_events_and_recent_tasks(node: Node, nc: NATS) -> None:
+    await import_image(node)
+    events = await EventCollector().start(nc, subjects.all_events(node.config.node))
+    await node.client.call("vm.create", {"name": "p", "image": "base", "stop_timeout": 1}, Vm)
+    for verb, state in [("vm.start", "running"), ("vm.restart", "running"), ("vm.stop", "stopped"),
+                        ("vm.start", "running")]:
+        task = await wait_task(node, await node.client.call(verb, {"name": "p"}, TaskReply))
+        assert (task.kind, task.status, task.vm) == (verb, "succeeded", "p"), task.error
+        assert (await node.client.call("vm.get", {"name": "p"}, Vm)).status.state == state
+    forced = await wait_task(node, await node.client.call("vm.stop", {"name": "p", "force": True}, TaskReply))
+    assert forced.result == {"forced": True}
+    tasks = (await node.client.call("task.list", {"vm": "p"}, TaskList)).tasks
+    assert [t.kind for t in tasks] == ["vm.stop", "vm.start", "vm.stop", "vm.restart", "vm.start"]
+    assert [t.id for t in tasks] == sorted((t.id for t in tasks), reverse=True)
+    assert len((await node.client.call("task.list", {"vm": "p", "limit": 2}, TaskList)).tasks) == 2
+    # Each task's events go queued -> running -> succeeded.
+    first = tasks[-1].id
+    statuses = [e.task.status for e in events.of_type("task.updated") if e.task.id == first]  # type: ignore[attr-defined]
+    assert statuses[0] == "queued" and statuses[-1] == "succeeded" and "running" in statuses
+    kinds = [e.__struct_config__.tag for _, e in events.events if e.__struct_config__.tag.startswith("vm.")]
+    assert kinds.count("vm.started") == 3 and kinds.count("vm.stopped") >= 2
+    deleted = await wait_task(node, await node.client.call("vm.delete", {"name": "p"}, TaskReply))
+    assert deleted.status == "succeeded"
+    await expect_error(node, "vm.get", {"name": "p"}, "404")
+    assert not (node.config.state_dir / "lifecycle" / "vms" / "p").exists()
+    await expect_error(node, "task.get", {"id": new_id()}, "404", "id")
+    await expect_error(node, "task.cancel", {"id": deleted.id}, "409", "id")
+    await expect_error(node, "task.get", {"id": "not-an-id"}, "400", "id")
+    await events.stop()
+
+
+async def test_busy_vm_answers_409_naming_the_running_task(node: Node, nc: NATS) -> None:
+    await import_image(node)
+    await node.client.call("vm.create", {"name": "b", "image": "base"}, Vm)
+    js = nc.jetstream()
+    buckets = await ensure_jetstream(js)
+    locks = VmLocks(buckets[LOCKS.name], node.config.node, "snapshotter")
+    held_by = new_id()
+    async with locks.hold("b", "snapshot.create", held_by):
+        for verb in ("vm.stop", "vm.start", "vm.delete"):
+            error = await expect_error(node, verb, {"name": "b"}, "409", "name")
+            assert held_by in error.message and "snapshot.create" in error.message
+        await expect_error(node, "vm.update", {"name": "b", "revision": 1, "cpu": 2}, "409")
+    task = await wait_task(node, await node.client.call("vm.start", {"name": "b"}, TaskReply))
+    assert task.status == "succeeded"
+
+
+async def test_task_cancel_of_a_queued_task_from_another_service(node: Node, nc: NATS) -> None:
+    js = nc.jetstream()
+    buckets = await ensure_jetstream(js)
+    store = TaskStore(buckets[TASKS.name], EventPublisher(js, node.config.node, "snapshotter"), node.config.node)
+    queued, _ = await store.create("snapshot.create", "some-vm")
+    listed = await eventually(lambda: _listed(node, queued.id), what="task.list shows the snapshotter's task")
+    assert listed.status == "queued"
+    cancelled = await node.client.call("task.cancel", {"id": queued.id}, Task)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    stored, _ = await store.get(queued.id)
+    assert stored.status == "cancelled"
+
+
+async def _listed(node: Node, task_id: str) -> Task | None:
+    tasks = (await node.client.call("task.list", {}, TaskList)).tasks
+    return next((t for t in tasks if t.id == task_id), None)
+
+
+async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
+    nats_server: NatsServer, nc: NATS, node: Node
+) -> None:
+    await import_image(node)
+    await node.client.call("vm.create", {"name": "r", "image": "base"}, Vm)
+    task = await wait_task(node, await node.client.call("vm.start", {"name": "r"}, TaskReply))
+    assert task.status == "succeeded"
+    js = nc.jetstream()
+    buckets = await ensure_jetstream(js)
+    store = TaskStore(buckets[TASKS.name], EventPublisher(js, node.config.node, "lifecycle"), node.config.node)
+    stuck, revision = await store.create("vm.stop", "r")
+    await store.update(stuck, revision, status="running")
+    await node.shutdown()
+    # A new test:///default connection has none of the old domains: the restarted service defines them
+    # again from the records, and the VM that "ran" is stopped now.
+    again = await start_node(nats_server, nc, state=node.config.state_dir, node=node.config.node)
+    try:
+        vm = await again.client.call("vm.get", {"name": "r"}, Vm)
+        assert vm.status.state == "stopped"
+        failed = await again.client.call("task.get", {"id": stuck.id}, Task)
+        assert failed.status == "failed" and "restarted" in (failed.error or "")
+        task = await wait_task(again, await again.client.call("vm.start", {"name": "r"}, TaskReply))
+        assert task.status == "succeeded", task.error
+    finally:
+        await again.shutdown()
+        node.task = asyncio.create_task(asyncio.sleep(0))  # already stopped; the fixture's shutdown is a no-op
+
+
+async def test_auto_start_submits_a_start_task(node: Node) -> None:
+    await import_image(node)
+    await node.client.call("vm.create", {"name": "auto", "image": "base", "auto_start": True}, Vm)
+
+    async def running() -> bool:
+        return (await node.client.call("vm.get", {"name": "auto"}, Vm)).status.state == "running"
+
+    await eventually(running, what="auto_start VM runs")
+    assert Path(node.config.state_dir / "lifecycle" / "vms" / "auto" / "seed.iso").exists()
