@@ -75,18 +75,28 @@ class CommandService:
         )
 
     async def add(
-        self, subject: str, handler: Handler, *, verb: str | None = None, deadline: float = DEFAULT_DEADLINE
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        verb: str | None = None,
+        deadline: float = DEFAULT_DEADLINE,
+        inline: bool = False,
     ) -> None:
-        """Serve `handler` on `subject`; the request type comes from the handler's annotation."""
+        """Serve `handler` on `subject`; the request type comes from the handler's annotation.
+
+        An `inline` handler answers from memory and never waits on a backend: it runs in the subscription's
+        own callback, without a task of its own or a deadline, which saves a task switch per request.
+        """
         assert self._service is not None, "start() first"
         verb = verb or subject.split(".", 2)[-1]
         request_type = request_type_of(handler)
         decoder = msgspec.json.Decoder(request_type)
-        serve = self._make_callback(verb, handler, decoder, deadline, request_type)
+        serve = self._make_callback(verb, handler, decoder, None if inline else deadline, request_type)
         await self._service.add_endpoint(name=verb.replace(".", "-"), subject=subject, handler=serve)
 
     def _make_callback(
-        self, verb: str, handler: Handler, decoder: msgspec.json.Decoder[Any], deadline: float, root: Any
+        self, verb: str, handler: Handler, decoder: msgspec.json.Decoder[Any], deadline: float | None, root: Any
     ) -> Callable[[Request], Awaitable[None]]:
         duration = COMMAND_DURATION.labels(self.name, verb)
         counters: dict[str, Any] = {}
@@ -112,14 +122,14 @@ class CommandService:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-        return serve
+        return answer if deadline is None else serve
 
     async def _call(
         self,
         verb: str,
         handler: Handler,
         decoder: msgspec.json.Decoder[Any],
-        deadline: float,
+        deadline: float | None,
         root: Any,
         data: bytes,
     ) -> tuple[bytes, dict[str, str] | None]:
@@ -128,8 +138,11 @@ class CommandService:
         except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
             return error_reply(invalid_from_msgspec(exc, root))
         try:
-            async with asyncio.timeout(deadline):
+            if deadline is None:
                 reply = await handler(request)
+            else:
+                async with asyncio.timeout(deadline):
+                    reply = await handler(request)
             return _encoder.encode(reply if reply is not None else {}), None
         except asyncio.CancelledError:
             raise

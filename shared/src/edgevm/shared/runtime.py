@@ -40,9 +40,11 @@ class ServiceContext:
     metrics_port: int = 0
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
-    async def command(self, verb: str, handler: Handler, deadline: float = 2.0) -> None:
-        """Serve `handler` as command `verb` of this node (`edgevm.<node>.<verb>`)."""
-        await self.commands.add(subjects.command(self.config.node, verb), handler, verb=verb, deadline=deadline)
+    async def command(self, verb: str, handler: Handler, deadline: float = 2.0, inline: bool = False) -> None:
+        """Serve `handler` as command `verb` of this node (`edgevm.<node>.<verb>`); see CommandService.add."""
+        await self.commands.add(
+            subjects.command(self.config.node, verb), handler, verb=verb, deadline=deadline, inline=inline
+        )
 
     def background(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run `coro` for the life of the service; it is cancelled (and awaited) at shutdown."""

@@ -73,5 +73,6 @@ class TaskStore:
         except KeyWrongLastSequenceError:
             current, _ = await self.get(task.id)
             raise Conflict(f"task {task.id} changed meanwhile (now {current.status})", "id") from None
+        # The event goes out after the write succeeded: a subscriber never sees a status the bucket lacks.
         await self._publisher.publish(TaskUpdated(at=now(), task=updated))
         return updated, revision

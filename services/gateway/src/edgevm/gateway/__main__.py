@@ -28,7 +28,7 @@ async def setup(ctx: ServiceContext) -> None:
         ("task.list", handlers.task_list),
         ("flow.list", handlers.flow_list),
     ]:
-        await ctx.commands.add(subjects.gateway(verb), handler, verb=f"gw.{verb}")
+        await ctx.commands.add(subjects.gateway(verb), handler, verb=f"gw.{verb}", inline=True)
 
 
 def main() -> None:

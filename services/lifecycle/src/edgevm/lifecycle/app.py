@@ -88,21 +88,25 @@ async def setup(ctx: ServiceContext) -> None:
     ctx.stack.push_async_callback(events.__aexit__, None, None, None)
     ctx.background(follow_domains(events, vms), "libvirt events")
 
+    # Reads answer from memory, inline; the rest may wait on libvirt, JetStream or a disk.
     for verb, handler in [
-        ("image.import", images.import_image),
         ("image.list", images.list),
         ("image.get", images.get),
-        ("image.delete", images.delete),
-        ("vm.create", vms.create),
         ("vm.get", vms.get),
         ("vm.list", vms.list),
+        ("task.list", tasks.list),
+    ]:
+        await ctx.command(verb, handler, inline=True)
+    for verb, handler in [
+        ("image.import", images.import_image),
+        ("image.delete", images.delete),
+        ("vm.create", vms.create),
         ("vm.update", vms.update),
         ("vm.start", vms.start),
         ("vm.stop", vms.stop),
         ("vm.restart", vms.restart),
         ("vm.delete", vms.delete),
         ("task.get", tasks.get),
-        ("task.list", tasks.list),
         ("task.cancel", tasks.cancel),
     ]:
         await ctx.command(verb, handler)

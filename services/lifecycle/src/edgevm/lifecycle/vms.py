@@ -113,16 +113,18 @@ class VmService:
         vm_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(vm_dir, 0o755)
         files = self.planner.files(spec, self.images.images, paths)
+        # The disks and the seed are independent files: make them side by side (qemu-img is a process).
+        jobs = [asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed_content(spec))]
         for f in files:
             if f.path.exists() or f.create == "none":
                 continue
             if f.create == "overlay":
                 assert f.backing is not None
-                await self.qemu_img.create_overlay(f.backing, f.path, f.backing_format)
+                jobs.append(self.qemu_img.create_overlay(f.backing, f.path, f.backing_format))
             elif f.create == "blank":
                 assert f.size is not None
-                await self.qemu_img.create_blank_disk(f.path, f.size)
-        await asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed_content(spec))
+                jobs.append(self.qemu_img.create_blank_disk(f.path, f.size))
+        await asyncio.gather(*jobs)
         return files
 
     async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> None:

@@ -20,19 +20,14 @@ OpenHook = Callable[[libvirt.virConnect], None]
 
 
 class HypervisorConnection:
-    """A libvirt connection whose calls never block the event loop and never outlive their deadline.
-
-    libvirt connections are thread-safe, so calls run in a small pool: a slow call (starting a domain)
-    does not hold up quick ones (reading a state). A call that misses its deadline raises
-    HypervisorTimeout, but its thread keeps waiting on libvirt: threads cannot be cancelled.
-    When the connection is lost it is reopened in the background, and the open hooks (event
-    registrations) run again on the new connection.
-    """
+    """A libvirt connection whose calls never block the event loop and never outlive their deadline."""
 
     def __init__(self, uri: str, *, timeout: float = 30.0, workers: int = 4, reconnect_delay: float = 0.5) -> None:
         self.uri = uri
         self.timeout = timeout
         self._reconnect_delay = reconnect_delay
+        # libvirt connections are thread-safe: with a small pool a slow call (starting a domain) does not
+        # hold up quick ones (reading a state), nor does a hung call that missed its deadline hold up all.
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="libvirt")
         self._conn: libvirt.virConnect | None = None
         self._lock = asyncio.Lock()
@@ -133,6 +128,7 @@ class HypervisorConnection:
         log.warning("lost the libvirt connection to %s; reconnecting", self.uri)
         self._conn = None
         self._executor.submit(_close_quietly, conn)
+        # Reopen in the background, not at the next call: event subscribers need the connection too.
         if not self._closed and (self._reconnect is None or self._reconnect.done()):
             self._reconnect = asyncio.get_running_loop().create_task(
                 self._reconnect_until_open(), name=f"libvirt reconnect {self.uri}"
@@ -159,6 +155,7 @@ class HypervisorConnection:
         except TimeoutError:
             if not scope.expired():
                 raise
+            # The worker thread keeps waiting on libvirt: threads cannot be cancelled.
             raise HypervisorTimeout(f"libvirt ({self.uri}) did not answer within {deadline:g} s") from None
 
 

@@ -8,15 +8,13 @@ import libvirt
 import libvirtaio
 
 
-class _ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
-    """libvirtaio's implementation with every watch and timer change run on the loop's thread, in order.
-
-    libvirt changes watches and timers from whichever thread calls it: a worker thread opening a
-    connection, or defining a domain on the test driver, which arms its event timer there. libvirtaio
-    touches the loop directly in these callbacks, which asyncio does not allow off the loop's thread
-    (debug mode raises "Non-thread-safe operation"; otherwise the change waits until the loop wakes for
-    something else). Here each change is queued with call_soon_threadsafe; only the id is made at once.
-    """
+# libvirt changes watches and timers from whichever thread calls it: a worker thread opening a connection,
+# or defining a domain on the test driver, which arms its event timer there. libvirtaio touches the loop
+# directly in these callbacks, which asyncio does not allow off the loop's thread (debug mode raises
+# "Non-thread-safe operation"; otherwise the change waits until the loop wakes for something else).
+# Here each change is queued with call_soon_threadsafe, in call order; only the id is made at once.
+class _ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):  # type: ignore[misc]  # libvirtaio is untyped
+    """libvirtaio's event implementation with every watch and timer change run on the loop's thread."""
 
     def _soon(self, function: Callable[..., Any], *args: Any) -> None:
         try:
@@ -64,11 +62,8 @@ _registered: _ThreadSafeAsyncIOImpl | None = None
 
 
 def register_event_loop() -> None:
-    """Dispatch libvirt's events on the running asyncio loop; must precede the first connection.
-
-    libvirt accepts one event loop implementation per process, so this binds libvirt to the first loop
-    that calls it, and refuses any other loop afterwards.
-    """
+    """Dispatch libvirt's events on the running loop: once per process, before the first connection."""
+    # libvirt keeps the first event implementation it is given, so a second loop is refused here.
     global _registered
     loop = asyncio.get_running_loop()
     if _registered is None:

@@ -25,11 +25,7 @@ RESYNC = DomainEvent(vm=None, kind=EventKind.RESYNC)
 
 
 class LifecycleEvents:
-    """The lifecycle events of edgevm's domains on a connection, from `async with` to its end.
-
-    After a reconnect, and when the consumer falls more than max_pending events behind (the surplus is
-    dropped), a RESYNC event says that events were lost: read every domain's state again.
-    """
+    """The lifecycle events of edgevm's domains on a connection, from `async with` to its end."""
 
     def __init__(self, connection: HypervisorConnection, *, max_pending: int = 10_000) -> None:
         self._connection = connection
@@ -68,7 +64,8 @@ class LifecycleEvents:
         return await self._queue.get()
 
     def _register(self, conn: libvirt.virConnect) -> None:
-        # Runs in a worker thread, on the first connection and on every reopened one.
+        # Runs in a worker thread, on the first connection and on every reopened one, where the events
+        # sent while there was no connection are lost: RESYNC says so.
         callback_id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None)
         if self._registration is not None:
             self._threadsafe_put(RESYNC)
@@ -90,7 +87,7 @@ class LifecycleEvents:
             pass  # the loop is closed: nobody is listening any more
 
     def _put(self, event: DomainEvent) -> None:
-        # Once full, drop everything until the consumer has caught up; it then gets RESYNC.
+        # Once max_pending events wait, drop everything until the consumer has caught up; it then gets RESYNC.
         if self._overflowed or self._queue.full():
             self._overflowed = True
             return

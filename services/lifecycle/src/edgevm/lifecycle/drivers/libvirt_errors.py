@@ -30,12 +30,10 @@ _BY_CODE: dict[int, type[HypervisorError]] = {
 
 
 def translate(error: libvirt.libvirtError, *, connection_alive: bool) -> HypervisorError:
-    """Our error for a libvirt error; any error on a connection that is no longer alive means unavailable.
-
-    A lost connection surfaces under several codes (VIR_ERR_SYSTEM_ERROR "Cannot recv data",
-    VIR_ERR_INTERNAL_ERROR "client socket is closed", VIR_ERR_RPC, ...), some of which also mean other
-    things, hence the liveness check instead of more codes.
-    """
+    """Our error for a libvirt error; any error on a connection that is no longer alive means unavailable."""
+    # A lost connection surfaces under several codes (VIR_ERR_SYSTEM_ERROR "Cannot recv data",
+    # VIR_ERR_INTERNAL_ERROR "client socket is closed", VIR_ERR_RPC, ...) that also mean other things,
+    # hence the liveness check rather than more codes.
     message = error.get_error_message() or str(error)
     if not connection_alive:
         return HypervisorUnavailable(message)

@@ -29,10 +29,7 @@ def metadata_element(metadata: DomainMetadata) -> ET.Element:
 
 
 def parse_metadata(xml: str) -> DomainMetadata | None:
-    """edgevm's metadata from a domain XML or from virDomainGetMetadata's element; None when there is none.
-
-    Raises ValueError when the metadata is there but malformed.
-    """
+    """edgevm's metadata in a domain XML or virDomainGetMetadata's element: None if absent, ValueError if malformed."""
     root = ET.fromstring(xml)
     if root.tag == "domain":
         element = root.find(f"metadata/{_VM}")
