@@ -2,7 +2,6 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 STATE_DIR ?= $(CURDIR)/.state
-NODE ?= $(shell hostname -s | tr 'A-Z_' 'a-z-')
 PYTEST_ARGS ?=
 
 .PHONY: bootstrap run test lint bench guest clean
@@ -11,7 +10,7 @@ bootstrap:
 	@deploy/bootstrap.sh
 
 run: bootstrap
-	$(VENV)/edgevm --node $(NODE) node up --state-dir $(STATE_DIR)
+	$(VENV)/edgevm node up --state-dir $(STATE_DIR)
 
 lint: bootstrap
 	$(VENV)/ruff check shared services cli tests

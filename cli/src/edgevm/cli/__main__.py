@@ -127,7 +127,8 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
     area, verb = args.area, args.verb
     if area == "image":
         if verb == "import":
-            body = {"name": args.name, "path": str(Path(args.path).absolute()), "guest_os": args.guest_os}
+            # The path is the node's: absolute, or relative to its import directory (<state>/import).
+            body = {"name": args.name, "path": args.path, "guest_os": args.guest_os}
             if args.format:
                 body["format"] = args.format
             return await finish(client, args, await client.call("image.import", body))
