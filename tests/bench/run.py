@@ -24,16 +24,16 @@ from nats.micro import add_service
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from edgevm.cli.natsserver import free_port, start_nats_server  # noqa: E402
-from edgevm.gateway.model import FleetModel  # noqa: E402
-from edgevm.shared import subjects  # noqa: E402
-from edgevm.shared.clock import now  # noqa: E402
-from edgevm.shared.commands import Empty, TaskReply  # noqa: E402
-from edgevm.shared.endpoint import CommandService  # noqa: E402
-from edgevm.shared.events import Heartbeat, TaskUpdated, VmUpdated  # noqa: E402
-from edgevm.shared.ids import new_id  # noqa: E402
-from edgevm.shared.objects import Task, Vm, VmStatus  # noqa: E402
-from edgevm.shared.spec import VmSpec  # noqa: E402
+from edgevm.cli.natsserver import free_port, start_nats_server
+from edgevm.gateway.model import FleetModel
+from edgevm.shared import subjects
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, TaskReply
+from edgevm.shared.endpoint import CommandService
+from edgevm.shared.events import Heartbeat, TaskUpdated, VmUpdated
+from edgevm.shared.ids import new_id
+from edgevm.shared.objects import Task, Vm, VmStatus
+from edgevm.shared.spec import VmSpec
 
 RESULTS: list[str] = []
 

@@ -12,7 +12,7 @@ import pytest
 
 from edgevm.lifecycle.drivers.domain_xml import build_domain_xml, disk_targets, target_name
 from edgevm.lifecycle.drivers.metadata import NAMESPACE, DomainMetadata, parse_metadata
-from edgevm.lifecycle.drivers.plan import DiskPlan, DomainPlan, NicPlan
+from edgevm.lifecycle.drivers.plan import DiskBus, DiskPlan, DomainPlan, NicPlan
 
 libvirt.registerErrorHandler(lambda _context, _error: None, None)  # errors are raised; don't print them too
 
@@ -121,8 +121,8 @@ def test_disks_get_targets_per_bus_and_cdroms_never_virtio(
         ("virtio", 702, "vdaaa"),
     ],
 )
-def test_target_names_follow_libvirt(bus: str, index: int, name: str) -> None:
-    assert target_name(bus, index) == name  # type: ignore[arg-type]
+def test_target_names_follow_libvirt(bus: DiskBus, index: int, name: str) -> None:
+    assert target_name(bus, index) == name
 
 
 def test_targets_are_counted_per_bus_in_plan_order(tmp_path: Path) -> None:

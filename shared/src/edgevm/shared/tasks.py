@@ -42,7 +42,8 @@ class TaskStore:
     ) -> tuple[Task, int]:
         """Write a new queued task (`task_id` when the caller made one); return it and its revision."""
         task = Task(
-            id=task_id or new_id(), node=self._node, kind=kind, vm=vm, status="queued", created_at=now(), message=message
+            id=task_id or new_id(), node=self._node, kind=kind, vm=vm, status="queued", created_at=now(),
+            message=message,
         )
         revision = await self._kv.create(task_key(self._node, task.id), _encoder.encode(task))
         await self._publisher.publish(TaskUpdated(at=now(), task=task))
