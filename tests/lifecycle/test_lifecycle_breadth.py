@@ -226,3 +226,21 @@ async def test_auto_start_submits_a_start_task(node: Node) -> None:
 
     await eventually(running, what="auto_start VM runs")
     assert Path(node.config.state_dir / "lifecycle" / "vms" / "auto" / "seed.iso").exists()
+
+
+async def test_update_rules_are_400_and_dotted_image_names_survive_a_restart(
+    nats_server: NatsServer, nc: NATS, node: Node
+) -> None:
+    await import_image(node, "deb-12.4")
+    await node.client.call("vm.create", {"name": "v", "image": "deb-12.4"}, Vm)
+    await expect_error(node, "vm.update", {"name": "v", "revision": 1, "hostname": "bad_host!"}, "400", "hostname")
+    await expect_error(node, "vm.update", {"name": "v", "revision": 1, "memory": "1MB"}, "400", "memory")
+    five_ide = [{"name": f"d{i}", "size": "1GB", "bus": "ide"} for i in range(5)]
+    await expect_error(node, "vm.create", {"name": "w", "image": "deb-12.4", "volumes": five_ide}, "400", "volumes")
+    await node.shutdown()
+    again = await start_node(nats_server, nc, state=node.config.state_dir, node=node.config.node)
+    try:
+        assert [i.name for i in (await again.client.call("image.list", {}, ImageList)).images] == ["deb-12.4"]
+    finally:
+        await again.shutdown()
+        node.task = asyncio.create_task(asyncio.sleep(0))

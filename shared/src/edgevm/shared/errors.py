@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 import msgspec.inspect
+import nats.errors
 
 
 class EdgevmError(Exception):
@@ -157,3 +158,5 @@ class FieldError(ValueError):
 
 
 register_translation(FieldError, InvalidRequest)
+# A NATS or JetStream failure that reaches a handler: the bus is the unavailable backend.
+register_translation(nats.errors.Error, Unavailable)

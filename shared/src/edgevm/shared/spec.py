@@ -10,7 +10,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from edgevm.shared.errors import FieldError
-from edgevm.shared.units import SIZE_RULE, parse_size
+from edgevm.shared.units import parse_size
 
 NAME_PATTERN = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 Name = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=63)]
@@ -148,7 +148,7 @@ class VmSpec(Spec):
     def __post_init__(self) -> None:
         self.memory = _size("memory", self.memory)
         if self.memory < 16 * 1024**2:
-            raise FieldError("memory", f"must be at least 16MiB ({SIZE_RULE.split(' or ')[0]}), got {self.memory}")
+            raise FieldError("memory", f"must be at least 16MiB (16777216 bytes), got {self.memory} bytes")
         if self.hostname is not None and not _HOSTNAME.match(self.hostname):
             raise FieldError("hostname", "must be an RFC 1123 host name (letters, digits, '-', dots between labels)")
         _unique("volumes", [v.name for v in self.volumes], "name")

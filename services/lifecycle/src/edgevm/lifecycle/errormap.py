@@ -5,6 +5,7 @@ from __future__ import annotations
 from edgevm.lifecycle.drivers.errors import (
     DomainExists,
     DomainNotFound,
+    HypervisorError,
     HypervisorTimeout,
     HypervisorUnavailable,
     OperationInvalid,
@@ -31,3 +32,5 @@ def register() -> None:
     register_translation(HypervisorTimeout, Unavailable)
     register_translation(ImageExists, Conflict)
     register_translation(QemuImgError, Internal)
+    # Any other libvirt failure: its message is libvirt's sentence, the cause stays a 500.
+    register_translation(HypervisorError, Internal)

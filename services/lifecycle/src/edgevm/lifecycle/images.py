@@ -48,7 +48,7 @@ class ImageService:
 
     async def load(self) -> None:
         """Read the node's image records."""
-        for entry in (await current_values(self._kv, f"{self._node}.*")).values():
+        for entry in (await current_values(self._kv, f"{self._node}.>")).values():
             image = _decoder.decode(entry.value or b"")
             self.images[image.name] = image
 

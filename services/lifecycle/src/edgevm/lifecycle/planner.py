@@ -79,7 +79,8 @@ class Planner:
             if volume.source in images:
                 source_image = images[volume.source]
                 if volume.kind == "cdrom" or source_image.format == "iso":
-                    files.append(VolumeFile(store_path[volume.source], "raw", volume.kind, bus, "none"))
+                    # An ISO is always a read-only cd-rom: the store's file is shared by every VM.
+                    files.append(VolumeFile(store_path[volume.source], "raw", "cdrom", bus, "none"))
                 else:
                     files.append(VolumeFile(target, "qcow2", "disk", bus, "overlay",
                                             store_path[volume.source], source_image.format))

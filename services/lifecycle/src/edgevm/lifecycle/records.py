@@ -34,7 +34,7 @@ class VmRecords:
         """Read every VM of this node from the bucket into the cache."""
         self._vms.clear()
         self._revisions.clear()
-        for entry in (await current_values(self._kv, f"{self._node}.*")).values():
+        for entry in (await current_values(self._kv, f"{self._node}.>")).values():
             assert entry.value is not None
             vm = _decoder.decode(entry.value)
             self._vms[vm.spec.name] = vm

@@ -48,7 +48,7 @@ class TaskIndex:
 
     async def follow(self) -> None:
         """Watch the node's keys: the current value of each, then every change, until cancelled."""
-        watcher = await self._kv.watch(f"{self._node}.*")
+        watcher = await self._kv.watch(f"{self._node}.>")
         try:
             async for entry in watcher:
                 if entry is None:  # the initial values are all delivered

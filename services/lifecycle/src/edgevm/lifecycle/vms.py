@@ -26,7 +26,7 @@ from edgevm.lifecycle.seed import write_seed
 from edgevm.lifecycle.userdata import validate_meta_data, validate_network_config, validate_user_data
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, StopVm, TaskReply, UpdateVm, VmList, VmRef
-from edgevm.shared.errors import Conflict, InvalidRequest
+from edgevm.shared.errors import Conflict, InvalidRequest, invalid_from_msgspec
 from edgevm.shared.events import VmCrashed, VmCreated, VmDeleted, VmStarted, VmStopped, VmUpdated
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.objects import Vm, VmState, VmStatus
@@ -99,6 +99,10 @@ class VmService:
             else:
                 raise InvalidRequest(f"{field}: no image named {volume.source!r} on node {self.node}"
                                      " (a path in the volume store has a '/')", field)
+        try:  # the domain plan's own rules (e.g. at most 4 IDE devices)
+            self.planner.domain(spec, 1, self.planner.files(spec, self.images.images, paths))
+        except ValueError as exc:
+            raise InvalidRequest(f"volumes: {exc}", "volumes") from None
         if spec.cloud_init is not None:
             validate_user_data(spec.cloud_init.user_data)
             if spec.cloud_init.network_config:
@@ -202,7 +206,10 @@ class VmService:
                 raise InvalidRequest(f"{field}: is immutable after create; create a new VM instead", field)
         doc = msgspec.to_builtins(vm.spec)
         doc.update({k: msgspec.to_builtins(v) for k, v in changes.items()})
-        spec = msgspec.convert(doc, VmSpec)  # runs every rule of a new spec again
+        try:
+            spec = msgspec.convert(doc, VmSpec)  # runs every rule of a new spec again
+        except msgspec.ValidationError as exc:
+            raise invalid_from_msgspec(exc, VmSpec) from None
         if spec == vm.spec:
             return vm
         paths = self.check_spec(spec)
@@ -267,7 +274,9 @@ class VmService:
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT
         while await self._domain_state(name) != DomainState.RUNNING:
             if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"VM {name} did not reach running within {START_TIMEOUT:g} s")
+                message = f"VM {name} did not reach running within {START_TIMEOUT:g} s"
+                await self._set_state(self.records.get(name), "error", message)
+                raise TimeoutError(message)
             await asyncio.sleep(POLL)
         await self._set_state(self.records.get(name), "running", event=VmStarted)
         return None
