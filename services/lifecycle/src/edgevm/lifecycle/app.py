@@ -75,6 +75,7 @@ async def setup(ctx: ServiceContext) -> None:
     await images.load()
     vms = VmService(node, records, images, domains, Planner(layout, node, domain_type), runner, locks,
                     ctx.publisher, os.cpu_count() or 1, host_memory_bytes())
+    ctx.stack.push_async_callback(vms.close)
     tasks = TaskCommands(index, store, node)
 
     ctx.background(index.follow(), "task index")

@@ -36,6 +36,7 @@ from edgevm.shared.spec import IMMUTABLE_FIELDS, VmSpec
 log = logging.getLogger(__name__)
 POLL = 0.25
 START_TIMEOUT = 60.0
+LEASE_RECHECK = 0.5
 
 
 class VmService:
@@ -66,6 +67,7 @@ class VmService:
         self.host_cpus = host_cpus
         self.host_memory = host_memory
         self.qemu_img = qemu_img or QemuImg()
+        self._rechecks: dict[str, asyncio.Task[None]] = {}
 
     @property
     def layout(self) -> Layout:
@@ -349,15 +351,31 @@ class VmService:
         vm = self.records.find(name)
         if vm is None:
             return
-        holder = await self.locks.holder(name)
-        if holder is not None:
-            return  # a task of ours is changing it; that task records the outcome
+        if await self.locks.holder(name) is not None:
+            # An operation (ours or another service's) holds the VM: look again once it lets go, since a
+            # snapshotter's lease records nothing of the VM's power state.
+            if name not in self._rechecks:
+                job = asyncio.create_task(self._observe_after_lease(name))
+                self._rechecks[name] = job
+                job.add_done_callback(lambda _: self._rechecks.pop(name, None))
+            return
         if state == DomainState.RUNNING and vm.status.state != "running":
             await self._set_state(vm, "running", event=VmStarted)
         elif state == DomainState.SHUTOFF and vm.status.state in ("running", "starting", "stopping"):
             await self._set_state(vm, "stopped", event=VmStopped)
         elif state == DomainState.CRASHED and vm.status.state != "crashed":
             await self._set_state(vm, "crashed", event=VmCrashed)
+
+    async def _observe_after_lease(self, name: str) -> None:
+        while await self.locks.holder(name) is not None:
+            await asyncio.sleep(LEASE_RECHECK)
+        await self.observe(name, await self._domain_state(name))
+
+    async def close(self) -> None:
+        """Cancel the pending re-checks (at shutdown)."""
+        for job in list(self._rechecks.values()):
+            job.cancel()
+        await asyncio.gather(*self._rechecks.values(), return_exceptions=True)
 
     async def reconcile(self) -> list[str]:
         """At start-up: redefine missing domains, take real states, report stray domains; return the strays."""
