@@ -367,7 +367,10 @@ class VmService:
             await self._set_state(vm, "crashed", event=VmCrashed)
 
     async def _observe_after_lease(self, name: str) -> None:
-        while await self.locks.holder(name) is not None:
+        # Leases live in JetStream KV, so there is nothing local to wait on: poll until it is released.
+        for _ in iter(int, 1):
+            if await self.locks.holder(name) is None:
+                break
             await asyncio.sleep(LEASE_RECHECK)
         await self.observe(name, await self._domain_state(name))
 
