@@ -368,7 +368,7 @@ class VmService:
 
     async def _observe_after_lease(self, name: str) -> None:
         # Leases live in JetStream KV, so there is nothing local to wait on: poll until it is released.
-        for _ in iter(int, 1):
+        while True:
             if await self.locks.holder(name) is None:
                 break
             await asyncio.sleep(LEASE_RECHECK)

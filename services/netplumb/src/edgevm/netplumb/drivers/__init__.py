@@ -1,0 +1,1 @@
+"""Kernel-facing drivers of netplumb: namespaces, links, nftables, VXLAN and tc; plain values only."""

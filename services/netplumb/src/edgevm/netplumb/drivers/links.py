@@ -1,0 +1,187 @@
+"""Idempotent link, address and route operations inside one network namespace, over netlink."""
+
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from edgevm.netplumb.errors import KernelError
+
+IFF_UP = 0x1
+IFF_NOARP = 0x80
+IFF_PROMISC = 0x100
+
+
+class Links:
+    """Ensures links, addresses and routes in one namespace, recording every change it makes."""
+
+    def __init__(self, ipr: IPRoute, netns: str | None) -> None:
+        self._ipr = ipr
+        self.netns = netns
+        self.changes: list[str] = []
+
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._ipr, method)(*args, **kwargs)
+        except NetlinkError as exc:
+            where = f" in namespace {self.netns}" if self.netns else ""
+            raise KernelError(f"{what}{where} failed: {exc.args[-1]}") from None
+
+    def record(self, text: str) -> bool:
+        """Notes a change made in this namespace (drivers with their own netlink calls use it too)."""
+        self.changes.append(f"{self.netns}: {text}" if self.netns else text)
+        return True
+
+    def index(self, name: str) -> int | None:
+        """The link's index, or None when there is no such link."""
+        found = self._call(f"looking up {name}", "link_lookup", ifname=name)
+        return found[0] if found else None
+
+    def _require(self, name: str) -> int:
+        idx = self.index(name)
+        if idx is None:
+            where = f" in namespace {self.netns}" if self.netns else ""
+            raise KernelError(f"link {name} does not exist{where}")
+        return idx
+
+    def link(self, name: str) -> Any:
+        """The link's netlink message, or None."""
+        idx = self.index(name)
+        return None if idx is None else self._call(f"reading {name}", "link", "get", index=idx)[0]
+
+    def kind(self, name: str) -> str | None:
+        """The link kind (bridge, veth, vxlan, tun, ...), or None when absent."""
+        msg = self.link(name)
+        return None if msg is None else msg.get(("linkinfo", "kind"))
+
+    def ensure_bridge(self, name: str) -> bool:
+        """Creates a bridge (STP off, so ports forward at once) unless it exists."""
+        if self.kind(name) == "bridge":
+            return False
+        if self.index(name) is not None:
+            raise KernelError(f"{name} exists but is not a bridge")
+        self._call(f"creating bridge {name}", "link", "add", ifname=name, kind="bridge")
+        return self.record(f"created bridge {name}")
+
+    def ensure_veth(self, name: str, peer: str, peer_netns: str | None) -> bool:
+        """Creates a veth pair, its peer inside `peer_netns` (None: here), unless `name` exists."""
+        if self.kind(name) == "veth":
+            return False
+        if self.index(name) is not None:
+            raise KernelError(f"{name} exists but is not a veth")
+        spec: dict[str, Any] = {"ifname": peer}
+        if peer_netns is not None and peer_netns != self.netns:
+            spec["net_ns_fd"] = peer_netns
+        self._call(f"creating veth {name}", "link", "add", ifname=name, kind="veth", peer=spec)
+        return self.record(f"created veth {name} <-> {peer}")
+
+    def ensure_master(self, name: str, master: str | None) -> bool:
+        """Enslaves a link to a bridge (None: to no bridge)."""
+        idx = self._require(name)
+        want = 0 if master is None else self._require(master)
+        if (self.link(name).get("master") or 0) == want:
+            return False
+        self._call(f"setting master of {name}", "link", "set", index=idx, master=want)
+        return self.record(f"set master of {name} to {master}")
+
+    def ensure_flag(self, name: str, flag: int, on: bool, words: tuple[str, str]) -> bool:
+        """Sets or clears one interface flag; `words` say it (on, off) in the change record."""
+        idx = self._require(name)
+        flags = self.link(name)["flags"]
+        if bool(flags & flag) == on:
+            return False
+        wanted = (flags | flag) if on else (flags & ~flag)
+        self._call(f"setting {name} {words[not on]}", "link", "set", index=idx, flags=wanted, change=flag)
+        return self.record(f"set {name} {words[not on]}")
+
+    def ensure_l2_only(self, name: str) -> bool:
+        """Keeps a bridge from answering ARP for the namespace's addresses (it only carries frames)."""
+        return self.ensure_flag(name, IFF_NOARP, True, ("arp off", "arp on"))
+
+    def ensure_up(self, name: str) -> bool:
+        """Brings a link up."""
+        return self.ensure_flag(name, IFF_UP, True, ("up", "down"))
+
+    def ensure_promisc(self, name: str, on: bool) -> bool:
+        """Turns promiscuous mode on or off."""
+        return self.ensure_flag(name, IFF_PROMISC, on, ("promisc on", "promisc off"))
+
+    def ensure_mtu(self, name: str, mtu: int) -> bool:
+        """Sets a link's MTU."""
+        idx = self._require(name)
+        if self.link(name).get("mtu") == mtu:
+            return False
+        self._call(f"setting mtu of {name}", "link", "set", index=idx, mtu=mtu)
+        return self.record(f"set mtu {mtu} on {name}")
+
+    def addresses(self, name: str) -> set[IPv4Interface]:
+        """The IPv4 addresses on a link."""
+        idx = self._require(name)
+        msgs = self._call(f"listing addresses of {name}", "addr", "dump", index=idx, family=socket.AF_INET)
+        return {IPv4Interface(f"{m.get('address')}/{m['prefixlen']}") for m in msgs}
+
+    def ensure_addresses(self, name: str, wanted: Iterable[IPv4Interface]) -> bool:
+        """Makes the link's IPv4 addresses exactly `wanted`."""
+        idx = self._require(name)
+        want = set(wanted)
+        have = self.addresses(name)
+        for extra in sorted(have - want):
+            self._call(
+                f"removing {extra} from {name}",
+                "addr",
+                "del",
+                index=idx,
+                address=str(extra.ip),
+                prefixlen=extra.network.prefixlen,
+            )
+            self.record(f"removed {extra} from {name}")
+        for missing in sorted(want - have):
+            self._call(
+                f"adding {missing} to {name}",
+                "addr",
+                "add",
+                index=idx,
+                address=str(missing.ip),
+                prefixlen=missing.network.prefixlen,
+            )
+            self.record(f"added {missing} to {name}")
+        return have != want
+
+    def ensure_default_route(self, gateway: IPv4Address, dev: str) -> bool:
+        """Makes the main table's IPv4 default route go via `gateway` on `dev`."""
+        idx = self._require(dev)
+        routes = self._call("reading the default route", "route", "dump", family=socket.AF_INET, table=254, dst_len=0)
+        current = [(r.get("gateway"), r.get("oif")) for r in routes if r["dst_len"] == 0]
+        if current == [(str(gateway), idx)]:
+            return False
+        self._call("setting the default route", "route", "replace", dst="0.0.0.0/0", gateway=str(gateway), oif=idx)
+        return self.record(f"set default route via {gateway} dev {dev}")
+
+    def remove(self, name: str) -> bool:
+        """Deletes a link (a veth takes its peer along) unless it is already gone."""
+        idx = self.index(name)
+        if idx is None:
+            return False
+        self._call(f"deleting {name}", "link", "del", index=idx)
+        return self.record(f"deleted {name}")
+
+    def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A raw pyroute2 IPRoute call with errors translated, for drivers with special needs (fdb)."""
+        return self._call(what, method, *args, **kwargs)
+
+
+@contextmanager
+def open_links(netns: str | None = None) -> Iterator[Links]:
+    """A Links bound to a namespace (None: the current one) that must already exist."""
+    try:
+        ipr = IPRoute() if netns is None else IPRoute(netns=netns, flags=0)
+    except OSError as exc:
+        raise KernelError(f"cannot open netlink in namespace {netns}: {exc}") from None
+    try:
+        yield Links(ipr, netns)
+    finally:
+        ipr.close()

@@ -1,0 +1,50 @@
+"""Address and MAC allocation for VM NICs and VRF uplinks: pure functions, no kernel access."""
+
+import hashlib
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network
+
+from edgevm.netplumb.errors import ExhaustedError
+
+MAC_PREFIX = "52:54:00"  # QEMU's range: locally administered, unicast
+DEFAULT_UPLINK_POOL = IPv4Network("169.254.64.0/18")  # link-local, clear of 169.254.169.254
+
+
+def gateway_address(subnet: IPv4Network) -> IPv4Address:
+    """The conventional gateway of a subnet: its first host address."""
+    if subnet.prefixlen > 30:
+        raise ValueError(f"subnet {subnet} is too small for a gateway and a VM (at most /30)")
+    return subnet.network_address + 1
+
+
+def allocate_address(
+    subnet: IPv4Network, taken: Iterable[IPv4Address], gateway: IPv4Address | None = None
+) -> IPv4Address:
+    """The lowest address of the subnet that is not the network, broadcast, gateway or taken."""
+    gw = gateway_address(subnet) if gateway is None else gateway
+    reserved = {subnet.network_address, subnet.broadcast_address, gw, *taken}
+    for address in subnet.hosts():
+        if address not in reserved:
+            return address
+    raise ExhaustedError(f"no free address left in {subnet}")
+
+
+def mac_address(node: str, vm: str, index: int, taken: Iterable[str] = ()) -> str:
+    """A MAC in 52:54:00:xx:xx:xx derived from (node, vm, NIC index), re-hashed past taken ones."""
+    used = {mac.lower() for mac in taken}
+    for attempt in range(1 << 16):
+        seed = f"{node}/{vm}/{index}" + (f"#{attempt}" if attempt else "")
+        tail = hashlib.sha256(seed.encode()).digest()[:3]
+        mac = MAC_PREFIX + "".join(f":{byte:02x}" for byte in tail)
+        if mac not in used:
+            return mac
+    raise ExhaustedError("no free MAC address left")
+
+
+def allocate_uplink(pool: IPv4Network, taken: Iterable[IPv4Network]) -> IPv4Network:
+    """The first /31 of the pool that overlaps none of the taken uplink networks."""
+    used = list(taken)
+    for candidate in pool.subnets(new_prefix=31):
+        if not any(candidate.overlaps(net) for net in used):
+            return candidate
+    raise ExhaustedError(f"no free /31 uplink network left in {pool}")
