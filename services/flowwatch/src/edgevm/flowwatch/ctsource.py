@@ -1,0 +1,264 @@
+"""The conntrack table of a network namespace over ctnetlink: dumps, event batches, deletion."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from pyroute2.netlink.exceptions import NetlinkError as Pyroute2NetlinkError
+from pyroute2.netlink.nfnetlink import (
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    NFNLGRP_CONNTRACK_UPDATE,
+)
+from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket, NFCTAttrTuple
+
+from edgevm.flowwatch.ctparse import CtEntry, NetlinkError, ends_dump, parse_into
+from edgevm.flowwatch.netns import call_in_netns, write_sysctl
+
+__all__ = [
+    "EVENT_GROUPS",
+    "CtEventStream",
+    "Overrun",
+    "delete",
+    "dump",
+    "dump_raw",
+    "enable_accounting",
+    "events",
+    "open_socket",
+]
+
+NETLINK_NETFILTER = 12
+SO_RCVBUFFORCE = 33  # not exported by the socket module
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+IPCTNL_MSG_CT_GET = 1 << 8 | 1
+
+# bind() takes a bit mask in which group n is bit n-1: passing the group numbers ORed together
+# (1 | 2 | 3 == 3) silently leaves DESTROY out.
+EVENT_GROUPS = (
+    1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1) | 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)
+)
+EVENT_RCVBUF = 32 << 20
+RECV_SIZE = 65536  # above the kernel's 32 KiB cap on one dump datagram
+
+
+def open_socket(netns: str | None, groups: int = 0, rcvbuf: int | None = None) -> socket.socket:
+    """A NETLINK_NETFILTER socket in netns, bound to the multicast groups in the bit mask groups."""
+
+    def create() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_NETFILTER)
+        try:
+            if rcvbuf is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+                except PermissionError:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind((0, groups))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return call_in_netns(netns, create)
+
+
+def enable_accounting(netns: str | None) -> None:
+    """Turn on byte/packet counters and start/stop timestamps for the conntrack entries netns creates next."""
+    write_sysctl(netns, "net.netfilter.nf_conntrack_acct", "1")
+    write_sysctl(netns, "net.netfilter.nf_conntrack_timestamp", "1")
+
+
+_DUMP_REQUEST = struct.pack("=IHHIIBBH", 20, IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, 0, 0)
+
+
+def dump(netns: str | None, timeout: float = 30.0) -> list[CtEntry]:
+    """Every conntrack entry (IPv4 and IPv6) in netns; blocking, so async callers use a thread."""
+    entries: list[CtEntry] = []
+    with open_socket(netns) as sock:
+        for data in _dump_datagrams(sock, timeout):
+            if parse_into(data, entries):
+                return entries
+    raise AssertionError("unreachable")
+
+
+def dump_raw(netns: str | None, timeout: float = 30.0) -> list[bytes]:
+    """The datagrams of a full conntrack table dump in netns, unparsed."""
+    datagrams = []
+    with open_socket(netns) as sock:
+        for data in _dump_datagrams(sock, timeout):
+            datagrams.append(data)
+            if ends_dump(data):
+                return datagrams
+    raise AssertionError("unreachable")
+
+
+def _dump_datagrams(sock: socket.socket, timeout: float) -> Iterator[bytes]:
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    sock.send(_DUMP_REQUEST)
+    recv = sock.recv
+    while True:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"conntrack dump took over {timeout} s")
+        yield recv(RECV_SIZE)
+
+
+async def delete(netns: str | None, entry: CtEntry, timeout: float = 5.0) -> bool:
+    """Delete the conntrack entry with entry's original tuple, zone and id; False if there was none."""
+    o = entry.orig
+    tuple_orig = NFCTAttrTuple(
+        family=entry.family,
+        saddr=o.src,
+        daddr=o.dst,
+        proto=o.proto,
+        sport=o.sport,
+        dport=o.dport,
+        icmp_id=o.icmp_id,
+        icmp_type=o.icmp_type,
+        icmp_code=o.icmp_code,
+    )
+    extra = {"zone": entry.zone} if entry.zone else {}
+    if entry.id is not None:
+        extra["id"] = entry.id  # so a newer connection reusing the tuple is left alone
+    sock = await asyncio.to_thread(open_socket, netns)
+    ct = AsyncNFCTSocket(nfgen_family=entry.family, use_socket=sock)
+    try:
+        async with asyncio.timeout(timeout):
+            await ct.entry("del", tuple_orig=tuple_orig, **extra)
+    except Pyroute2NetlinkError as exc:
+        if exc.code == errno.ENOENT:
+            return False
+        raise NetlinkError(exc.code, str(exc)) from None
+    finally:
+        ct.close()
+        sock.close()
+    return True
+
+
+class Overrun(NamedTuple):
+    """The kernel dropped events because the socket buffer was full: resync with a dump."""
+
+    count: int  # overruns on this stream so far
+
+
+class CtEventStream:
+    """Batches of conntrack events from one network namespace, as an async iterator of lists.
+
+    An Overrun item stands where events were lost, and replaces every event still queued then (the kernel
+    reports the loss before them), so no event older than the loss follows it: dump to resync. Open the
+    stream (async with) before the start-up dump, so that nothing falls between the dump and the first batch.
+    """
+
+    def __init__(self, netns: str | None, rcvbuf: int = EVENT_RCVBUF, max_batch: int = 1024) -> None:
+        self.netns = netns
+        self.rcvbuf = rcvbuf
+        self.max_batch = max_batch
+        self.overruns = 0
+        self._sock: socket.socket | None = None
+        self._closed = False
+        self._overrun_pending = False
+        self._wakeup: asyncio.Future[None] | None = None
+
+    async def open(self) -> None:
+        """Subscribe to the namespace's NEW, UPDATE and DESTROY events."""
+        if self._sock is None and not self._closed:
+            sock = await asyncio.to_thread(open_socket, self.netns, EVENT_GROUPS, self.rcvbuf)
+            sock.setblocking(False)
+            if self._closed:
+                sock.close()
+            else:
+                self._sock = sock
+
+    def close(self) -> None:
+        """Unsubscribe; the stream ends, also for a reader waiting on it."""
+        self._closed = True
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        if self._wakeup is not None:
+            self._wakeup.get_loop().remove_reader(sock.fileno())
+            self._wake()
+        sock.close()
+
+    async def __aenter__(self) -> CtEventStream:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> CtEventStream:
+        return self
+
+    async def __anext__(self) -> list[CtEntry] | Overrun:
+        await self.open()
+        while True:
+            if self._overrun_pending:
+                self._overrun_pending = False
+                return Overrun(self.overruns)
+            sock = self._sock
+            if sock is None:
+                raise StopAsyncIteration
+            await self._readable(sock)
+            batch = self._drain()
+            if batch:
+                return batch
+
+    async def _readable(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        self._wakeup = loop.create_future()
+        loop.add_reader(fd, self._wake)
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            if self._sock is sock:
+                loop.remove_reader(fd)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _drain(self) -> list[CtEntry]:
+        """The events queued on the socket, up to max_batch datagrams (one event each)."""
+        batch: list[CtEntry] = []
+        if self._sock is None:
+            return batch
+        recv = self._sock.recv
+        for _ in range(self.max_batch):
+            try:
+                data = recv(RECV_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1
+                self._overrun_pending = True
+                _discard_queued(recv)
+                break
+            parse_into(data, batch)
+        return batch
+
+
+def _discard_queued(recv: Callable[[int], bytes]) -> None:
+    """Drop what is queued on an event socket after an overrun: all of it predates the lost events."""
+    for _ in range(1 << 20):
+        try:
+            recv(RECV_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+
+
+def events(netns: str | None, rcvbuf: int = EVENT_RCVBUF, max_batch: int = 1024) -> CtEventStream:
+    """A stream of conntrack event batches from netns; use it as `async with events(ns) as stream`."""
+    return CtEventStream(netns, rcvbuf, max_batch)
