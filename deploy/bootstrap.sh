@@ -10,7 +10,7 @@ packages=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev
   qemu-system-x86 qemu-utils ovmf
   nftables conntrack iproute2 kmod
-  busybox-static extlinux syslinux-common mtools dosfstools e2fsprogs systemd-boot-efi binutils cpio
+  busybox-static extlinux syslinux-common mtools dosfstools e2fsprogs fdisk systemd-boot-efi binutils cpio
   prometheus cloud-init
 )
 

@@ -163,7 +163,7 @@ async def test_overrun_is_reported_and_events_flow_again_after_it(netns: str) ->
                 if isinstance(batch, Overrun):
                     break
                 before.extend(batch)
-        assert batch == Overrun(count=1) and stream.overruns == 1
+        assert batch == Overrun(number=1) and stream.overruns == 1
         assert len(before) < 3000
 
         client, server = await asyncio.to_thread(udp_exchange, netns)

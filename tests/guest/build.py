@@ -110,8 +110,10 @@ def build_images(cache_dir: Path | None = None) -> GuestImages:
             work = Path(work_name)
             output = work / "images"
             debs_dir = cache_dir / "debs"
-            _build_into(output, work, download(debs_dir, packages.kernel), download(debs_dir, packages.busybox))
-            (output / "manifest.json").write_text(json.dumps({"key": key, **asdict(packages)}, indent=2) + "\n")
+            kernel_deb, busybox_deb = download(debs_dir, packages.kernel), download(debs_dir, packages.busybox)
+            _build_into(output, work, kernel_deb, busybox_deb)
+            manifest = {"key": key, **asdict(packages)}
+            (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             # Readable by all: libvirt's QEMU runs as its own user and opens these as backing files.
             output.chmod(0o755)
             output.rename(images_dir)
@@ -257,8 +259,7 @@ def make_bios_image(image: Path, work: Path, vmlinuz: Path, initrd: Path) -> Non
     )
     raw = work / "disk.raw"
     _create_sparse(raw, DISK_SIZE)
-    _partition(raw, "label: dos\n"
-                    f"start={PARTITION_START // SECTOR}, type=83, bootable\n")
+    _partition(raw, f"label: dos\nstart={PARTITION_START // SECTOR}, type=83, bootable\n")
     _make_ext2(raw, BIOS_DATA_OFFSET, DISK_SIZE - BIOS_DATA_OFFSET, contents=root)
     # extlinux must patch the sectors of ldlinux.sys in place, so it needs the fs mounted.
     mountpoint = work / "mnt"
@@ -281,8 +282,8 @@ def make_uefi_image(image: Path, work: Path, vmlinuz: Path, initrd: Path) -> Non
     raw = work / "disk.raw"
     _create_sparse(raw, DISK_SIZE)
     _partition(raw, "label: gpt\n"
-                    f"start={PARTITION_START // SECTOR}, size={ESP_SIZE // SECTOR}, type=U, name=ESP\n"
-                    f"start={UEFI_DATA_OFFSET // SECTOR}, size={UEFI_DATA_SIZE // SECTOR}, type=L, name=data\n")
+               f"start={PARTITION_START // SECTOR}, size={ESP_SIZE // SECTOR}, type=U, name=ESP\n"
+               f"start={UEFI_DATA_OFFSET // SECTOR}, size={UEFI_DATA_SIZE // SECTOR}, type=L, name=data\n")
     _run("mkfs.fat", f"--offset={PARTITION_START // SECTOR}", "-n", "ESP", str(raw), str(ESP_SIZE // 1024))
     esp = f"{raw}@@{PARTITION_START}"
     mtools_env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
@@ -396,7 +397,8 @@ def _run(*args: str, cwd: Path | str | None = None, env: dict[str, str] | None =
     except FileNotFoundError:
         raise GuestBuildError(f"{args[0]} is not installed") from None
     except subprocess.CalledProcessError as error:
-        raise GuestBuildError(f"{' '.join(args)} failed ({error.returncode}): {error.stderr.strip()}") from None
+        command = " ".join(args)
+        raise GuestBuildError(f"{command} failed ({error.returncode}): {error.stderr.strip()}") from None
     return result.stdout
 
 

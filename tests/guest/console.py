@@ -35,7 +35,8 @@ class GuestConsole:
         self._reading = asyncio.create_task(self._read_forever())
 
     @classmethod
-    async def connect(cls, path: Path, *, log_path: Path | None = None, timeout: float = 10.0) -> GuestConsole:
+    async def connect(cls, path: Path, *, log_path: Path | None = None,
+                      timeout: float = 10.0) -> GuestConsole:
         """Connects to the console socket, waiting up to timeout seconds for it to appear."""
         async with asyncio.timeout(timeout):
             while True:
@@ -54,7 +55,8 @@ class GuestConsole:
         """The markers printed so far, without their "EDGEVM-GUEST: " prefix."""
         return re.findall("^" + re.escape(MARKER_PREFIX) + "(.*)$", self._text, re.MULTILINE)
 
-    async def wait_for(self, pattern: str | re.Pattern[str], *, timeout: float, since: int = 0) -> re.Match[str]:
+    async def wait_for(self, pattern: str | re.Pattern[str], *, timeout: float,
+                       since: int = 0) -> re.Match[str]:
         """Returns the first match of pattern in the text from offset since, waiting up to timeout seconds."""
         regex = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         found: re.Match[str] | None = None
@@ -75,7 +77,8 @@ class GuestConsole:
 
     async def wait_for_marker(self, marker: str, *, timeout: float, since: int = 0) -> re.Match[str]:
         """Waits for the line "EDGEVM-GUEST: <marker>" (marker is a regular expression)."""
-        return await self.wait_for("^" + re.escape(MARKER_PREFIX) + marker + "$", timeout=timeout, since=since)
+        line = "^" + re.escape(MARKER_PREFIX) + marker + "$"
+        return await self.wait_for(line, timeout=timeout, since=since)
 
     async def send(self, line: str) -> int:
         """Writes one line to the guest and returns the text offset from which its answer will appear."""

@@ -61,10 +61,13 @@ mount_seed() {
     dev=$(find_seed) && mkdir -p "$SEED" && mount -o ro "$dev" "$SEED"
 }
 
+# Sets the hostname from the top-level "local-hostname:" of the seed's meta-data (YAML), if it has one.
 set_hostname() {
-    name=$(sed -n -E 's/^[[:space:]{]*"?local-hostname"?[[:space:]]*:[[:space:]]*"?([A-Za-z0-9.-]+).*/\1/p' \
-        "$SEED/meta-data" 2>/dev/null | head -n 1)
-    [ -n "$name" ] && hostname "$name"
+    if [ -f "$SEED/meta-data" ]; then
+        name=$(tr -d "\"'" <"$SEED/meta-data" |
+            sed -n -E 's/^local-hostname:[[:space:]]*([A-Za-z0-9.-]+).*/\1/p' | head -n 1)
+        [ -n "$name" ] && hostname "$name"
+    fi
     marker "hostname=$(hostname)"
 }
 

@@ -60,18 +60,21 @@ class RunningGuest:
     qmp_socket: Path
     disk: Path
 
-    async def qmp(self, command: str) -> dict[str, object]:
-        """Runs one QMP command and returns its reply."""
-        reader, writer = await asyncio.open_unix_connection(self.qmp_socket)
-        try:
-            await reader.readline()
-            for execute in ("qmp_capabilities", command):
-                writer.write(json.dumps({"execute": execute}).encode() + b"\n")
-                while not {"return", "error"} & (reply := json.loads(await reader.readline())).keys():
-                    pass
-            return reply
-        finally:
-            writer.close()
+    async def qmp(self, command: str) -> object:
+        """Runs one QMP command and returns its result."""
+        async with asyncio.timeout(10):
+            reader, writer = await asyncio.open_unix_connection(self.qmp_socket)
+            try:
+                await reader.readline()
+                for execute in ("qmp_capabilities", command):
+                    writer.write(json.dumps({"execute": execute}).encode() + b"\n")
+                    reply = json.loads(await reader.readline())
+                    while "event" in reply:
+                        reply = json.loads(await reader.readline())
+                    assert "return" in reply, f"QMP {execute}: {reply}"
+                return reply["return"]
+            finally:
+                writer.close()
 
     async def exited_within(self, seconds: float) -> bool:
         """Whether QEMU exits (the guest powered off) within the given seconds."""
@@ -108,6 +111,7 @@ async def run_tool(*args: str) -> str:
 
 
 def free_tcp_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -137,15 +141,18 @@ def storage_args(machine: str, bus: Bus, disk: Path, seed: Path | None) -> list[
 
 
 @asynccontextmanager
-async def boot(tmp_path: Path, image: Path, *, firmware: Literal["bios", "uefi"] = "bios", bus: Bus = "virtio",
-               seed: Path | None = None, forwards: dict[int, int] | None = None) -> AsyncIterator[RunningGuest]:
+async def boot(tmp_path: Path, image: Path, *, firmware: Literal["bios", "uefi"] = "bios",
+               bus: Bus = "virtio", seed: Path | None = None,
+               forwards: dict[int, int] | None = None) -> AsyncIterator[RunningGuest]:
     """Boots image (through a fresh overlay) in QEMU/TCG; forwards maps host TCP ports to guest ports."""
     disk = tmp_path / "disk.qcow2"
     await run_tool("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image), "-F", "qcow2", str(disk))
     machine = "q35" if firmware == "uefi" else "pc"
     console_socket, qmp_socket = tmp_path / "console.sock", tmp_path / "qmp.sock"
     # -nodefaults like libvirt: no default NIC, empty cd-rom drive or monitor.
-    args = ["qemu-system-x86_64", "-accel", "tcg", "-machine", machine, "-m", "256", "-nographic", "-nodefaults", "-chardev", f"socket,id=console,path={console_socket},server=on,wait=off",
+    args = ["qemu-system-x86_64", "-accel", "tcg", "-machine", machine, "-m", "256",
+            "-nographic", "-nodefaults",
+            "-chardev", f"socket,id=console,path={console_socket},server=on,wait=off",
             "-serial", "chardev:console", "-qmp", f"unix:{qmp_socket},server=on,wait=off",
             *storage_args(machine, bus, disk, seed)]
     if firmware == "uefi":
@@ -158,7 +165,8 @@ async def boot(tmp_path: Path, image: Path, *, firmware: Literal["bios", "uefi"]
         args += ["-nic", f"user,model=virtio-net-pci,mac={GUEST_MAC}{rules}"]
     qemu_log = tmp_path / "qemu.log"
     with qemu_log.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        process = await asyncio.create_subprocess_exec(*args, stdin=subprocess.DEVNULL,
+                                                       stdout=log, stderr=log)
     try:
         try:
             console = await GuestConsole.connect(console_socket, log_path=tmp_path / "console.log")
@@ -231,7 +239,8 @@ async def test_uefi_guest_on_sata_boots_with_ovmf_reads_its_seed_and_keeps_writt
         await guest.console.send("edgevm-poweroff")
         assert await guest.exited_within(30)
 
-    assert await read_ext2_file(guest.disk, UEFI_DATA_OFFSET, "/marker", tmp_path) == "on-the-data-partition\n"
+    marker = await read_ext2_file(guest.disk, UEFI_DATA_OFFSET, "/marker", tmp_path)
+    assert marker == "on-the-data-partition\n"
 
 
 async def test_bios_guest_on_ide_boots_and_reads_its_seed_from_the_ide_cdrom(

@@ -62,7 +62,8 @@ PYYAML_DUMPED = yaml.safe_dump({"network": {"version": 2, "ethernets": {"nic0": 
     ("version: 2\nethernets:\n  eth0:\n    dhcp4: true\n", ["eth0 - - -"]),
     ("version: 2\n", []),
 ], ids=["block-style", "flow-style", "pyyaml-dumped", "dhcp-only", "no-ethernets"])
-def test_netplan_awk_reads_each_ethernets_mac_addresses_and_default_gateway(config: str, expected: list[str]) -> None:
+def test_netplan_awk_reads_each_ethernets_mac_addresses_and_default_gateway(
+        config: str, expected: list[str]) -> None:
     result = subprocess.run([str(BUSYBOX), "awk", "-f", str(NETPLAN_AWK)], input=config,
                             capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == expected

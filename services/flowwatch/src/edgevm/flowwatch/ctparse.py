@@ -7,7 +7,7 @@ import os
 import struct
 from collections.abc import Callable
 from socket import AF_INET, AF_INET6, inet_ntop
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["CtEntry", "CtKind", "CtTuple", "NetlinkError", "ends_dump", "parse", "parse_into"]
 
@@ -209,7 +209,7 @@ class _Layout(NamedTuple):
 
     headers: Callable[[bytes, int], tuple[int, ...]]  # the (len, type) of every attribute
     expected: tuple[int, ...]
-    values: Callable[[bytes, int], tuple]  # (src, dst, proto, then ports or icmp id, type, code)
+    values: Callable[[bytes, int], tuple[Any, ...]]  # (src, dst, proto, then ports or icmp id, type, code)
     icmp: bool
 
 

@@ -7,7 +7,7 @@ import errno
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 from pyroute2.netlink.exceptions import NetlinkError as Pyroute2NetlinkError
@@ -80,32 +80,34 @@ def dump(netns: str | None, timeout: float = 30.0) -> list[CtEntry]:
     """Every conntrack entry (IPv4 and IPv6) in netns; blocking, so async callers use a thread."""
     entries: list[CtEntry] = []
     with open_socket(netns) as sock:
-        for data in _dump_datagrams(sock, timeout):
-            if parse_into(data, entries):
-                return entries
-    raise AssertionError("unreachable")
+        next_datagram = _start_dump(sock, timeout)
+        while not parse_into(next_datagram(), entries):
+            pass
+    return entries
 
 
 def dump_raw(netns: str | None, timeout: float = 30.0) -> list[bytes]:
     """The datagrams of a full conntrack table dump in netns, unparsed."""
-    datagrams = []
+    datagrams: list[bytes] = []
     with open_socket(netns) as sock:
-        for data in _dump_datagrams(sock, timeout):
-            datagrams.append(data)
-            if ends_dump(data):
-                return datagrams
-    raise AssertionError("unreachable")
+        next_datagram = _start_dump(sock, timeout)
+        while not datagrams or not ends_dump(datagrams[-1]):
+            datagrams.append(next_datagram())
+    return datagrams
 
 
-def _dump_datagrams(sock: socket.socket, timeout: float) -> Iterator[bytes]:
+def _start_dump(sock: socket.socket, timeout: float) -> Callable[[], bytes]:
+    """Ask for a dump; the function returned reads the next datagram of the answer, within the deadline."""
     deadline = time.monotonic() + timeout
     sock.settimeout(timeout)
     sock.send(_DUMP_REQUEST)
-    recv = sock.recv
-    while True:
+
+    def next_datagram() -> bytes:
         if time.monotonic() > deadline:
             raise TimeoutError(f"conntrack dump took over {timeout} s")
-        yield recv(RECV_SIZE)
+        return sock.recv(RECV_SIZE)
+
+    return next_datagram
 
 
 async def delete(netns: str | None, entry: CtEntry, timeout: float = 5.0) -> bool:
@@ -124,7 +126,9 @@ async def delete(netns: str | None, entry: CtEntry, timeout: float = 5.0) -> boo
     )
     extra = {"zone": entry.zone} if entry.zone else {}
     if entry.id is not None:
-        extra["id"] = entry.id  # so a newer connection reusing the tuple is left alone
+        # spares a newer entry with the same tuple only when its id differs: ids hash the entry's
+        # address and tuples, so one recreated at once often has the same id
+        extra["id"] = entry.id
     sock = await asyncio.to_thread(open_socket, netns)
     ct = AsyncNFCTSocket(nfgen_family=entry.family, use_socket=sock)
     try:
@@ -143,7 +147,7 @@ async def delete(netns: str | None, entry: CtEntry, timeout: float = 5.0) -> boo
 class Overrun(NamedTuple):
     """The kernel dropped events because the socket buffer was full: resync with a dump."""
 
-    count: int  # overruns on this stream so far
+    number: int  # 1 for the stream's first overrun, and so on
 
 
 class CtEventStream:

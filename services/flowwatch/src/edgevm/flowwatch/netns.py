@@ -30,7 +30,8 @@ def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
         nsfd = os.open(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NamespaceNotFound(netns) from None
-    outcome: list = []
+    results: list[T] = []
+    errors: list[BaseException] = []
 
     # The network namespace belongs to the thread, so entering it on a thread that then ends leaves
     # the rest of the process alone; sockets and /proc/sys/net files opened there keep their namespace.
@@ -39,9 +40,9 @@ def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
             if _libc.setns(nsfd, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            outcome.append((True, fn()))
+            results.append(fn())
         except BaseException as exc:
-            outcome.append((False, exc))
+            errors.append(exc)
 
     try:
         thread = threading.Thread(target=run, name=f"netns-{netns}")
@@ -49,10 +50,9 @@ def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:
         thread.join()
     finally:
         os.close(nsfd)
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 def write_sysctl(netns: str | None, key: str, value: str) -> None:
