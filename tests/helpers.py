@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
 from nats.aio.client import Client as NATS
 
 from edgevm.shared.events import AnyEvent, decode_event
@@ -92,8 +91,3 @@ class EventCollector:
     def of_type(self, type_: str) -> list[AnyEvent]:
         """Return the events whose `type` is `type_`, in arrival order."""
         return [e for _, e in self.events if e.__struct_config__.tag == type_]
-
-
-def to_builtins(value: Any) -> Any:
-    """Return a struct as plain JSON-like values."""
-    return msgspec.to_builtins(value)

@@ -1,4 +1,4 @@
-"""A lifecycle service in this process on `test:///default`, driven over real NATS."""
+"""A lifecycle service in this process on libvirt's test driver, driven over real NATS."""
 
 from __future__ import annotations
 
@@ -55,18 +55,31 @@ class Node:
         return path
 
     async def shutdown(self) -> None:
+        """Stop the service (a second call does nothing)."""
         self.stop.set()
         await asyncio.wait_for(self.task, 30)
 
 
-async def start_node(nats_server: NatsServer, nc: NATS, uri: str = "test:///default",
+def private_test_uri(state: Path) -> str:
+    """Return a libvirt test-driver URI private to each opening.
+
+    `test:///default` is shared by every connection of a process while any of them lives, so one test's
+    domains could show up in another's; a test driver loaded from a file starts empty at every opening.
+    """
+    path = state / "libvirt-test-node.xml"
+    path.write_text("<node/>")
+    return f"test://{path}"
+
+
+async def start_node(nats_server: NatsServer, nc: NATS, uri: str | None = None,
                      state: Path | None = None, node: str | None = None) -> Node:
-    """Start a lifecycle service in this process and wait until it answers."""
+    """Start a lifecycle service in this process (on a private test driver by default) until it answers."""
+    state = state or state_dir()
     config = Config(
         node=node or f"n{uuid.uuid4().hex[:8]}",
         nats_url=nats_server.url,
-        state_dir=state or state_dir(),
-        libvirt_uri=uri,
+        state_dir=state,
+        libvirt_uri=uri or private_test_uri(state),
         metrics_host="127.0.0.1",
         metrics_base_port=0,
         metrics_port=0,
@@ -88,7 +101,7 @@ async def start_node(nats_server: NatsServer, nc: NATS, uri: str = "test:///defa
 
 @pytest.fixture
 async def node(nats_server: NatsServer, nc: NATS) -> AsyncIterator[Node]:
-    """A lifecycle service on `test:///default` for one test."""
+    """A lifecycle service on a private libvirt test driver for one test."""
     running = await start_node(nats_server, nc)
     yield running
     await running.shutdown()

@@ -1,4 +1,4 @@
-"""The `edgevm` CLI as a user types it, against a lifecycle node on `test:///default`."""
+"""The `edgevm` CLI as a user types it, against a lifecycle node on libvirt's test driver."""
 
 from __future__ import annotations
 

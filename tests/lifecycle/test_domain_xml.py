@@ -261,7 +261,7 @@ def test_devices_reject_what_cannot_be_built(build: Any, complaint: str) -> None
 
 @pytest.fixture
 def test_driver() -> Iterator[libvirt.virConnect]:
-    conn = libvirt.open("test:///default")  # a fresh in-memory hypervisor per opening
+    conn = libvirt.open("test:///default")  # shared in-process; the test names are its own
     yield conn
     conn.close()
 

@@ -1,8 +1,7 @@
-"""Every lifecycle command and error code over real NATS, on libvirt's `test:///default`."""
+"""Every lifecycle command and error code over real NATS, on libvirt's test driver."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -202,8 +201,8 @@ async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
     stuck, revision = await store.create("vm.stop", "r")
     await store.update(stuck, revision, status="running")
     await node.shutdown()
-    # A new test:///default connection has none of the old domains: the restarted service defines them
-    # again from the records, and the VM that "ran" is stopped now.
+    # The restarted service opens a fresh private test driver, which has none of the old domains: it
+    # defines them again from the records, and the VM that "ran" is stopped now.
     again = await start_node(nats_server, nc, state=node.config.state_dir, node=node.config.node)
     try:
         vm = await again.client.call("vm.get", {"name": "r"}, Vm)
@@ -214,7 +213,6 @@ async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
         assert task.status == "succeeded", task.error
     finally:
         await again.shutdown()
-        node.task = asyncio.create_task(asyncio.sleep(0))  # already stopped; the fixture's shutdown is a no-op
 
 
 async def test_auto_start_submits_a_start_task(node: Node) -> None:
@@ -243,4 +241,3 @@ async def test_update_rules_are_400_and_dotted_image_names_survive_a_restart(
         assert [i.name for i in (await again.client.call("image.list", {}, ImageList)).images] == ["deb-12.4"]
     finally:
         await again.shutdown()
-        node.task = asyncio.create_task(asyncio.sleep(0))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from edgevm.shared.errors import FieldError
@@ -306,13 +305,6 @@ class GwVmList(Struct):
 
     vms: list[GwVm]
 
-
-def encode(value: Any) -> bytes:
-    """Encode a reply or event as JSON bytes."""
-    return _encoder.encode(value)
-
-
-_encoder = msgspec.json.Encoder()
 
 __all__ = [
     "Empty",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edgevm.lifecycle.layout import fsync_dir
 from edgevm.shared.errors import FieldError
 
 ImageFormat = Literal["qcow2", "raw", "iso"]
@@ -204,7 +205,7 @@ class ImageStore:
                 raise ImageExists(f"the image store already has an image named {name!r}") from None
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         report(100)
         return ImageRecord(name, detected, size, sha256, final, virtual_size)
 
@@ -291,10 +292,3 @@ def _has_iso_magic(path: Path) -> bool:
         f.seek(_ISO_MAGIC_OFFSET)
         return f.read(len(_ISO_MAGIC)) == _ISO_MAGIC
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,3 +32,12 @@ class Layout:
         for path in (self.root, self.images, self.volumes, self.root / "vms"):
             path.mkdir(parents=True, exist_ok=True)
             os.chmod(path, 0o755)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or link in `directory` durable (the directory entry itself is fsynced)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

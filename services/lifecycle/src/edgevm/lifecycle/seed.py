@@ -28,6 +28,8 @@ import pycdlib
 import yaml
 from pycdlib import dates
 
+from edgevm.lifecycle.layout import fsync_dir
+
 VOLUME_LABEL = "cidata"
 MINIMAL_USER_DATA = "#cloud-config\n"
 SEED_FILE_MODE = 0o600  # user-data may hold passwords; libvirt hands the file to QEMU's user at start
@@ -124,16 +126,8 @@ def write_seed(dest: Path, content: SeedContent) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return hashlib.sha256(image).hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pin_record_dates(iso: pycdlib.PyCdlib) -> None:

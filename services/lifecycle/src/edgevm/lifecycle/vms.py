@@ -297,23 +297,22 @@ class VmService:
                 await self.domains.shutdown(name)
             except OperationInvalid:
                 pass  # it stopped meanwhile
-            forced = not await self._wait_off(name, vm.spec.stop_timeout, progress)
+            forced = not await self._wait_off(name, vm.spec.stop_timeout)
         if forced:
             await progress(90, "destroying the domain")
             try:
                 await self.domains.destroy(name)
             except OperationInvalid:
                 pass
-            await self._wait_off(name, 10, None)
+            await self._wait_off(name, 10)
         await self._set_state(self.records.get(name), "stopped", event=VmStopped)
         return {"forced": forced}
 
-    async def _wait_off(self, name: str, timeout: float, progress: Progress | None) -> bool:
+    async def _wait_off(self, name: str, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         start = loop.time()
         while await self._domain_state(name) not in (DomainState.SHUTOFF, DomainState.CRASHED):
-            elapsed = loop.time() - start
-            if elapsed >= timeout:
+            if loop.time() - start >= timeout:
                 return False
             await asyncio.sleep(POLL)
         return True
@@ -327,7 +326,7 @@ class VmService:
                 await self.domains.destroy(name)
             except OperationInvalid:
                 pass
-            await self._wait_off(name, 10, None)
+            await self._wait_off(name, 10)
         await progress(60, "removing the domain and its files")
         try:
             await self.domains.undefine(name)
