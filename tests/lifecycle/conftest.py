@@ -72,8 +72,12 @@ def private_test_uri(state: Path) -> str:
 
 
 async def start_node(nats_server: NatsServer, nc: NATS, uri: str | None = None,
-                     state: Path | None = None, node: str | None = None) -> Node:
-    """Start a lifecycle service in this process (on a private test driver by default) until it answers."""
+                     state: Path | None = None, node: str | None = None, network: str = "none") -> Node:
+    """Start a lifecycle service in this process (on a private test driver by default) until it answers.
+
+    Without netplumb by default (`network="none"`: VMs get no NIC); pass "netplumb" when a netplumb
+    service of the same node runs too.
+    """
     state = state or state_dir()
     config = Config(
         node=node or f"n{uuid.uuid4().hex[:8]}",
@@ -84,6 +88,7 @@ async def start_node(nats_server: NatsServer, nc: NATS, uri: str | None = None,
         metrics_base_port=0,
         metrics_port=0,
         log_level="INFO",
+        network=network,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(serve("lifecycle", setup, config, stop))

@@ -173,6 +173,15 @@ def test_domain_is_headless_with_logged_serial_console_and_acpi(tmp_path: Path) 
     assert find(nic, "model").get("type") == "virtio"
 
 
+def test_nic_tap_names_and_bare_taps(tmp_path: Path) -> None:
+    nics = [NicPlan("52:54:00:12:34:56", "evh-red", tap="evt-web-0"), NicPlan("52:54:00:12:34:57", None, tap="evt-web-1")]
+    domain = parsed(make_plan(tmp_path, nics=nics))
+    bridged = find(domain, "devices/interface[@type='bridge']")
+    assert find(bridged, "target").get("dev") == "evt-web-0"
+    bare = find(domain, "devices/interface[@type='ethernet']")
+    assert find(bare, "target").get("dev") == "evt-web-1" and bare.find("source") is None
+
+
 def test_memory_is_given_in_bytes(tmp_path: Path) -> None:
     memory = find(parsed(make_plan(tmp_path, memory_bytes=512 * MIB + 1)), "memory")
     assert memory.attrib == {"unit": "b"} and memory.text == str(512 * MIB + 1)
@@ -249,6 +258,8 @@ def test_plan_rejects_what_cannot_be_built(tmp_path: Path, changes: dict[str, An
         (lambda: NicPlan("01:00:5e:00:00:01", "br0"), "unicast"),
         (lambda: NicPlan("52:54:00:12:34:56", "a-bridge-name-too-long"), "interface name"),
         (lambda: NicPlan("52:54:00:12:34:56", "br0", model="rtl8139"), "NIC model"),
+        (lambda: NicPlan("52:54:00:12:34:56", None), "needs a tap"),
+        (lambda: NicPlan("52:54:00:12:34:56", "br0", tap="a-tap-name-far-too-long"), "NIC tap"),
     ],
 )
 def test_devices_reject_what_cannot_be_built(build: Any, complaint: str) -> None:

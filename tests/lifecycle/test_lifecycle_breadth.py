@@ -108,6 +108,17 @@ async def test_bad_creates_are_400_and_create_nothing(node: Node) -> None:
     assert not vms_dir.exists() or list(vms_dir.iterdir()) == []
 
 
+async def test_a_node_without_netplumb_refuses_networks_with_422(node: Node) -> None:
+    await import_image(node)
+    for network in ({"vrf": "red"}, {"port_mappings": [{"host_interface": "lo", "host_port": 8080, "vm_port": 80}]}):
+        error = await expect_error(node, "vm.create", {"name": "a", "image": "base", "network": network}, "422",
+                                   "network")
+        assert "EDGEVM_NETWORK=none" in error.message
+    assert (await node.client.call("vm.list", {}, VmList)).vms == []
+    created = await node.client.call("vm.create", {"name": "a", "image": "base", "network": {"vrf": "default"}}, Vm)
+    assert created.spec.network.vrf == "default"
+
+
 async def test_update_revisions_and_immutables(node: Node) -> None:
     await import_image(node)
     await node.client.call("vm.create", {"name": "u", "image": "base"}, Vm)

@@ -19,6 +19,9 @@ def default_node_id() -> str:
     return name[:63] or "node"
 
 
+NETWORK_MODES = ("netplumb", "none")
+
+
 @dataclass(frozen=True)
 class Config:
     """The settings every service reads; build it with `from_env`."""
@@ -31,6 +34,11 @@ class Config:
     metrics_base_port: int
     metrics_port: int | None
     log_level: str
+    network: str = "netplumb"  # "none": VMs get no NIC (a node without netplumb, e.g. libvirt's test driver)
+
+    def __post_init__(self) -> None:
+        if self.network not in NETWORK_MODES:
+            raise ValueError(f"EDGEVM_NETWORK must be one of {', '.join(NETWORK_MODES)}, not {self.network!r}")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
@@ -46,6 +54,7 @@ class Config:
             metrics_base_port=int(env.get("EDGEVM_METRICS_BASE_PORT", DEFAULT_METRICS_BASE)),
             metrics_port=int(port) if port else None,
             log_level=env.get("EDGEVM_LOG_LEVEL", "INFO"),
+            network=env.get("EDGEVM_NETWORK", "netplumb"),
         )
 
     def metrics_port_for(self, service: str) -> int:

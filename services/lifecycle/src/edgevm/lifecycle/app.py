@@ -16,6 +16,7 @@ from edgevm.lifecycle.drivers.states import EventKind
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import ImageStore
 from edgevm.lifecycle.layout import Layout
+from edgevm.lifecycle.network import NetplumbNetwork, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
 from edgevm.lifecycle.records import VmRecords
@@ -24,6 +25,7 @@ from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
 from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
+from edgevm.shared.client import Client
 from edgevm.shared.heartbeat import host_memory_bytes
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.runtime import ServiceContext
@@ -32,6 +34,7 @@ from edgevm.shared.tasks import TaskStore
 log = logging.getLogger(__name__)
 # Tasks of these kinds are the lifecycle's own: after a restart, unfinished ones are failed.
 OWN_TASK_KINDS = ("vm.", "image.")
+NET_TIMEOUT = 10.0  # netplumb may create a namespace and apply a table for one request
 
 
 def import_roots(state_dir: Path) -> list[Path]:
@@ -73,8 +76,10 @@ async def setup(ctx: ServiceContext) -> None:
     images = ImageService(ctx.buckets[bus.IMAGES.name], node, image_store, runner, roots,
                           lambda name: vms.users_of_image(name))
     await images.load()
+    network: VmNetwork = NoNetwork() if config.network == "none" else NetplumbNetwork(Client(ctx.nc, node, NET_TIMEOUT))
+    log.info("VM networks: %s", "none (EDGEVM_NETWORK=none)" if config.network == "none" else "from netplumb")
     vms = VmService(node, records, images, domains, Planner(layout, node, domain_type), runner, locks,
-                    ctx.publisher, os.cpu_count() or 1, host_memory_bytes())
+                    ctx.publisher, os.cpu_count() or 1, host_memory_bytes(), network=network)
     ctx.stack.push_async_callback(vms.close)
     tasks = TaskCommands(index, store, node)
 

@@ -6,9 +6,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevm.lifecycle.drivers.plan import DiskPlan, DomainPlan, DomainType
+from edgevm.lifecycle.drivers.plan import DiskPlan, DomainPlan, DomainType, NicModel, NicPlan
 from edgevm.lifecycle.layout import Layout
 from edgevm.lifecycle.seed import SeedContent
+from edgevm.shared.netstate import NicRecord
 from edgevm.shared.objects import Image
 from edgevm.shared.spec import VmSpec
 
@@ -34,16 +35,22 @@ def vm_uuid(node: str, vm: str) -> str:
     return str(uuid.uuid5(_UUID_NAMESPACE, f"{node}/{vm}"))
 
 
-def seed_content(spec: VmSpec) -> SeedContent:
-    """Return what the VM's NoCloud seed carries."""
+def seed_content(spec: VmSpec, network_config: str | None = None) -> SeedContent:
+    """Return what the VM's NoCloud seed carries; the user's own network-config wins over netplumb's."""
     ci = spec.cloud_init
     return SeedContent(
         vm_name=spec.name,
         hostname=spec.hostname or spec.name,
         user_data=ci.user_data if ci else None,
-        network_config=ci.network_config if ci else None,
+        network_config=(ci.network_config if ci and ci.network_config else None) or network_config,
         meta_data=ci.meta_data if ci else None,
     )
+
+
+def nic_plans(spec: VmSpec, nics: list[NicRecord]) -> list[NicPlan]:
+    """Return the domain NICs for netplumb's NIC records; virtio NICs on a virtio VM, e1000 otherwise."""
+    model: NicModel = "virtio" if spec.device_bus == "virtio" else "e1000"
+    return [NicPlan(nic.mac, nic.bridge or None, model, nic.tap or None) for nic in sorted(nics, key=lambda n: n.index)]
 
 
 class Planner:
@@ -91,8 +98,10 @@ class Planner:
                 files.append(VolumeFile(path, fmt, volume.kind, bus, "none"))
         return files
 
-    def domain(self, spec: VmSpec, revision: int, files: list[VolumeFile]) -> DomainPlan:
-        """Return the DomainPlan of a VM: its disks, the seed cd-rom, console log and NVRAM."""
+    def domain(
+        self, spec: VmSpec, revision: int, files: list[VolumeFile], nics: list[NicPlan] | None = None
+    ) -> DomainPlan:
+        """Return the DomainPlan of a VM: its disks, the seed cd-rom, NICs, console log and NVRAM."""
         vm_dir = self.layout.vm_dir(spec.name)
         disks = [
             DiskPlan(str(f.path), "qcow2" if f.format == "qcow2" else "raw", f.device,  # type: ignore[arg-type]
@@ -111,4 +120,5 @@ class Planner:
             serial_log_path=str(vm_dir / "console.log"),
             nvram_path=str(vm_dir / "nvram.fd") if spec.firmware == "uefi" else None,
             disks=tuple(disks),
+            nics=tuple(nics or ()),
         )

@@ -18,8 +18,9 @@ from edgevm.lifecycle.drivers.states import DomainState
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import QemuImg
 from edgevm.lifecycle.layout import Layout
+from edgevm.lifecycle.network import Attachment, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import confine, is_store_path
-from edgevm.lifecycle.planner import Planner, VolumeFile, seed_content
+from edgevm.lifecycle.planner import Planner, VolumeFile, nic_plans, seed_content
 from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.runner import Progress, TaskRunner
 from edgevm.lifecycle.seed import write_seed
@@ -55,9 +56,11 @@ class VmService:
         host_cpus: int,
         host_memory: int,
         qemu_img: QemuImg | None = None,
+        network: VmNetwork | None = None,
     ) -> None:
         self.node = node
         self.records = records
+        self.network: VmNetwork = network or NoNetwork()
         self.images = images
         self.domains = domains
         self.planner = planner
@@ -114,13 +117,14 @@ class VmService:
         return paths
 
     # -- files and domain ---------------------------------------------------------------------------------
-    async def _make_files(self, spec: VmSpec, paths: dict[str, Path]) -> list[VolumeFile]:
+    async def _make_files(self, spec: VmSpec, paths: dict[str, Path], attachment: Attachment) -> list[VolumeFile]:
         vm_dir = self.layout.vm_dir(spec.name)
         vm_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(vm_dir, 0o755)
         files = self.planner.files(spec, self.images.images, paths)
         # The disks and the seed are independent files: make them side by side (qemu-img is a process).
-        jobs = [asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed_content(spec))]
+        seed = seed_content(spec, attachment.network_config)
+        jobs = [asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed)]
         for f in files:
             if f.path.exists() or f.create == "none":
                 continue
@@ -134,8 +138,12 @@ class VmService:
         return files
 
     async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> None:
-        files = await self._make_files(spec, paths)
-        await self.domains.define(build_domain_xml(self.planner.domain(spec, revision, files)))
+        # netplumb first: its answer (NICs, network-config) goes into the domain and the seed, and its
+        # refusal (a taken port, an unknown VRF) must come before any file is made.
+        attachment = await self.network.prepare(spec)
+        files = await self._make_files(spec, paths, attachment)
+        plan = self.planner.domain(spec, revision, files, nic_plans(spec, attachment.nics))
+        await self.domains.define(build_domain_xml(plan))
 
     async def _remove_files(self, vm: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.layout.vm_dir(vm), True)
@@ -179,6 +187,10 @@ class VmService:
         return vm
 
     async def _undo_create(self, name: str) -> None:
+        try:
+            await self.network.release(name)
+        except Exception as exc:
+            log.warning("VM %s: its network allocation could not be released: %s", name, exc)
         try:
             await self.domains.undefine(name)
         except DomainNotFound:
@@ -280,6 +292,18 @@ class VmService:
                 await self._set_state(self.records.get(name), "error", message)
                 raise TimeoutError(message)
             await asyncio.sleep(POLL)
+        try:
+            await self.network.activate(name)
+        except Exception as exc:
+            # A VM whose port mappings could not be applied is not what was asked for: take it down again.
+            log.warning("VM %s: network not applied, stopping it again: %s", name, exc)
+            try:
+                await self.domains.destroy(name)
+            except (OperationInvalid, DomainNotFound):
+                pass
+            await self._wait_off(name, 10)
+            await self._set_state(self.records.get(name), "error", f"its network could not be applied: {exc}")
+            raise
         await self._set_state(self.records.get(name), "running", event=VmStarted)
         return None
 
@@ -288,6 +312,7 @@ class VmService:
         if await self._domain_state(name) in (DomainState.SHUTOFF, DomainState.CRASHED):
             if vm.status.state not in ("stopped", "defined", "crashed"):
                 await self._set_state(vm, "stopped", event=VmStopped)
+            await self._network_down(name)
             return {"forced": False}
         vm = await self._set_state(vm, "stopping")
         forced = force
@@ -306,7 +331,16 @@ class VmService:
                 pass
             await self._wait_off(name, 10)
         await self._set_state(self.records.get(name), "stopped", event=VmStopped)
+        await self._network_down(name)
         return {"forced": forced}
+
+    async def _network_down(self, name: str) -> None:
+        # The VM is off whatever the network says: a failure here leaves rules that netplumb removes at its
+        # next reconcile (it follows edgevm_vms), so it is logged, not raised.
+        try:
+            await self.network.deactivate(name)
+        except Exception as exc:
+            log.warning("VM %s is off but its port mappings could not be removed now: %s", name, exc)
 
     async def _wait_off(self, name: str, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -321,12 +355,11 @@ class VmService:
         vm = self.records.get(name)
         state = await self._domain_state(name)
         if state not in (DomainState.SHUTOFF, DomainState.CRASHED, None):
-            await progress(20, "destroying the domain")
-            try:
-                await self.domains.destroy(name)
-            except OperationInvalid:
-                pass
-            await self._wait_off(name, 10)
+            await progress(10, "stopping the VM (ACPI, then killed after its stop_timeout)")
+            await self._stop(name, False, progress)
+        # Before anything is removed: a netplumb that cannot answer fails the task with the VM intact.
+        await progress(50, "releasing its network")
+        await self.network.release(name)
         await progress(60, "removing the domain and its files")
         try:
             await self.domains.undefine(name)
@@ -362,8 +395,10 @@ class VmService:
             await self._set_state(vm, "running", event=VmStarted)
         elif state == DomainState.SHUTOFF and vm.status.state in ("running", "starting", "stopping"):
             await self._set_state(vm, "stopped", event=VmStopped)
+            await self._network_down(name)
         elif state == DomainState.CRASHED and vm.status.state != "crashed":
             await self._set_state(vm, "crashed", event=VmCrashed)
+            await self._network_down(name)
 
     async def _observe_after_lease(self, name: str) -> None:
         # Leases live in JetStream KV, so there is nothing local to wait on: poll until it is released.

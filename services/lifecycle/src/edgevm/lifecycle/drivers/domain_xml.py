@@ -104,9 +104,12 @@ def _disk(disk: DiskPlan, target: str, *, boot: bool) -> ET.Element:
 
 
 def _nic(nic: NicPlan) -> ET.Element:
-    element = ET.Element("interface", type="bridge")
+    element = ET.Element("interface", type="ethernet" if nic.bridge is None else "bridge")
     ET.SubElement(element, "mac", address=nic.mac)
-    ET.SubElement(element, "source", bridge=nic.bridge)
+    if nic.bridge is not None:
+        ET.SubElement(element, "source", bridge=nic.bridge)
+    if nic.tap is not None:
+        ET.SubElement(element, "target", dev=nic.tap)
     ET.SubElement(element, "model", type=nic.model)
     return element
 

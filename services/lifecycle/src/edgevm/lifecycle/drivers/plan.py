@@ -53,17 +53,21 @@ class DiskPlan:
 
 @dataclass(frozen=True, slots=True)
 class NicPlan:
-    """One NIC of a domain, plugged into a host bridge."""
+    """One NIC of a domain: a tap plugged into a host bridge, or a bare tap (`bridge` None) that netplumb wires."""
 
     mac: str
-    bridge: str
+    bridge: str | None
     model: NicModel = "virtio"
+    tap: str | None = None  # the tap device libvirt creates; None lets libvirt name it
 
     def __post_init__(self) -> None:
         if not MAC.match(self.mac) or int(self.mac[:2], 16) & 1:
             raise ValueError(f"NIC mac must be a unicast address like 52:54:00:12:34:56, not {self.mac!r}")
-        if not 0 < len(self.bridge) <= 15 or "/" in self.bridge or any(c.isspace() for c in self.bridge):
-            raise ValueError(f"NIC bridge must be a Linux interface name, not {self.bridge!r}")
+        for what, name in (("bridge", self.bridge), ("tap", self.tap)):
+            if name is not None and (not 0 < len(name) <= 15 or "/" in name or any(c.isspace() for c in name)):
+                raise ValueError(f"NIC {what} must be a Linux interface name, not {name!r}")
+        if self.bridge is None and self.tap is None:
+            raise ValueError("a NIC without a bridge needs a tap name")
         _check_choice("NIC model", self.model, NicModel)
 
 

@@ -1,0 +1,124 @@
+"""What netplumb keeps in `edgevm_net`, and the node-internal requests lifecycle makes of netplumb.
+
+The bucket is netplumb's: only netplumb writes it. Lifecycle and flowwatch read it (flowwatch builds its
+address map from the `vm` records, live, with a KV watch). Keys, each under the node id:
+
+    <node>.vrf.<name>     VrfRecord
+    <node>.vnet.<name>    VnetRecord
+    <node>.vm.<vm>        VmNetRecord
+
+The internal subjects (`edgevm.<node>.net.vm.<verb>`) are not part of PROTOCOL.md's public contract;
+docs/protocol.md lists them as node-internal.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from edgevm.shared.spec import Network, PortMapping, VirtualInterface, VnetAttachment
+
+
+def vrf_key(node: str, name: str) -> str:
+    """Return the `edgevm_net` key of a VRF."""
+    return f"{node}.vrf.{name}"
+
+
+def vnet_key(node: str, name: str) -> str:
+    """Return the `edgevm_net` key of a virtual network."""
+    return f"{node}.vnet.{name}"
+
+
+def vm_key(node: str, vm: str) -> str:
+    """Return the `edgevm_net` key of a VM's network record."""
+    return f"{node}.vm.{vm}"
+
+
+class VrfRecord(Struct, kw_only=True):
+    """A VRF as netplumb keeps it. `netns` is the namespace name (None: the node's own namespace)."""
+
+    name: str
+    subnet: str
+    gateway: str
+    netns: str | None
+    uplink: str | None = None  # the /31 between the node namespace and the VRF namespace
+    created_at: str
+
+
+class VnetRecord(Struct, kw_only=True):
+    """A virtual network as netplumb keeps it."""
+
+    name: str
+    cidr: str
+    vni: int
+    peers: list[str] = []
+    created_at: str
+
+
+class NicRecord(Struct, kw_only=True):
+    """One NIC of a VM: what libvirt plugs in, and the address the guest is given."""
+
+    index: int
+    mac: str
+    address: str  # IPv4 with prefix, e.g. 10.10.0.5/24
+    gateway: str
+    bridge: str  # the node-namespace bridge libvirt attaches the tap to
+    tap: str  # the tap device name libvirt is asked to create
+
+
+class VmNetRecord(Struct, kw_only=True):
+    """A VM's network as netplumb allocated it; `active` while the VM runs (its port mappings are applied).
+
+    `netns` is the namespace the VM's traffic (and its conntrack entries) lives in: its VRF's, or None for
+    the node's own namespace. Flowwatch attributes a conntrack entry seen in `netns` to this VM when one of
+    its ends is a NIC address.
+    """
+
+    vm: str
+    vrf: str
+    netns: str | None
+    nics: list[NicRecord]
+    port_mappings: list[PortMapping] = []
+    virtual_networks: list[VnetAttachment] = []
+    virtual_interfaces: list[VirtualInterface] = []
+    active: bool = False
+    updated_at: str
+
+
+# Node-internal requests: lifecycle -> netplumb.
+class NetPrepare(Struct, kw_only=True):
+    """`net.vm.prepare`: allocate (or re-check) the VM's NICs for `network`; changes nothing on failure."""
+
+    vm: str
+    network: Network
+    hostname: str | None = None
+
+
+class NetPrepared(Struct, kw_only=True):
+    """Reply of `net.vm.prepare`: the NICs to put in the domain and the cloud-init network-config (v2 YAML)."""
+
+    nics: list[NicRecord]
+    network_config: str
+
+
+class NetVmRef(Struct, kw_only=True):
+    """`net.vm.activate` / `net.vm.deactivate` / `net.vm.release`: the VM started / stopped / is gone."""
+
+    vm: str
+
+
+__all__ = [
+    "NetPrepare",
+    "NetPrepared",
+    "NetVmRef",
+    "Network",
+    "NicRecord",
+    "PortMapping",
+    "VirtualInterface",
+    "VmNetRecord",
+    "VnetAttachment",
+    "VnetRecord",
+    "VrfRecord",
+    "vm_key",
+    "vnet_key",
+    "vrf_key",
+]
