@@ -8,8 +8,10 @@ import logging
 from collections.abc import AsyncIterator
 
 import msgspec
-from nats.js.errors import KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js import JetStreamContext
+from nats.js.api import Header
+from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
 from edgevm.shared.clock import now
 from edgevm.shared.errors import Conflict
@@ -32,10 +34,15 @@ class Lease(msgspec.Struct):
 class VmLocks:
     """Leases on VMs of one node, held while an operation runs."""
 
-    def __init__(self, kv: KeyValue, node: str, service: str) -> None:
+    def __init__(self, kv: KeyValue, node: str, service: str, js: JetStreamContext | None = None) -> None:
         self._kv = kv
         self._node = node
         self._service = service
+        # With `js`, a release writes the delete marker itself and remembers its revision, so the next
+        # acquire of that VM is one conditional write (KeyValue.create on a deleted key takes three).
+        self._js = js
+        self._bucket: str = kv._name  # nats-py keeps the bucket name only there
+        self._tombstones: dict[str, int] = {}
 
     def _key(self, vm: str) -> str:
         return f"{self._node}.{vm}"
@@ -43,6 +50,10 @@ class VmLocks:
     async def acquire(self, vm: str, operation: str, task_id: str | None = None) -> int:
         """Take the lease on `vm`, or raise Conflict naming the operation (and task) that holds it."""
         lease = Lease(operation=operation, task_id=task_id, service=self._service, since=now())
+        tombstone = self._tombstones.pop(vm, None)
+        if tombstone is not None:
+            with contextlib.suppress(KeyWrongLastSequenceError):  # someone else took it since: the usual path
+                return await self._kv.update(self._key(vm), msgspec.json.encode(lease), last=tombstone)
         try:
             return await self._kv.create(self._key(vm), msgspec.json.encode(lease))
         except KeyWrongLastSequenceError:
@@ -64,10 +75,21 @@ class VmLocks:
 
     async def release(self, vm: str, revision: int) -> None:
         """Give the lease back (only if it is still ours)."""
+        if self._js is None:
+            try:
+                await self._kv.delete(self._key(vm), last=revision)
+            except KeyWrongLastSequenceError:
+                log.warning("lease on %s changed hands before release", vm)
+            return
+        headers = {KV_OP: KV_DEL, Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}
         try:
-            await self._kv.delete(self._key(vm), last=revision)
-        except KeyWrongLastSequenceError:
-            log.warning("lease on %s changed hands before release", vm)
+            ack = await self._js.publish(f"$KV.{self._bucket}.{self._key(vm)}", headers=headers)
+        except APIError as exc:
+            if exc.err_code in (10071, 10164):  # wrong last sequence
+                log.warning("lease on %s changed hands before release", vm)
+                return
+            raise
+        self._tombstones[vm] = ack.seq
 
     async def renew(self, vm: str, revision: int) -> int:
         """Keep the lease alive; return its new revision."""

@@ -17,7 +17,12 @@ COMMAND_DURATION = Histogram(
 )
 EVENTS_PUBLISHED = Counter(
     "edgevm_events_published_total",
-    "Events published, by service and event type.",
+    "Events published and stored by JetStream, by service and event type.",
+    ["service", "type"],
+)
+EVENTS_UNACKED = Counter(
+    "edgevm_events_unacked_total",
+    "Events JetStream did not acknowledge in time (or refused), by service and event type.",
     ["service", "type"],
 )
 

@@ -110,6 +110,7 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
         log.info("edgevm-%s stopping", name)
         await commands.stop()
         await ctx.stop_background()
+    await publisher.flush()  # after the stack: its callbacks (e.g. draining tasks) publish too
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 5)
 

@@ -65,7 +65,7 @@ async def setup(ctx: ServiceContext) -> None:
 
     store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
-    locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle")
+    locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle", ctx.js)
     runner = TaskRunner(store, locks, index)
     ctx.stack.push_async_callback(runner.drain)
     records = VmRecords(ctx.buckets[bus.VMS.name], node)
@@ -126,6 +126,6 @@ async def follow_domains(events: LifecycleEvents, vms: VmService) -> None:
                 for vm in vms.records.all():
                     await vms.observe(vm.spec.name, await vms._domain_state(vm.spec.name))
             elif event.kind in (EventKind.STARTED, EventKind.STOPPED, EventKind.CRASHED, EventKind.RESUMED):
-                await vms.observe(event.vm, await vms._domain_state(event.vm))
+                await vms.on_domain_event(event.vm)
         except Exception:
             log.exception("libvirt event %s of %s not applied", event.kind, event.vm)

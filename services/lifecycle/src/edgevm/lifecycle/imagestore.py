@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edgevm.lifecycle import qcow2
 from edgevm.lifecycle.layout import fsync_dir
 from edgevm.shared.errors import FieldError
 
@@ -93,7 +94,8 @@ class QemuImg:
     def _create_overlay(self, image_path: Path, overlay_path: Path, backing_format: str | None) -> None:
         backing = image_path.resolve(strict=True)  # the overlay records this path, so it must be absolute
         backing_format = backing_format or self.info(backing)["format"]
-        self._create_new(overlay_path, ["-f", "qcow2", "-b", str(backing), "-F", backing_format])
+        # The bytes qemu-img would write, without forking it (most of a vm.create's time otherwise).
+        qcow2.write_overlay(overlay_path, backing, "raw" if backing_format == "iso" else backing_format)
 
     def _create_new(self, path: Path, options: list[str], *size: str) -> None:
         # qemu-img create truncates an existing file, so create beside it and link into place (no clobber).

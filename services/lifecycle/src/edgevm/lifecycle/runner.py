@@ -17,6 +17,7 @@ from edgevm.shared.tasks import TaskStore
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, str], Awaitable[None]]
+PROGRESS_INTERVAL = 0.2  # seconds between two progress writes of one task
 Work = Callable[[Progress], Awaitable[dict[str, Any] | None]]
 
 
@@ -28,6 +29,11 @@ class TaskRunner:
         self._locks = locks
         self._index = index
         self._running: set[asyncio.Task[None]] = set()
+        self._vms: dict[str, int] = {}  # VMs leased by tasks of this process (a count per VM)
+
+    def holds(self, vm: str) -> bool:
+        """Whether a task of this process holds `vm`'s lease now (no bucket read needed to know)."""
+        return self._vms.get(vm, 0) > 0
 
     async def submit(self, kind: str, vm: str | None, work: Work, lease: HeldLease | None = None) -> Task:
         """Lease the VM (409 when busy), write the queued task and start it; return it at once."""
@@ -41,41 +47,89 @@ class TaskRunner:
                 await lease.release()
             raise
         self._index.put(task)
+        if vm is not None and lease is not None:
+            self._vms[vm] = self._vms.get(vm, 0) + 1
         job = asyncio.create_task(self._run(task, revision, work, lease), name=f"task {kind} {task.id}")
         self._running.add(job)
         job.add_done_callback(self._running.discard)
         return task
 
     async def _run(self, task: Task, revision: int, work: Work, lease: HeldLease | None) -> None:
-        try:
-            task, revision = await self._store.update(task, revision, status="running", message="running")
+        writes = asyncio.Lock()  # the task's writes are revision-chained: one at a time
+        pending: tuple[int, str] | None = None
+        flusher: asyncio.TimerHandle | None = None
+        last_write = 0.0
+        loop = asyncio.get_running_loop()
+
+        async def write(**changes: Any) -> None:
+            nonlocal task, revision, last_write
+            async with writes:
+                if task.finished:  # a late progress flush never rewrites an ended task
+                    return
+                task, revision = await self._store.update(task, revision, **changes)
+                last_write = loop.time()
             self._index.put(task)
 
-            async def progress(percent: int, message: str) -> None:
-                nonlocal task, revision
-                task, revision = await self._store.update(task, revision, progress=percent, message=message)
-                self._index.put(task)
+        async def flush() -> None:
+            nonlocal pending
+            if pending is not None and not task.finished:
+                percent, message = pending
+                pending = None
+                await write(progress=percent, message=message)
 
+        def flush_later() -> None:
+            nonlocal flusher
+            flusher = None
+            job = asyncio.create_task(flush())
+            self._running.add(job)  # type: ignore[arg-type]
+            job.add_done_callback(self._running.discard)  # type: ignore[arg-type]
+
+        async def progress(percent: int, message: str) -> None:
+            # Steps of a fast task are not worth a write each: at most one progress write per
+            # PROGRESS_INTERVAL, the latest step winning; a slow step still shows within the interval.
+            nonlocal pending, flusher
+            pending = (percent, message)
+            if loop.time() - last_write >= PROGRESS_INTERVAL:
+                await flush()
+            elif flusher is None:
+                flusher = loop.call_at(last_write + PROGRESS_INTERVAL, flush_later)
+
+        async def free() -> None:
+            nonlocal lease
+            if lease is None:
+                return
+            held, lease = lease, None
+            if task.vm is not None:
+                self._vms[task.vm] -= 1
+                if not self._vms[task.vm]:
+                    del self._vms[task.vm]
+            await held.release()
+
+        ending: dict[str, Any]
+        try:
+            await write(status="running", message="running")
             try:
                 result = await work(progress)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                task, revision = await self._store.update(
-                    task, revision, status="failed", error=describe(exc), message="failed"
-                )
+                ending = {"status": "failed", "error": describe(exc), "message": "failed"}
             else:
-                task, revision = await self._store.update(
-                    task, revision, status="succeeded", result=result, message="done"
-                )
-            self._index.put(task)
+                ending = {"status": "succeeded", "result": result, "message": "done"}
+            if flusher is not None:
+                flusher.cancel()
+            pending = None
+            # The VM is free before the task says it ended: whoever sees the end may act on the VM at once.
+            await free()
+            await write(**ending)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("task %s %s could not record its end", task.kind, task.id)
         finally:
-            if lease is not None:
-                await lease.release()
+            if flusher is not None:
+                flusher.cancel()
+            await free()
 
     async def drain(self, timeout: float = 30) -> None:
         """Wait for the running tasks to end (at shutdown); cancel what is still running after `timeout`."""

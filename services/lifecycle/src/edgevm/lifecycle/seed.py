@@ -112,8 +112,11 @@ def seed_digest(content: SeedContent) -> str:
     return hashlib.sha256(build_seed_iso(content)).hexdigest()
 
 
-def write_seed(dest: Path, content: SeedContent) -> str:
-    """Write the seed ISO for `content` to `dest` atomically (temp file, fsync, rename); return its digest."""
+def write_seed(dest: Path, content: SeedContent, sync_dir: bool = True) -> str:
+    """Write the seed ISO for `content` to `dest` atomically (temp file, fsync, rename); return its digest.
+
+    `sync_dir=False` leaves the rename's durability to the caller (one directory fsync for several files).
+    """
     image = build_seed_iso(content)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
@@ -126,7 +129,8 @@ def write_seed(dest: Path, content: SeedContent) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
+    if sync_dir:
+        fsync_dir(dest.parent)
     return hashlib.sha256(image).hexdigest()
 
 

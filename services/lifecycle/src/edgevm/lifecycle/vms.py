@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from edgevm.lifecycle.drivers.errors import DomainNotFound, OperationInvalid
 from edgevm.lifecycle.drivers.states import DomainState
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import QemuImg
-from edgevm.lifecycle.layout import Layout
+from edgevm.lifecycle.layout import Layout, fsync_dir
 from edgevm.lifecycle.network import Attachment, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import confine, is_store_path
 from edgevm.lifecycle.planner import Planner, VolumeFile, nic_plans, seed_content
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 POLL = 0.25
 START_TIMEOUT = 60.0
 LEASE_RECHECK = 0.5
+TRANSIENT_AFTER = 0.2  # a step shorter than this never records its `starting` / `stopping` state
 
 
 class VmService:
@@ -61,6 +64,7 @@ class VmService:
         self.node = node
         self.records = records
         self.network: VmNetwork = network or NoNetwork()
+        self._creating: set[str] = set()
         self.images = images
         self.domains = domains
         self.planner = planner
@@ -124,7 +128,7 @@ class VmService:
         files = self.planner.files(spec, self.images.images, paths)
         # The disks and the seed are independent files: make them side by side (qemu-img is a process).
         seed = seed_content(spec, attachment.network_config)
-        jobs = [asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed)]
+        jobs = [asyncio.to_thread(write_seed, self.planner.seed_path(spec.name), seed, False)]
         for f in files:
             if f.path.exists() or f.create == "none":
                 continue
@@ -135,6 +139,7 @@ class VmService:
                 assert f.size is not None
                 jobs.append(self.qemu_img.create_blank_disk(f.path, f.size))
         await asyncio.gather(*jobs)
+        await asyncio.to_thread(fsync_dir, vm_dir)  # the new names, once for all files
         return files
 
     async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> None:
@@ -149,6 +154,30 @@ class VmService:
         await asyncio.to_thread(shutil.rmtree, self.layout.vm_dir(vm), True)
 
     # -- records ------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _transient(self, name: str, state: VmState) -> AsyncIterator[None]:
+        """Record `state` (starting, stopping) for the block, but only once it lasts TRANSIENT_AFTER.
+
+        A test-driver start takes a millisecond; a write of `starting` then `running` a millisecond apart
+        tells no one anything and costs two bucket writes and two events.
+        """
+        writing = False
+
+        async def later() -> None:
+            nonlocal writing
+            await asyncio.sleep(TRANSIENT_AFTER)
+            writing = True
+            await self._set_state(self.records.get(name), state)
+
+        job = asyncio.create_task(later())
+        try:
+            yield
+        finally:
+            if not writing:
+                job.cancel()
+            await asyncio.gather(job, return_exceptions=True)  # a write under way ends before the next
+
+
     async def _set_state(self, vm: Vm, state: VmState, error: str | None = None, event: type | None = None) -> Vm:
         status = msgspec.structs.replace(vm.status, state=state, updated_at=now(),
                                          last_error=error if state == "error" else vm.status.last_error)
@@ -170,9 +199,12 @@ class VmService:
         if self.records.find(spec.name) is not None:
             raise Conflict(f"a VM named {spec.name} exists already", "name")
         paths = self.check_spec(spec)
-        async with self.locks.hold(spec.name, "vm.create"):
-            if self.records.find(spec.name) is not None:
-                raise Conflict(f"a VM named {spec.name} exists already", "name")
+        # Only this service creates VMs of this node, and nothing acts on a VM before its record exists:
+        # an in-process guard keeps two creates of one name apart, without a lease in the bucket.
+        if spec.name in self._creating:
+            raise Conflict(f"a VM named {spec.name} is being created", "name")
+        self._creating.add(spec.name)
+        try:
             stamp = now()
             vm = Vm(spec, VmStatus(state="defined", revision=1, created_at=stamp, updated_at=stamp))
             try:
@@ -181,6 +213,8 @@ class VmService:
             except BaseException:
                 await self._undo_create(spec.name)
                 raise
+        finally:
+            self._creating.discard(spec.name)
         await self.publisher.publish(VmCreated(at=now(), vm=vm))
         if spec.auto_start:
             await self.start(VmRef(spec.name))
@@ -274,24 +308,26 @@ class VmService:
 
     # -- task bodies --------------------------------------------------------------------------------------
     async def _start(self, name: str, progress: Progress) -> dict[str, Any] | None:
-        vm = self.records.get(name)
-        if await self._domain_state(name) == DomainState.RUNNING:
-            await self._set_state(vm, "running")
-            return None
-        vm = await self._set_state(vm, "starting")
         await progress(10, "starting the domain")
-        try:
-            await self.domains.start(name)
-        except Exception as exc:
-            await self._set_state(vm, "error", f"start failed: {exc}")
-            raise
-        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
-        while await self._domain_state(name) != DomainState.RUNNING:
-            if asyncio.get_running_loop().time() > deadline:
-                message = f"VM {name} did not reach running within {START_TIMEOUT:g} s"
-                await self._set_state(self.records.get(name), "error", message)
-                raise TimeoutError(message)
-            await asyncio.sleep(POLL)
+        failed: Exception | None = None
+        async with self._transient(name, "starting"):
+            try:
+                await self.domains.start(name)
+            except OperationInvalid as exc:
+                if await self._domain_state(name) != DomainState.RUNNING:
+                    failed = exc  # else it runs already
+            except Exception as exc:
+                failed = exc
+            else:
+                deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+                while await self._domain_state(name) != DomainState.RUNNING:
+                    if asyncio.get_running_loop().time() > deadline:
+                        failed = TimeoutError(f"VM {name} did not reach running within {START_TIMEOUT:g} s")
+                        break
+                    await asyncio.sleep(POLL)
+        if failed is not None:
+            await self._set_state(self.records.get(name), "error", f"start failed: {failed}")
+            raise failed
         try:
             await self.network.activate(name)
         except Exception as exc:
@@ -314,22 +350,21 @@ class VmService:
                 await self._set_state(vm, "stopped", event=VmStopped)
             await self._network_down(name)
             return {"forced": False}
-        vm = await self._set_state(vm, "stopping")
         forced = force
-        if not force:
-            await progress(10, "ACPI shutdown sent")
-            try:
-                await self.domains.shutdown(name)
-            except OperationInvalid:
-                pass  # it stopped meanwhile
-            forced = not await self._wait_off(name, vm.spec.stop_timeout)
-        if forced:
-            await progress(90, "destroying the domain")
-            try:
-                await self.domains.destroy(name)
-            except OperationInvalid:
-                pass
-            await self._wait_off(name, 10)
+        async with self._transient(name, "stopping"):
+            if not force:
+                await progress(10, "ACPI shutdown sent")
+                try:
+                    await self.domains.shutdown(name)
+                except OperationInvalid:
+                    pass  # it stopped meanwhile
+                forced = not await self._wait_off(name, vm.spec.stop_timeout)
+            if forced:
+                await progress(90, "destroying the domain")
+                try:
+                    await self.domains.destroy(name)  # returns once the domain is off
+                except OperationInvalid:
+                    await self._wait_off(name, 10)  # it was stopping by itself
         await self._set_state(self.records.get(name), "stopped", event=VmStopped)
         await self._network_down(name)
         return {"forced": forced}
@@ -378,12 +413,19 @@ class VmService:
             return None
 
     # -- what libvirt tells ---------------------------------------------------------------------------------
+    async def on_domain_event(self, name: str) -> None:
+        """A libvirt lifecycle event for `name`: look at the domain unless one of our tasks is at work on it."""
+        if self.runner.holds(name):
+            await self.observe(name, None)  # schedules the look for when the task ends
+            return
+        await self.observe(name, await self._domain_state(name))
+
     async def observe(self, name: str, state: DomainState | None) -> None:
         """Bring a VM's recorded state in line with its domain's real state (from an event or a resync)."""
         vm = self.records.find(name)
         if vm is None:
             return
-        if await self.locks.holder(name) is not None:
+        if self.runner.holds(name) or await self.locks.holder(name) is not None:
             # An operation (ours or another service's) holds the VM: look again once it lets go, since a
             # snapshotter's lease records nothing of the VM's power state.
             if name not in self._rechecks:
