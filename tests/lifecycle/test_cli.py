@@ -42,6 +42,10 @@ async def test_cli_image_vm_and_task_verbs(node: Node, nats_server: NatsServer, 
     assert stopped.returncode == 0 and "succeeded" in stopped.stdout
     tasks = await edgevm(node, nats_server, "task", "list", "--vm", "web")
     assert [line.split()[1] for line in tasks.stdout.splitlines()[1:]] == ["vm.stop", "vm.start"]
+    assert "[####################] 100% succeeded" in stopped.stderr  # the live progress line
+    stop_id = tasks.stdout.splitlines()[1].split()[0]
+    watched = await edgevm(node, nats_server, "task", "watch", stop_id)
+    assert watched.returncode == 0 and f"vm.stop {stop_id}: succeeded" in watched.stdout, watched.stderr
 
     bad = await edgevm(node, nats_server, "vm", "create", "-f", "-", stdin="name: x\nimage: base\ncpu: 0\n")
     assert bad.returncode == 1 and "400 [cpu]" in bad.stderr

@@ -16,6 +16,7 @@ import yaml
 
 from edgevm.cli.output import fail, print_json, print_table
 from edgevm.cli.supervisor import NodeOptions, Supervisor
+from edgevm.shared import subjects
 from edgevm.shared.client import Client
 from edgevm.shared.config import DEFAULT_METRICS_BASE, default_node_id
 from edgevm.shared.errors import EdgevmError
@@ -76,8 +77,49 @@ def build_parser() -> argparse.ArgumentParser:
     tl = task.add_parser("list")
     tl.add_argument("--vm")
     tl.add_argument("--limit", type=int, default=50)
-    for verb in ("get", "cancel", "watch"):
+    for verb in ("get", "cancel"):
         task.add_parser(verb).add_argument("id")
+    task.add_parser("watch", help="show a task's progress live until it ends").add_argument("id")
+
+    snap = areas.add_parser("snapshot", help="VM snapshots").add_subparsers(dest="verb", required=True)
+    sc = snap.add_parser("create", help="snapshot a VM (internal with memory on bios, disk-only external on uefi)")
+    sc.add_argument("vm")
+    sc.add_argument("name")
+    sc.add_argument("--description", default="")
+    sc.add_argument("--no-wait", action="store_true")
+    for verb in ("restore", "delete"):
+        p = snap.add_parser(verb)
+        p.add_argument("vm")
+        p.add_argument("name")
+        p.add_argument("--no-wait", action="store_true")
+    snap.add_parser("list", help="a VM's snapshots as a tree").add_argument("vm")
+
+    net = areas.add_parser("net", help="VRFs, virtual networks, VM network status").add_subparsers(
+        dest="verb", required=True)
+    vrf = net.add_parser("vrf").add_subparsers(dest="what", required=True)
+    vc = vrf.add_parser("create")
+    vc.add_argument("name")
+    vc.add_argument("subnet", help="IPv4 network, e.g. 10.20.0.0/24")
+    vrf.add_parser("list")
+    vrf.add_parser("delete").add_argument("name")
+    vnet = net.add_parser("vnet").add_subparsers(dest="what", required=True)
+    nc_ = vnet.add_parser("create")
+    nc_.add_argument("name")
+    nc_.add_argument("cidr")
+    nc_.add_argument("vni", type=int)
+    nc_.add_argument("--peer", action="append", default=[], help="underlay IPv4 of another node (repeat)")
+    vnet.add_parser("list")
+    vnet.add_parser("delete").add_argument("name")
+    net.add_parser("status", help="a VM's network as applied").add_argument("vm")
+
+    flow = areas.add_parser("flow", help="a VM's traffic flows").add_subparsers(dest="verb", required=True)
+    fl = flow.add_parser("list")
+    fl.add_argument("vm")
+    fl.add_argument("--status", choices=["active", "completed", "all"], default="all")
+    fl.add_argument("--limit", type=int, default=50)
+    ft = flow.add_parser("terminate", help="cut an active flow (tcp reset to both ends)")
+    ft.add_argument("vm")
+    ft.add_argument("id")
     return parser
 
 
@@ -88,16 +130,50 @@ def load_document(path: str) -> Any:
 
 
 async def follow_task(client: Client, task: Task, quiet: bool = False) -> Task:
-    """Poll a task until it ends, showing its progress; return it."""
-    last = ""
-    while not task.finished:
-        line = f"{task.kind} {task.id}: {task.status} {task.progress or 0}% {task.message}"
-        if line != last and not quiet:
-            print(line, file=sys.stderr, flush=True)
-            last = line
-        await asyncio.sleep(0.3)
+    """Follow a task on its events until it ends, showing its progress live; return it.
+
+    Subscribes first, then reads the task once, so no update falls between the two; a read every few
+    seconds covers a lost event (e.g. a reconnect).
+    """
+    updates: asyncio.Queue[Task] = asyncio.Queue()
+
+    async def on_event(msg: Any) -> None:
+        event = msgspec.json.decode(msg.data)
+        updates.put_nowait(msgspec.convert(event["task"], Task))
+
+    sub = await client.nc.subscribe(subjects.event(client.node, f"task.{task.id}"), cb=on_event)
+    try:
         task = await client.call("task.get", {"id": task.id}, Task)
-    return task
+        shown = ""
+        live = sys.stderr.isatty()
+        while True:
+            line = progress_line(task)
+            if line != shown and not quiet:
+                print(("\r\033[K" if live else "") + line, end="" if live else "\n", file=sys.stderr, flush=True)
+                shown = line
+            if task.finished:
+                break
+            try:
+                newer = await asyncio.wait_for(updates.get(), 3.0)
+            except TimeoutError:
+                newer = await client.call("task.get", {"id": task.id}, Task)
+            if STATUS_RANK.get(newer.status, 2) >= STATUS_RANK.get(task.status, 2):  # events may predate the read
+                task = newer
+        if live and not quiet:
+            print(file=sys.stderr)
+        return task
+    finally:
+        await sub.unsubscribe()
+
+
+STATUS_RANK = {"queued": 0, "running": 1}  # then an end
+
+
+def progress_line(task: Task) -> str:
+    """Return one line that shows where a task is: status, a bar, the message."""
+    percent = 100 if task.status == "succeeded" else task.progress or 0
+    bar = "#" * (percent // 5) + "." * (20 - percent // 5)
+    return f"{task.kind} {task.id} [{bar}] {percent:3d}% {task.status}: {task.message}"
 
 
 async def run_command(args: argparse.Namespace) -> int:
@@ -188,7 +264,93 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
             return await finish(client, args, {"task": msgspec.to_builtins(task)})
         print_json(await client.call(f"task.{verb}", {"id": args.id}))
         return 0
+    if area == "snapshot":
+        return await snapshot_verb(client, args)
+    if area == "net":
+        return await net_verb(client, args)
+    if area == "flow":
+        return await flow_verb(client, args)
     raise AssertionError(f"unknown verb {area} {verb}")
+
+
+async def snapshot_verb(client: Client, args: argparse.Namespace) -> int:
+    """edgevm snapshot create|list|restore|delete."""
+    if args.verb == "list":
+        reply = await client.call("snapshot.list", {"vm": args.vm})
+        if args.json:
+            print_json(reply)
+            return 0
+        rows = []
+        for depth, snap in snapshot_tree(reply["snapshots"]):
+            rows.append(["  " * depth + snap["name"] + (" *" if snap["current"] else ""), snap["mode"],
+                         snap["vm_state"], snap["created_at"], snap["description"]])
+        print_table(["name (* current)", "mode", "vm state", "created", "description"], rows)
+        return 0
+    body: dict[str, Any] = {"vm": args.vm, "name": args.name}
+    if args.verb == "create" and args.description:
+        body["description"] = args.description
+    return await finish(client, args, await client.call(f"snapshot.{args.verb}", body))
+
+
+def snapshot_tree(snapshots: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Return snapshots depth-first from the roots, each with its depth in the tree."""
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    names = {s["name"] for s in snapshots}
+    for snap in sorted(snapshots, key=lambda s: s["created_at"]):
+        parent = snap["parent"] if snap["parent"] in names else None
+        children.setdefault(parent, []).append(snap)
+    out: list[tuple[int, dict[str, Any]]] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for snap in children.get(parent, []):
+            out.append((depth, snap))
+            walk(snap["name"], depth + 1)
+
+    walk(None, 0)
+    return out
+
+
+async def net_verb(client: Client, args: argparse.Namespace) -> int:
+    """edgevm net vrf|vnet create|list|delete, net status."""
+    if args.verb == "status":
+        print_json(await client.call("net.status", {"vm": args.vm}))
+        return 0
+    what = args.what
+    if what == "list":
+        reply = await client.call(f"net.{args.verb}.list")
+        if args.json:
+            print_json(reply)
+        elif args.verb == "vrf":
+            print_table(["name", "subnet", "gateway"], [[v["name"], v["subnet"], v["gateway"]] for v in reply["vrfs"]])
+        else:
+            print_table(["name", "cidr", "vni", "peers"],
+                        [[v["name"], v["cidr"], v["vni"], ", ".join(v["peers"])] for v in reply["vnets"]])
+        return 0
+    if what == "delete":
+        await client.call(f"net.{args.verb}.delete", {"name": args.name})
+        return 0
+    if args.verb == "vrf":
+        body: dict[str, Any] = {"name": args.name, "subnet": args.subnet}
+    else:
+        body = {"name": args.name, "cidr": args.cidr, "vni": args.vni, "peers": args.peer}
+    print_json(await client.call(f"net.{args.verb}.create", body))
+    return 0
+
+
+async def flow_verb(client: Client, args: argparse.Namespace) -> int:
+    """edgevm flow list|terminate."""
+    if args.verb == "terminate":
+        print_json(await client.call("flow.terminate", {"vm": args.vm, "id": args.id}))
+        return 0
+    reply = await client.call("flow.list", {"vm": args.vm, "status": args.status, "limit": args.limit})
+    if args.json:
+        print_json(reply)
+        return 0
+    print_table(["id", "status", "proto", "direction", "source", "destination", "state", "bytes in/out", "started"],
+                [[f["id"], f["status"], f["protocol"], f["direction"], f"{f['src_ip']}:{f['src_port']}",
+                  f"{f['dst_ip']}:{f['dst_port']}", f["state"], f"{f['bytes_in']}/{f['bytes_out']}", f["started_at"]]
+                 for f in reply["flows"]])
+    return 0
 
 
 def print_vm(vm: dict[str, Any], as_json: bool) -> None:
