@@ -31,9 +31,10 @@ async def wait_task(node: Node, reply: TaskReply | dict, timeout: float = 30) ->
     return await eventually(done, timeout=timeout, what=f"task {task_id} ends")
 
 
-async def import_image(node: Node, name: str = "base", fmt: str = "qcow2") -> Image:
+async def import_image(node: Node, name: str = "base", fmt: str = "qcow2", guest_os: str = "linux") -> Image:
     node.make_image_file(f"{name}.{fmt}", fmt=fmt)
-    reply = await node.client.call("image.import", {"name": name, "path": f"{name}.{fmt}"}, TaskReply)
+    body = {"name": name, "path": f"{name}.{fmt}", "guest_os": guest_os}
+    reply = await node.client.call("image.import", body, TaskReply)
     task = await wait_task(node, reply)
     assert task.status == "succeeded", task.error
     return Image(**task.result)  # type: ignore[arg-type]
@@ -224,6 +225,33 @@ async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
         assert task.status == "succeeded", task.error
     finally:
         await again.shutdown()
+
+
+async def test_auto_start_vms_that_ran_come_back_after_the_node_went_down(
+    nats_server: NatsServer, nc: NATS, node: Node
+) -> None:
+    await import_image(node, guest_os="debian12")
+    for name, auto in (("auto", True), ("manual", False), ("parked", True)):
+        vm = await node.client.call("vm.create", {"name": name, "image": "base", "auto_start": auto}, Vm)
+        assert vm.status.guest_os == "debian12"
+        if auto:
+            await eventually(lambda n=name: _state(node, n, "running"), what=f"{name} starts after create")
+        else:
+            assert (await wait_task(node, await node.client.call("vm.start", {"name": name}))).status == "succeeded"
+    assert (await wait_task(node, await node.client.call("vm.stop", {"name": "parked"}))).status == "succeeded"
+    await node.shutdown()
+    # A fresh private test driver: like a host after a reboot, every domain is gone or off.
+    again = await start_node(nats_server, nc, state=node.config.state_dir, node=node.config.node)
+    try:
+        await eventually(lambda: _state(again, "auto", "running"), what="the auto_start VM runs again")
+        assert (await again.client.call("vm.get", {"name": "manual"}, Vm)).status.state == "stopped"
+        assert (await again.client.call("vm.get", {"name": "parked"}, Vm)).status.state == "stopped"
+    finally:
+        await again.shutdown()
+
+
+async def _state(node: Node, name: str, state: str) -> bool:
+    return (await node.client.call("vm.get", {"name": name}, Vm)).status.state == state
 
 
 async def test_auto_start_submits_a_start_task(node: Node) -> None:

@@ -206,7 +206,8 @@ class VmService:
         self._creating.add(spec.name)
         try:
             stamp = now()
-            vm = Vm(spec, VmStatus(state="defined", revision=1, created_at=stamp, updated_at=stamp))
+            guest_os = self.images.images[spec.image].guest_os
+            vm = Vm(spec, VmStatus(state="defined", guest_os=guest_os, revision=1, created_at=stamp, updated_at=stamp))
             try:
                 await self._define(spec, 1, paths)
                 await self.records.create(vm)
@@ -457,10 +458,17 @@ class VmService:
         await asyncio.gather(*self._rechecks.values(), return_exceptions=True)
 
     async def reconcile(self) -> list[str]:
-        """At start-up: redefine missing domains, take real states, report stray domains; return the strays."""
+        """At start-up: redefine missing domains, take real states, report stray domains; return the strays.
+
+        A VM with `auto_start` that was running when the node went down (its record says so, its domain is
+        off now: the host rebooted or libvirt lost it) is started again, as Proxmox' "start at boot" does.
+        A VM someone stopped stays stopped.
+        """
         domains = {d.vm: d for d in await self.domains.list()}
+        restart: list[str] = []
         for vm in self.records.all():
             name = vm.spec.name
+            was_running = vm.status.state in ("running", "starting", "stopping")
             if name not in domains:
                 log.warning("VM %s has no domain: defining it again from its spec", name)
                 try:
@@ -469,8 +477,10 @@ class VmService:
                     log.error("VM %s could not be defined again: %s", name, exc)
                     await self._set_state(vm, "error", f"its domain was missing and could not be defined: {exc}")
                     continue
-                if vm.status.state in ("running", "starting", "stopping"):
+                if was_running:
                     await self._set_state(vm, "stopped", event=VmStopped)
+                    if vm.spec.auto_start:
+                        restart.append(name)
                 continue
             real = domains[name].state
             wanted: VmState | None = {
@@ -480,10 +490,18 @@ class VmService:
             }.get(real)
             if wanted is None and real == DomainState.SHUTOFF and vm.status.state not in ("defined", "stopped"):
                 wanted = "stopped"
+                if was_running and vm.spec.auto_start:
+                    restart.append(name)
             if wanted is not None and wanted != vm.status.state:
                 await self._set_state(vm, wanted)
         strays = sorted(set(domains) - {vm.spec.name for vm in self.records.all()})
         for stray in strays:
             log.warning("domain edgevm-%s has no VM record on node %s: left alone, remove it by hand", stray,
                         self.node)
+        for name in restart:
+            log.info("VM %s (auto_start) was running before the node went down: starting it again", name)
+            try:
+                await self.start(VmRef(name))
+            except Exception as exc:
+                log.error("VM %s could not be started again: %s", name, exc)
         return strays
