@@ -9,6 +9,7 @@ the guest's init prints `EDGEVM-GUEST: ...` markers (see tests/guest/init.sh).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -181,12 +182,22 @@ async def test_bios_virtio_guest_boots_and_stops_gracefully(guest_node: Node) ->
 
 async def test_uefi_sata_guest_boots(guest_node: Node) -> None:
     node = guest_node
+    data = {"name": "data", "kind": "disk", "size": "32MB"}
     async with guest_vm(node, name="uefi-guest", image=UEFI_IMAGE, firmware="uefi", device_bus="sata",
-                        hostname="uefi-guest-1", memory="256MB") as name:
+                        hostname="uefi-guest-1", memory="256MB", volumes=[data]) as name:
         log, _, boot = await start_and_boot(node, name)
         assert f"{MARKER_PREFIX}hostname=uefi-guest-1\n" in console_text(log)
-        assert (node.config.state_dir / "lifecycle" / "vms" / name / "nvram.fd").exists()
+        vm_dir = node.config.state_dir / "lifecycle" / "vms" / name
+        assert (vm_dir / "nvram.fd").exists()
         print(f"uefi/sata boot to ready: {boot:.1f} s")
+        # A running VM's disk grows live, through QEMU (libvirt blockResize), not behind its back.
+        vm = await node.client.call("vm.get", {"name": name}, Vm)
+        await node.client.call("vm.update", {"name": name, "revision": vm.status.revision,
+                                             "volumes": [{**data, "size": "48MB"}]}, Vm)
+        info = json.loads((await asyncio.to_thread(
+            subprocess.run, ["qemu-img", "info", "-U", "--output=json", str(vm_dir / "volume-data.qcow2")],
+            capture_output=True, check=True)).stdout)
+        assert info["virtual-size"] == 48 << 20
 
 
 async def test_ide_guest_boots(guest_node: Node) -> None:

@@ -227,6 +227,30 @@ async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
         await again.shutdown()
 
 
+async def test_update_grows_a_stopped_vms_disk_and_refuses_other_volume_changes(node: Node) -> None:
+    await import_image(node)
+    data = {"name": "data", "kind": "disk", "size": "32MB"}
+    vm = await node.client.call("vm.create", {"name": "v", "image": "base", "volumes": [data]}, Vm)
+    disk = node.config.state_dir / "lifecycle" / "vms" / "v" / "volume-data.qcow2"
+    assert qemu_info(disk)["virtual-size"] == 32 << 20
+    for change, field in (({"size": "16MB"}, "volumes[0].size"), ({"bus": "ide"}, "volumes[0].bus")):
+        await expect_error(node, "vm.update", {"name": "v", "revision": vm.status.revision,
+                                               "volumes": [{**data, **change}]}, "400", field)
+    assert qemu_info(disk)["virtual-size"] == 32 << 20
+    grown = await node.client.call("vm.update", {"name": "v", "revision": vm.status.revision,
+                                                 "volumes": [{**data, "size": "64MB"}]}, Vm)
+    assert grown.spec.volumes[0].size == 64 << 20 and grown.status.revision == vm.status.revision + 1
+    assert qemu_info(disk)["virtual-size"] == 64 << 20
+
+
+def qemu_info(path: Path) -> dict:
+    import json
+    import subprocess
+
+    done = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, check=True)
+    return json.loads(done.stdout)
+
+
 async def test_auto_start_vms_that_ran_come_back_after_the_node_went_down(
     nats_server: NatsServer, nc: NATS, node: Node
 ) -> None:

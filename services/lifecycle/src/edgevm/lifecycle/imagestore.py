@@ -91,6 +91,10 @@ class QemuImg:
             raise ValueError(f"a disk needs a positive size, got {size_bytes}")
         await asyncio.to_thread(self._create_new, path, ["-f", "qcow2"], str(size_bytes))
 
+    async def resize(self, path: Path, size_bytes: int) -> None:
+        """Grow the qcow2 disk at `path` (not in use by a running domain) to `size_bytes`."""
+        await asyncio.to_thread(self._run, "resize", "-q", "-f", "qcow2", str(path), str(size_bytes))
+
     def _create_overlay(self, image_path: Path, overlay_path: Path, backing_format: str | None) -> None:
         backing = image_path.resolve(strict=True)  # the overlay records this path, so it must be absolute
         backing_format = backing_format or self.info(backing)["format"]

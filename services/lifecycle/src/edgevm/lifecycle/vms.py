@@ -262,6 +262,7 @@ class VmService:
         if spec == vm.spec:
             return vm
         paths = self.check_spec(spec)
+        resizes = volume_resizes(vm.spec, spec)
         async with self.locks.hold(req.name, "vm.update"):
             current = self.records.get(req.name)
             if current.status.revision != req.revision:
@@ -271,6 +272,13 @@ class VmService:
                 raise Conflict(f"VM {req.name} is running: stop it to add or remove volumes", "volumes")
             removed = {v.name for v in vm.spec.volumes} - {v.name for v in spec.volumes}
             revision = current.status.revision + 1
+            # A grown disk grows now, live when the VM runs (as Proxmox' resize does).
+            for name, size in resizes.items():
+                path = self.layout.vm_dir(req.name) / f"volume-{name}.qcow2"
+                if running:
+                    await self.domains.block_resize(req.name, str(path), size)
+                else:
+                    await self.qemu_img.resize(path, size)
             # Redefining a running domain changes its next boot, as Proxmox' pending changes do.
             await self._define(spec, revision, paths)
             for name in removed:
@@ -505,3 +513,30 @@ class VmService:
             except Exception as exc:
                 log.error("VM %s could not be started again: %s", name, exc)
         return strays
+
+
+def volume_resizes(old: VmSpec, new: VmSpec) -> dict[str, int]:
+    """Return the blank disks `new` makes larger (name -> bytes); raise 400 for a change that cannot be made.
+
+    A volume keeps what it is: its kind and source cannot change, and a disk cannot shrink (its guest's
+    file system would be cut). Remove the volume and add one under a new name instead.
+    """
+    before = {v.name: v for v in old.volumes}
+    grow: dict[str, int] = {}
+    for i, volume in enumerate(new.volumes):
+        was = before.get(volume.name)
+        if was is None:
+            continue
+        for field in ("kind", "source", "bus"):
+            if getattr(volume, field) != getattr(was, field):
+                raise InvalidRequest(f"volumes[{i}].{field}: an existing volume's {field} cannot change; remove the"
+                                     " volume and add a new one under another name", f"volumes[{i}].{field}")
+        if volume.size != was.size:
+            if not isinstance(volume.size, int) or not isinstance(was.size, int):
+                raise InvalidRequest(f"volumes[{i}].size: only a blank disk (made with a size) can be resized",
+                                     f"volumes[{i}].size")
+            if volume.size < was.size:
+                raise InvalidRequest(f"volumes[{i}].size: a disk cannot shrink (from {was.size} to {volume.size}"
+                                     " bytes)", f"volumes[{i}].size")
+            grow[volume.name] = volume.size
+    return grow

@@ -89,6 +89,14 @@ class Domains:
         """Power a domain off at once, like pulling the plug."""
         await self._connection.call(lambda conn: conn.lookupByName(domain_name(vm)).destroy())
 
+    async def block_resize(self, vm: str, path: str, size_bytes: int) -> None:
+        """Grow the disk `path` of a running domain to `size_bytes` (the guest sees the new size at once)."""
+        await self._connection.call(
+            lambda conn: conn.lookupByName(domain_name(vm)).blockResize(
+                path, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
+            )
+        )
+
     async def state(self, vm: str) -> DomainState:
         """The current state of a domain."""
 
