@@ -142,13 +142,15 @@ class VmService:
         await asyncio.to_thread(fsync_dir, vm_dir)  # the new names, once for all files
         return files
 
-    async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> None:
+    async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> list[str]:
+        """Make the VM's files and (re)define its domain; return the addresses netplumb gave its NICs."""
         # netplumb first: its answer (NICs, network-config) goes into the domain and the seed, and its
         # refusal (a taken port, an unknown VRF) must come before any file is made.
         attachment = await self.network.prepare(spec)
         files = await self._make_files(spec, paths, attachment)
         plan = self.planner.domain(spec, revision, files, nic_plans(spec, attachment.nics))
         await self.domains.define(build_domain_xml(plan))
+        return [nic.address.split("/")[0] for nic in attachment.nics if nic.address]
 
     async def _remove_files(self, vm: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.layout.vm_dir(vm), True)
@@ -207,9 +209,10 @@ class VmService:
         try:
             stamp = now()
             guest_os = self.images.images[spec.image].guest_os
-            vm = Vm(spec, VmStatus(state="defined", guest_os=guest_os, revision=1, created_at=stamp, updated_at=stamp))
             try:
-                await self._define(spec, 1, paths)
+                addresses = await self._define(spec, 1, paths)
+                vm = Vm(spec, VmStatus(state="defined", guest_os=guest_os, revision=1, created_at=stamp,
+                                       updated_at=stamp, ip_addresses=addresses))
                 await self.records.create(vm)
             except BaseException:
                 await self._undo_create(spec.name)
@@ -280,10 +283,11 @@ class VmService:
                 else:
                     await self.qemu_img.resize(path, size)
             # Redefining a running domain changes its next boot, as Proxmox' pending changes do.
-            await self._define(spec, revision, paths)
+            addresses = await self._define(spec, revision, paths)
             for name in removed:
                 (self.layout.vm_dir(req.name) / f"volume-{name}.qcow2").unlink(missing_ok=True)
-            updated = Vm(spec, msgspec.structs.replace(current.status, revision=revision, updated_at=now()))
+            updated = Vm(spec, msgspec.structs.replace(current.status, revision=revision, updated_at=now(),
+                                                       ip_addresses=addresses))
             await self.records.save(updated)
         await self.publisher.publish(VmUpdated(at=now(), vm=updated))
         return updated
