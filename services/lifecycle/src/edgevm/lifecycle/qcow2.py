@@ -91,8 +91,13 @@ def overlay_bytes(backing: str, backing_format: str, size: int) -> bytes:
     return cluster0 + refcount_table + refcount_block + b"\0" * (8 * l1_size)
 
 
-def write_overlay(path: Path, backing: Path, backing_format: str, size: int | None = None) -> None:
-    """Create the empty overlay `path` on `backing` (absolute path recorded); never overwrites a file."""
+def write_overlay(
+    path: Path, backing: Path, backing_format: str, size: int | None = None, durable: bool = False
+) -> None:
+    """Create the empty overlay `path` on `backing` (absolute path recorded); never overwrites a file.
+
+    Atomic (written beside it, linked into place); `durable` also fsyncs it, as qemu-img does not.
+    """
     if not backing.is_absolute():
         raise ValueError(f"the backing file must be an absolute path, not {backing}")
     if size is None:
@@ -104,7 +109,8 @@ def write_overlay(path: Path, backing: Path, backing_format: str, size: int | No
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())  # durable before the VM record that names it is written
+            if durable:
+                os.fsync(f.fileno())
         os.link(tmp, path)
     finally:
         os.unlink(tmp)

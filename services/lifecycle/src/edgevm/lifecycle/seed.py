@@ -112,10 +112,11 @@ def seed_digest(content: SeedContent) -> str:
     return hashlib.sha256(build_seed_iso(content)).hexdigest()
 
 
-def write_seed(dest: Path, content: SeedContent, sync_dir: bool = True) -> str:
-    """Write the seed ISO for `content` to `dest` atomically (temp file, fsync, rename); return its digest.
+def write_seed(dest: Path, content: SeedContent, durable: bool = True) -> str:
+    """Write the seed ISO for `content` to `dest` atomically (temp file, rename); return its digest.
 
-    `sync_dir=False` leaves the rename's durability to the caller (one directory fsync for several files).
+    Atomic always: a crash of any process leaves the old seed or the new one, never a part. `durable`
+    also fsyncs file and directory, for power loss; lifecycle passes False, see vms.py `_make_files`.
     """
     image = build_seed_iso(content)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -124,12 +125,13 @@ def write_seed(dest: Path, content: SeedContent, sync_dir: bool = True) -> str:
             f.write(image)
             f.flush()
             os.fchmod(f.fileno(), SEED_FILE_MODE)
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if sync_dir:
+    if durable:
         fsync_dir(dest.parent)
     return hashlib.sha256(image).hexdigest()
 
