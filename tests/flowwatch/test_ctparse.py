@@ -154,6 +154,16 @@ def test_attribute_walk_agrees_with_the_fast_path(captured: Captured) -> None:
         assert ctparse.parse(walked) == ctparse.parse(buf)
 
 
+def test_messages_read_by_their_learnt_layout_equal_the_walked_ones(captured: Captured) -> None:
+    """The first message of each length is walked and its layout learnt; the next ones are read by it."""
+    ctparse._message_layouts.clear()
+    walked = [ctparse.parse(buf) for buf in captured.events + captured.dump]
+    assert any(layout is not None for layout in ctparse._message_layouts.values())
+    assert [ctparse.parse(buf) for buf in captured.events + captured.dump] == walked
+    # a message with a learnt length but another shape (here: no nested flags) is walked again, not misread
+    assert [ctparse.parse(_without_nested_flags(buf)) for buf in captured.events + captured.dump] == walked
+
+
 def _without_nested_flags(buf: bytes) -> bytes:
     out = bytearray(buf)
 

@@ -189,3 +189,28 @@ async def test_close_ends_a_waiting_reader(netns: str) -> None:
     await asyncio.sleep(0.05)
     stream.close()
     assert await asyncio.wait_for(reader, 2) == []
+
+
+async def test_lookup_reads_an_entrys_counters_now_and_none_once_it_is_gone(netns: str) -> None:
+    pair = TcpPair(netns)
+    lookup = ctsource.CtLookup(netns)
+    try:
+        pair.exchange(1000, 300)
+        client, server = pair.ports
+        client_udp, server_udp = udp_exchange(netns)
+        entries = ctsource.dump(netns)
+        tcp = find(entries, socket.IPPROTO_TCP, client, server)
+        udp = find(entries, socket.IPPROTO_UDP, client_udp, server_udp)
+        assert tcp is not None and udp is not None
+        pair.exchange(5000, 0)
+        now_tcp, now_udp = await lookup.get([tcp, udp])
+        assert now_tcp is not None and now_tcp.orig == tcp.orig and now_tcp.id == tcp.id
+        assert now_tcp.orig_bytes > tcp.orig_bytes + 5000 and now_tcp.tcp_state == TCP_ESTABLISHED
+        assert now_udp is not None and now_udp.reply_bytes == udp.reply_bytes
+        assert await ctsource.delete(netns, tcp)
+        gone, still, gone_again = await lookup.get([tcp, udp, tcp])
+        assert gone is None and gone_again is None
+        assert still is not None and still.orig == udp.orig
+    finally:
+        lookup.close()
+        pair.close()

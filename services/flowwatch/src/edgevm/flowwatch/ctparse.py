@@ -130,35 +130,63 @@ def parse_into(buf: bytes, out: list[CtEntry]) -> bool:
         status = mark = zone = 0
         tcp_state = ct_id = start = stop = None
         opkts = obytes = rpkts = rbytes = None
-        a = off + 20
-        while a + 4 <= end:
-            alen, atype = _nla(buf, a)
-            if alen < 4:
-                break
-            atype &= _TYPE_MASK
-            if atype <= CTA_PROTOINFO:
-                if atype == CTA_TUPLE_ORIG:
-                    orig = _tuple(buf, a + 4, a + alen)
-                elif atype == CTA_TUPLE_REPLY:
-                    reply = _tuple(buf, a + 4, a + alen)
-                elif atype == CTA_STATUS:
-                    (status,) = _be_u32(buf, a + 4)
-                elif atype == CTA_PROTOINFO:
-                    tcp_state = _tcp_state(buf, a + 4, a + alen)
-            elif atype == CTA_ID:
-                (ct_id,) = _be_u32(buf, a + 4)
-            elif atype in _RARER_ATTRS:
-                if atype == CTA_COUNTERS_ORIG:
-                    opkts, obytes = _pair_u64(buf, a + 4, a + alen)
-                elif atype == CTA_COUNTERS_REPLY:
-                    rpkts, rbytes = _pair_u64(buf, a + 4, a + alen)
-                elif atype == CTA_MARK:
-                    (mark,) = _be_u32(buf, a + 4)
+        known = _message_layouts.get(length)
+        if known is not None and known.headers(buf, off + 20) == known.expected:
+            # the same attributes at the same places as a message walked before: read them directly
+            o_at, o_end, r_at, r_end, st_at, pi_at, pi_end, id_at, co_at, co_end, cr_at, cr_end, rare = known.at
+            orig = _tuple(buf, off + o_at, off + o_end)
+            reply = _tuple(buf, off + r_at, off + r_end)
+            if st_at:
+                (status,) = _be_u32(buf, off + st_at)
+            if pi_at:
+                tcp_state = _tcp_state(buf, off + pi_at, off + pi_end)
+            if id_at:
+                (ct_id,) = _be_u32(buf, off + id_at)
+            if co_at:
+                opkts, obytes = _pair_u64(buf, off + co_at, off + co_end)
+            if cr_at:
+                rpkts, rbytes = _pair_u64(buf, off + cr_at, off + cr_end)
+            for atype, at, at_end in rare:
+                if atype == CTA_MARK:
+                    (mark,) = _be_u32(buf, off + at)
                 elif atype == CTA_ZONE:
-                    (zone,) = _be_u16(buf, a + 4)
-                elif atype == CTA_TIMESTAMP:
-                    start, stop = _pair_u64(buf, a + 4, a + alen)
-            a += (alen + 3) & ~3
+                    (zone,) = _be_u16(buf, off + at)
+                else:
+                    start, stop = _pair_u64(buf, off + at, off + at_end)
+        else:
+            seen: list[tuple[int, int, int]] = []  # (raw type, offset, length) of each attribute
+            a = off + 20
+            while a + 4 <= end:
+                alen, atype = _nla(buf, a)
+                if alen < 4:
+                    break
+                seen.append((atype, a - off, alen))
+                atype &= _TYPE_MASK
+                if atype <= CTA_PROTOINFO:
+                    if atype == CTA_TUPLE_ORIG:
+                        orig = _tuple(buf, a + 4, a + alen)
+                    elif atype == CTA_TUPLE_REPLY:
+                        reply = _tuple(buf, a + 4, a + alen)
+                    elif atype == CTA_STATUS:
+                        (status,) = _be_u32(buf, a + 4)
+                    elif atype == CTA_PROTOINFO:
+                        tcp_state = _tcp_state(buf, a + 4, a + alen)
+                elif atype == CTA_ID:
+                    (ct_id,) = _be_u32(buf, a + 4)
+                elif atype in _RARER_ATTRS:
+                    if atype == CTA_COUNTERS_ORIG:
+                        opkts, obytes = _pair_u64(buf, a + 4, a + alen)
+                    elif atype == CTA_COUNTERS_REPLY:
+                        rpkts, rbytes = _pair_u64(buf, a + 4, a + alen)
+                    elif atype == CTA_MARK:
+                        (mark,) = _be_u32(buf, a + 4)
+                    elif atype == CTA_ZONE:
+                        (zone,) = _be_u16(buf, a + 4)
+                    elif atype == CTA_TIMESTAMP:
+                        start, stop = _pair_u64(buf, a + 4, a + alen)
+                a += (alen + 3) & ~3
+            if a == end and length not in _message_layouts:
+                _learn_layout(length, seen)
         if orig is not None and reply is not None:
             append(
                 _tuple_new(
@@ -184,6 +212,54 @@ def parse_into(buf: bytes, out: list[CtEntry]) -> bool:
             )
         off = (end + 3) & ~3
     return False
+
+
+class _MessageLayout(NamedTuple):
+    """Where a message of one length and shape has its attributes: one unpack checks every header."""
+
+    headers: Callable[[bytes, int], tuple[int, ...]]
+    expected: tuple[int, ...]
+    # offsets from the message start of: orig, its end, reply, its end, status, protoinfo, its end, id,
+    # orig counters, their end, reply counters, their end (0: absent), then (type, at, end) of the rarer ones
+    at: tuple[Any, ...]
+
+
+# The kernel writes the entries of one kind (family, protocol, options on) the same way, so a dump's
+# messages come in a handful of lengths and shapes: the first of each is walked, the rest read directly.
+_message_layouts: dict[int, _MessageLayout | None] = {}
+_MAX_LAYOUTS = 256
+
+
+def _learn_layout(length: int, seen: list[tuple[int, int, int]]) -> None:
+    """Remember where a walked message has its attributes, keyed by its length (None: not one shape)."""
+    if len(_message_layouts) >= _MAX_LAYOUTS:
+        return
+    fmt, expected, pos = ["="], [], 20
+    places: dict[int, tuple[int, int]] = {}
+    rare = []
+    for raw_type, at, alen in seen:
+        fmt.append(f"{at - pos}x" if at > pos else "")
+        fmt.append("HH")
+        expected += [alen, raw_type]
+        pos = at + 4
+        atype = raw_type & _TYPE_MASK
+        if atype in places:  # the same attribute twice: leave such messages to the walk
+            _message_layouts[length] = None
+            return
+        places[atype] = (at + 4, at + alen)
+        if atype in (CTA_MARK, CTA_ZONE, CTA_TIMESTAMP):
+            rare.append((atype, at + 4, at + alen))
+    if CTA_TUPLE_ORIG not in places or CTA_TUPLE_REPLY not in places:
+        _message_layouts[length] = None
+        return
+
+    def where(atype: int) -> tuple[int, int]:
+        return places.get(atype, (0, 0))
+
+    o, r, pi, co, cr = (where(t) for t in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_COUNTERS_ORIG,
+                                           CTA_COUNTERS_REPLY))
+    at = (*o, *r, where(CTA_STATUS)[0], *pi, where(CTA_ID)[0], *co, *cr, tuple(rare))
+    _message_layouts[length] = _MessageLayout(struct.Struct("".join(fmt)).unpack_from, tuple(expected), at)
 
 
 def ends_dump(buf: bytes) -> bool:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import queue
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -18,12 +21,40 @@ from pyroute2.netlink.nfnetlink import (
 )
 from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket, NFCTAttrTuple
 
-from edgevm.flowwatch.ctparse import CtEntry, NetlinkError, ends_dump, parse_into
+from edgevm.flowwatch.ctparse import (
+    CTA_IP_V4_DST,
+    CTA_IP_V4_SRC,
+    CTA_IP_V6_DST,
+    CTA_IP_V6_SRC,
+    CTA_PROTO_DST_PORT,
+    CTA_PROTO_ICMP_CODE,
+    CTA_PROTO_ICMP_ID,
+    CTA_PROTO_ICMP_TYPE,
+    CTA_PROTO_ICMPV6_CODE,
+    CTA_PROTO_ICMPV6_ID,
+    CTA_PROTO_ICMPV6_TYPE,
+    CTA_PROTO_NUM,
+    CTA_PROTO_SRC_PORT,
+    CTA_TUPLE_IP,
+    CTA_TUPLE_ORIG,
+    CTA_TUPLE_PROTO,
+    CTA_TUPLE_REPLY,
+    CTA_ZONE,
+    NLA_F_NESTED,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    CtEntry,
+    CtTuple,
+    NetlinkError,
+    ends_dump,
+    parse_into,
+)
 from edgevm.flowwatch.netns import call_in_netns, write_sysctl
 
 __all__ = [
     "EVENT_GROUPS",
     "CtEventStream",
+    "CtLookup",
     "Overrun",
     "delete",
     "dump",
@@ -77,13 +108,51 @@ _DUMP_REQUEST = struct.pack("=IHHIIBBH", 20, IPCTNL_MSG_CT_GET, NLM_F_REQUEST | 
 
 
 def dump(netns: str | None, timeout: float = 30.0) -> list[CtEntry]:
-    """Every conntrack entry (IPv4 and IPv6) in netns; blocking, so async callers use a thread."""
+    """Every conntrack entry (IPv4 and IPv6) in netns; blocking, so async callers use a thread.
+
+    The kernel fills each datagram of a dump inside recv(): a second thread receives while this one parses,
+    so the kernel's work and ours overlap (recv releases the GIL).
+    """
     entries: list[CtEntry] = []
     with open_socket(netns) as sock:
         next_datagram = _start_dump(sock, timeout)
-        while not parse_into(next_datagram(), entries):
-            pass
+        received: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
+
+        def receive() -> None:
+            try:
+                while True:
+                    datagram = next_datagram()
+                    received.put(datagram)
+                    if _ends_with_done(datagram):
+                        return
+            except BaseException as exc:  # handed to the parsing thread, which raises it
+                received.put(exc)
+
+        receiver = threading.Thread(target=receive, name="conntrack-dump", daemon=True)
+        receiver.start()
+        try:
+            while True:
+                item = received.get(timeout=timeout)
+                if isinstance(item, BaseException):
+                    raise item
+                if parse_into(item, entries):
+                    break
+        finally:
+            if receiver.is_alive():  # we failed first: stop it (a netlink socket may refuse shutdown)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            receiver.join(timeout)
     return entries
+
+
+_DONE_TYPE_AT = -20 + 4  # NLMSG_DONE is a 20-byte message, the last of the dump's last datagram
+
+
+def _ends_with_done(datagram: bytes) -> bool:
+    """True if the datagram ends with NLMSG_DONE, or carries an error (the parser raises that one)."""
+    if len(datagram) >= 20 and struct.unpack_from("=H", datagram, len(datagram) + _DONE_TYPE_AT)[0] == NLMSG_DONE:
+        return True
+    return ends_dump(datagram) if len(datagram) < 256 else False
 
 
 def dump_raw(netns: str | None, timeout: float = 30.0) -> list[bytes]:
@@ -266,3 +335,102 @@ def _discard_queued(recv: Callable[[int], bytes]) -> None:
 def events(netns: str | None, rcvbuf: int = EVENT_RCVBUF, max_batch: int = 1024) -> CtEventStream:
     """A stream of conntrack event batches from netns; use it as `async with events(ns) as stream`."""
     return CtEventStream(netns, rcvbuf, max_batch)
+
+
+def _nla(atype: int, payload: bytes) -> bytes:
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, atype) + payload + bytes(-size % 4)
+
+
+def _tuple_attr(family: int, t: CtTuple) -> bytes:
+    """A CTA_TUPLE_* payload for a request: addresses, protocol, and ports or ICMP id, type and code."""
+    if family == socket.AF_INET:
+        ip = _nla(CTA_IP_V4_SRC, socket.inet_pton(family, t.src)) + _nla(CTA_IP_V4_DST, socket.inet_pton(family, t.dst))
+    else:
+        ip = _nla(CTA_IP_V6_SRC, socket.inet_pton(family, t.src)) + _nla(CTA_IP_V6_DST, socket.inet_pton(family, t.dst))
+    proto = _nla(CTA_PROTO_NUM, bytes((t.proto,)))
+    if t.sport is not None and t.dport is not None:
+        proto += _nla(CTA_PROTO_SRC_PORT, struct.pack("!H", t.sport))
+        proto += _nla(CTA_PROTO_DST_PORT, struct.pack("!H", t.dport))
+    elif t.icmp_type is not None:
+        ident, kind, code = (
+            (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE)
+            if family == socket.AF_INET
+            else (CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE)
+        )
+        proto += _nla(ident, struct.pack("!H", t.icmp_id or 0))
+        proto += _nla(kind, bytes((t.icmp_type,))) + _nla(code, bytes((t.icmp_code or 0,)))
+    return _nla(NLA_F_NESTED | CTA_TUPLE_IP, ip) + _nla(NLA_F_NESTED | CTA_TUPLE_PROTO, proto)
+
+
+def get_request(entry: CtEntry, seq: int, by_reply: bool = False) -> bytes:
+    """The ctnetlink request for the current state of the entry with entry's original (or reply) tuple."""
+    body = struct.pack("=BBH", entry.family, 0, 0)
+    if by_reply:
+        body += _nla(NLA_F_NESTED | CTA_TUPLE_REPLY, _tuple_attr(entry.family, entry.reply))
+    else:
+        body += _nla(NLA_F_NESTED | CTA_TUPLE_ORIG, _tuple_attr(entry.family, entry.orig))
+    if entry.zone:
+        body += _nla(CTA_ZONE, struct.pack("!H", entry.zone))
+    return struct.pack("=IHHII", 16 + len(body), IPCTNL_MSG_CT_GET, NLM_F_REQUEST, seq, 0) + body
+
+
+class CtLookup:
+    """Looks conntrack entries up by their original tuple in one namespace, many per round trip.
+
+    Events carry counters only on DESTROY: this reads them for a TCP flow that is over but whose entry
+    lingers (TIME_WAIT). One socket, opened once; requests are pipelined and matched by sequence number.
+    """
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._sock: socket.socket | None = None
+        self._seq = 0
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Open the request socket in the namespace."""
+        if self._sock is None:
+            sock = await asyncio.to_thread(open_socket, self.netns, 0, 4 << 20)
+            sock.setblocking(False)
+            self._sock = sock
+
+    def close(self) -> None:
+        """Close the socket."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+    async def get(
+        self, entries: list[CtEntry], timeout: float = 2.0, by_reply: bool = False
+    ) -> list[CtEntry | None]:
+        """The current state of each entry, found by its original (or reply) tuple; None where there is none."""
+        if not entries:
+            return []
+        await self.open()
+        assert self._sock is not None
+        async with self._lock, asyncio.timeout(timeout):
+            sock = self._sock
+            loop = asyncio.get_running_loop()
+            first = self._seq + 1
+            self._seq += len(entries)
+            for n, entry in enumerate(entries):
+                await loop.sock_sendall(sock, get_request(entry, first + n, by_reply))
+            results: list[CtEntry | None] = [None] * len(entries)
+            answered = 0
+            while answered < len(entries):
+                data = await loop.sock_recv(sock, RECV_SIZE)
+                off = 0
+                while off + 16 <= len(data):
+                    length, mtype, _flags, seq = struct.unpack_from("=IHHI", data, off)
+                    if length < 16:
+                        break
+                    index = seq - first
+                    if 0 <= index < len(entries):
+                        answered += 1
+                        if mtype != NLMSG_ERROR:
+                            found: list[CtEntry] = []
+                            parse_into(data[off : off + length], found)
+                            results[index] = found[0] if found else None
+                    off = (off + length + 3) & ~3
+            return results

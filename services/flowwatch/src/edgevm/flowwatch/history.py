@@ -1,0 +1,91 @@
+"""Completed flows in the EDGEVM_FLOWS stream, one subject per VM, and reading a VM's newest ones back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from edgevm.shared import subjects
+from edgevm.shared.bus import FLOWS_STREAM
+from edgevm.shared.objects import Flow
+
+__all__ = ["FlowHistory"]
+
+STREAM: str = FLOWS_STREAM.name or "EDGEVM_FLOWS"
+_decoder = msgspec.json.Decoder(Flow)
+
+
+class FlowHistory:
+    """Reads a VM's completed flows, newest first, from its subject of the EDGEVM_FLOWS stream.
+
+    The stream interleaves every VM's flows, and JetStream reads subjects forward only. So the last N of one
+    subject are read with a short-lived ordered consumer that starts where they should begin, estimated from
+    the subject's share of the stream (one `stream info` with a subject filter), and starts earlier if the
+    window held fewer than N. The server skips other subjects itself: nothing but the VM's flows travel.
+    """
+
+    def __init__(self, js: JetStreamContext, node: str, timeout: float = 1.5) -> None:
+        self._js = js
+        self._node = node
+        self._timeout = timeout
+
+    def subject(self, vm: str) -> str:
+        """The subject of a VM's completed flows."""
+        return subjects.flow_log(self._node, vm)
+
+    async def count(self, vm: str) -> int:
+        """How many completed flows of the VM the stream holds."""
+        subject = self.subject(vm)
+        info = await self._js.stream_info(STREAM, subjects_filter=subject)
+        return int((info.state.subjects or {}).get(subject, 0))
+
+    async def recent(self, vm: str, limit: int) -> list[Flow]:
+        """The VM's last `limit` completed flows, newest (last recorded) first."""
+        subject = self.subject(vm)
+        async with asyncio.timeout(self._timeout):
+            info = await self._js.stream_info(STREAM, subjects_filter=subject)
+            state = info.state
+            count = (state.subjects or {}).get(subject, 0)
+            if count == 0:
+                return []
+            wanted = min(limit, count)
+            share = count / max(state.messages, 1)
+            span = int(wanted / share * 1.25) + 16
+            start = max(state.first_seq, state.last_seq - span + 1)
+            while True:
+                flows = await self._read(subject, start)
+                if len(flows) >= wanted or start <= state.first_seq:
+                    break
+                span *= 4
+                start = max(state.first_seq, state.last_seq - span + 1)
+        flows.reverse()
+        return flows[:limit]
+
+    async def _read(self, subject: str, start: int) -> list[Flow]:
+        """Every flow of `subject` from stream sequence `start` on, oldest first."""
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
+        sub = await self._js.subscribe(subject, stream=STREAM, ordered_consumer=True, config=config)
+        flows: list[Flow] = []
+        try:
+            info = await sub.consumer_info()
+            expected = (info.num_pending or 0) + ((info.delivered.consumer_seq or 0) if info.delivered else 0)
+            while len(flows) < expected:
+                msg = await sub.next_msg(timeout=self._timeout)
+                with contextlib.suppress(msgspec.DecodeError):  # not ours: skipped, never fatal
+                    flows.append(_decoder.decode(msg.data))
+                if msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return flows
+
+    async def find(self, vm: str, flow_id: str, depth: int = 2000) -> Flow | None:
+        """A completed flow of the VM by id, among its last `depth` (terminate asks, to answer 409)."""
+        for flow in await self.recent(vm, depth):
+            if flow.id == flow_id:
+                return flow
+        return None
