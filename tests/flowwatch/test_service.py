@@ -163,11 +163,15 @@ async def test_inbound_tcp_through_a_port_mapping_is_active_then_completed_with_
         assert (active.src_ip, active.dst_ip, active.dst_port) == (EXT_IP, VM_IP, VM_TCP_PORT)
         assert active.state == "ESTABLISHED" and active.node == client.node and active.vm == vm
         assert (REGISTRY.get_sample_value("edgevm_flowwatch_active_flows", {"vm": vm}) or 0) >= 1
+        # An active flow's counters are read live from the kernel when listed, not left at the last dump.
+        conn.exchange(5000, 700)
+        [live] = [f for f in await flows(client, vm, "active") if f.id == active.id]
+        assert live.bytes_in > 10000 and live.bytes_out > 1400 and live.packets_in >= 4
     finally:
         conn.close()
     done = await wait_flow(client, vm, "completed", lambda f: f.id == active.id)
     assert done.status == "completed" and done.ended_at is not None and done.started_at == active.started_at
-    assert done.bytes_in > 5000 and 700 < done.bytes_out < 5000
+    assert done.bytes_in > 10000 and 1400 < done.bytes_out < 10000
     assert done.packets_in >= 3 and done.packets_out >= 3
     assert [f.id for f in await flows(client, vm, "active") if f.id == active.id] == []
     label = {"netns": topo.vrf("a")}

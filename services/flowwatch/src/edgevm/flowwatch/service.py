@@ -231,13 +231,35 @@ class FlowWatch:
         known = self.addresses.knows(req.vm)
         rows: list[Flow] = []
         if req.status in ("active", "all"):
-            rows += [flow.to_flow(self.node, "active") for flow in self.active(req.vm)[: req.limit]]
+            page = self.active(req.vm)[: req.limit]
+            await self._refresh_counters(req.vm, page)
+            rows += [flow.to_flow(self.node, "active") for flow in page]
         if req.status in ("completed", "all"):
             rows += await self._history(req.vm, req.limit)
         if not known and not rows and (req.status == "active" or await self._history_count(req.vm) == 0):
             raise NotFound(f"VM {req.vm!r} is not known to this node's network and has no flow history", "vm")
         rows.sort(key=lambda f: f.started_at, reverse=True)
         return FlowList(flows=rows[: req.limit])
+
+    async def _refresh_counters(self, vm: str, flows: list[ActiveFlow]) -> None:
+        """Read the live byte and packet counters of `flows` (events carry them only when a flow ends).
+
+        One pipelined conntrack GET per flow on the namespace's lookup socket; when the kernel does not
+        answer in time the counters stay those last seen (the last dump or event), logged.
+        """
+        if not flows:
+            return
+        watch = self.watches.get(self.addresses.netns_of(vm))
+        if watch is None:
+            return
+        try:
+            current = await watch.lookup.get([flow.as_entry() for flow in flows])
+        except (TimeoutError, OSError) as exc:
+            log.warning("live counters of %d flows of %s not read: %s", len(flows), vm, exc)
+            return
+        for flow, entry in zip(flows, current, strict=True):
+            if entry is not None:
+                flow.count(entry)
 
     async def _history(self, vm: str, limit: int) -> list[Flow]:
         try:

@@ -1,0 +1,74 @@
+"""The snapshotter service assembled: libvirt, the work queue, the workers and the snapshot commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+from edgevm.shared import bus
+from edgevm.shared.locks import VmLocks
+from edgevm.shared.runtime import ServiceContext
+from edgevm.shared.tasks import TaskStore
+from edgevm.snapshotter import errormap
+from edgevm.snapshotter.commands import SnapshotCommands
+from edgevm.snapshotter.drivers.connection import Hypervisor
+from edgevm.snapshotter.drivers.domains import Domains
+from edgevm.snapshotter.drivers.qemuimg import QemuImg
+from edgevm.snapshotter.drivers.snapshots import Snapshots
+from edgevm.snapshotter.layers import VmFiles, vm_dir
+from edgevm.snapshotter.leases import TaskLeases
+from edgevm.snapshotter.operations import SnapshotOperations
+from edgevm.snapshotter.records import VmRecords
+from edgevm.snapshotter.worker import Workers
+from edgevm.snapshotter.workqueue import WorkQueue
+
+log = logging.getLogger(__name__)
+DEFAULT_WORKERS = 2
+
+
+def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitable[None]]:
+    """The service's set-up with `workers` concurrent tasks (EDGEVM_SNAPSHOT_WORKERS; 0: commands only)."""
+
+    async def setup(ctx: ServiceContext) -> None:
+        count = workers if workers is not None else int(os.environ.get("EDGEVM_SNAPSHOT_WORKERS", DEFAULT_WORKERS))
+        errormap.register()
+        config = ctx.config
+        node = config.node
+
+        hypervisor = Hypervisor(config.libvirt_uri)
+        await hypervisor.open()
+        ctx.stack.push_async_callback(hypervisor.close)
+        operations = SnapshotOperations(
+            Snapshots(hypervisor), Domains(hypervisor), QemuImg(),
+            lambda vm: VmFiles(vm_dir(config.state_dir, vm)),
+        )
+        store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
+        locks_kv = ctx.buckets[bus.LOCKS.name]
+        leases = TaskLeases(VmLocks(locks_kv, node, "snapshotter"), locks_kv, node)
+        ctx.stack.push_async_callback(leases.release_all)
+        records = VmRecords(ctx.buckets[bus.VMS.name], node)
+        queue = WorkQueue(ctx.js, node)
+        commands = SnapshotCommands(records, operations, store, leases, queue)
+
+        if count > 0:
+            await queue.subscribe()
+            ctx.stack.push_async_callback(queue.close)
+            pool = Workers(queue, store, leases, records, operations, concurrency=count)
+            # Shutdown: the fetch loop stops first (background tasks), then the running tasks drain.
+            ctx.stack.push_async_callback(pool.drain)
+            ctx.background(pool.run(), "snapshot workers")
+        log.info("snapshotter on %s: %d worker(s)", config.libvirt_uri, count)
+
+        await ctx.command("snapshot.list", commands.list)
+        for verb, handler in [
+            ("snapshot.create", commands.create),
+            ("snapshot.restore", commands.restore),
+            ("snapshot.delete", commands.delete),
+        ]:
+            await ctx.command(verb, handler)
+
+    return setup
+
+
+setup = make_setup()

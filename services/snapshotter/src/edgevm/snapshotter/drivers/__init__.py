@@ -1,0 +1,1 @@
+"""The backends of the snapshotter: libvirt (domains and their snapshots) and qemu-img (overlay files)."""

@@ -1,0 +1,184 @@
+"""edgevm's libvirt domains as the snapshotter sees them: power state, root disk, block jobs."""
+
+import asyncio
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from .connection import Hypervisor
+from .errors import HypervisorTimeout, OperationInvalid, Unsupported
+
+DOMAIN_PREFIX = "edgevm-"
+POLL = 0.1
+RUNNING_STATES = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED,
+                  libvirt.VIR_DOMAIN_PMSUSPENDED)
+
+
+def domain_name(vm: str) -> str:
+    """The libvirt domain name of a VM (the lifecycle's naming)."""
+    return DOMAIN_PREFIX + vm
+
+
+@dataclass(frozen=True, slots=True)
+class RootDisk:
+    """The VM's own boot disk in the domain's persistent definition: its target and its source file."""
+
+    target: str
+    source: str
+
+
+def find_root_disk(domain_xml: str, vm_dir: Path) -> RootDisk | None:
+    """The first file disk whose source is `<vm_dir>/root.qcow2` or a file in `<vm_dir>/snapshots/`."""
+    root_path = str(vm_dir / "root.qcow2")
+    layers = str(vm_dir / "snapshots") + "/"
+    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if disk.get("device", "disk") != "disk" or source is None or target is None:
+            continue
+        path = source.get("file") or ""
+        if path == root_path or path.startswith(layers):
+            return RootDisk(target.get("dev") or "", path)
+    return None
+
+
+def with_root_source(domain_xml: str, target: str, path: str) -> str:
+    """The domain XML with disk `target` reading `path`, its backing chain left for libvirt to probe."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.iterfind("devices/disk"):
+        found = disk.find("target")
+        if found is not None and found.get("dev") == target:
+            source = disk.find("source")
+            assert source is not None
+            source.set("file", path)
+            # libvirt honours a backingStore in the definition instead of reading the chain from the
+            # image headers: after a snapshot it records the old top by the path it was opened with.
+            for backing in disk.findall("backingStore"):
+                disk.remove(backing)
+    return ET.tostring(root, encoding="unicode")
+
+
+def disk_source(domain_xml: str, target: str) -> str | None:
+    """The source file of disk `target` in a domain XML."""
+    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        found, source = disk.find("target"), disk.find("source")
+        if found is not None and found.get("dev") == target and source is not None:
+            return source.get("file")
+    return None
+
+
+def chain_index(live_xml: str, target: str, depth: int) -> str | None:
+    """libvirt's name (`vda[3]`) of the image `depth` levels below the top of disk `target`'s live chain."""
+    for disk in ET.fromstring(live_xml).iterfind("devices/disk"):
+        found = disk.find("target")
+        if found is None or found.get("dev") != target:
+            continue
+        element = disk
+        for _ in range(depth):
+            backing = element.find("backingStore")
+            if backing is None or backing.find("source") is None:
+                return None
+            element = backing
+        index = element.get("index")
+        return f"{target}[{index}]" if index else None
+    return None
+
+
+class Domains:
+    """The domains of edgevm's VMs, addressed by VM name."""
+
+    def __init__(self, hypervisor: Hypervisor) -> None:
+        self._hv = hypervisor
+
+    async def is_running(self, vm: str) -> bool:
+        """Whether the domain runs (paused counts as running: it has a live QEMU)."""
+
+        def state(conn: libvirt.virConnect) -> bool:
+            return conn.lookupByName(domain_name(vm)).state()[0] in RUNNING_STATES
+
+        return await self._hv.call(state)
+
+    async def xml(self, vm: str, *, inactive: bool = False) -> str:
+        """The live XML, or with inactive=True the persistent definition."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE if inactive else 0
+        return await self._hv.call(lambda conn: str(conn.lookupByName(domain_name(vm)).XMLDesc(flags)))
+
+    async def define(self, xml: str) -> None:
+        """Redefine a domain (same name and UUID) from its XML."""
+        await self._hv.call(lambda conn: conn.defineXML(xml))
+
+    async def root_disk(self, vm: str, vm_dir: Path) -> RootDisk | None:
+        """The VM's own boot disk in its persistent definition, or None (e.g. it boots from an ISO)."""
+        return find_root_disk(await self.xml(vm, inactive=True), vm_dir)
+
+    async def live_source(self, vm: str, target: str) -> str | None:
+        """The file the running QEMU writes disk `target` to (None when the domain is off)."""
+        if not await self.is_running(vm):
+            return None
+        return disk_source(await self.xml(vm), target)
+
+    async def set_root_source(self, vm: str, target: str, path: str) -> None:
+        """Point the persistent definition's disk `target` at `path`."""
+        await self.define(with_root_source(await self.xml(vm, inactive=True), target, path))
+
+    async def destroy(self, vm: str, timeout: float = 30) -> None:
+        """Power the domain off at once and wait until it is off."""
+        try:
+            await self._hv.call(lambda conn: conn.lookupByName(domain_name(vm)).destroy())
+        except OperationInvalid:
+            pass  # it is off already
+        await self._wait(vm, running=False, timeout=timeout)
+
+    async def start(self, vm: str, timeout: float = 60) -> None:
+        """Start the domain and wait until it runs."""
+        await self._hv.call(lambda conn: conn.lookupByName(domain_name(vm)).create(), timeout=timeout)
+        await self._wait(vm, running=True, timeout=timeout)
+
+    async def _wait(self, vm: str, *, running: bool, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await self.is_running(vm) == running:
+                    return
+                await asyncio.sleep(POLL)
+
+    async def wait_idle(self, vm: str, timeout: float = 600) -> None:
+        """Wait until no job runs on the domain (a snapshot libvirtd still takes for a dead caller)."""
+
+        def job(conn: libvirt.virConnect) -> int:
+            return int(conn.lookupByName(domain_name(vm)).jobInfo()[0])
+
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if await self._hv.call(job) == libvirt.VIR_DOMAIN_JOB_NONE:
+                        return
+                    await asyncio.sleep(POLL)
+        except Unsupported:
+            return  # the driver keeps no jobs (libvirt's test driver)
+        except TimeoutError:
+            raise HypervisorTimeout(f"a job on VM {vm} did not end within {timeout:g} s") from None
+
+    async def live_index(self, vm: str, target: str, depth: int) -> str | None:
+        """libvirt's name of the image `depth` levels below the top of the live chain of disk `target`."""
+        return chain_index(await self.xml(vm), target, depth)
+
+    async def block_pull(self, vm: str, target: str, base: str | None, timeout: float = 600) -> None:
+        """Pull the data above `base` into the active image of `target` (online) and wait for the job."""
+        await self._hv.call(lambda conn: conn.lookupByName(domain_name(vm)).blockRebase(target, base, 0, 0))
+        await self.wait_block_job(vm, target, timeout)
+
+    async def wait_block_job(self, vm: str, target: str, timeout: float = 600) -> None:
+        """Wait until disk `target` has no block job."""
+
+        def job(conn: libvirt.virConnect) -> bool:
+            return bool(conn.lookupByName(domain_name(vm)).blockJobInfo(target, 0))
+
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if not await self._hv.call(job):
+                        return
+                    await asyncio.sleep(POLL)
+        except TimeoutError:
+            raise HypervisorTimeout(f"the block job on {target} of VM {vm} did not end within {timeout:g} s") from None
