@@ -4,19 +4,27 @@ Every namespace a test creates (nodes, LAN hosts, VMs, and the VRF namespaces th
 is named `edgevm-t-<random>-...` and removed afterwards; nothing touches the host's own namespace.
 """
 
+import asyncio
 import os
 import secrets
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+from typing import Any
 
 import pytest
+from nats.aio.client import Client as NATS
 from pyroute2 import netns as pyroute2_netns
+from tests.helpers import ServiceProcess
 
+from edgevm.cli.natsserver import NatsServer
 from edgevm.netplumb import ipam
+from edgevm.netplumb.app import make_setup
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers import nft
 from edgevm.netplumb.drivers.links import open_links
@@ -24,6 +32,11 @@ from edgevm.netplumb.drivers.vrf import attach_port, ensure_vrf
 from edgevm.netplumb.names import VRF_LINK, VRF_UPLINK, vm_tap
 from edgevm.netplumb.plans import PortMappingRule, VirtualIpRule, VrfPlan, plan_vrf
 from edgevm.netplumb.rulesets import tables
+from edgevm.netplumb.settings import Settings
+from edgevm.shared.client import Client
+from edgevm.shared.config import Config
+from edgevm.shared.errors import RemoteError
+from edgevm.shared.runtime import serve
 
 REPLY_TIMEOUT = 1.5
 
@@ -46,6 +59,7 @@ def wait_up(netns: str, *ifnames: str, timeout: float = 5.0) -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{ifname} in {netns} did not come up")
                 time.sleep(0.02)
+                links.refresh()
 
 
 class Server:
@@ -215,3 +229,104 @@ def lab() -> Iterator[Lab]:
 def node(lab: Lab) -> str:
     """A namespace standing for a whole node (the node's world)."""
     return lab.netns("node")
+
+
+# --- The netplumb service, in this process or as its own process, driving a lab namespace as its node.
+
+
+@dataclass
+class NetNode:
+    """A running netplumb service whose node world is a lab namespace."""
+
+    node: str  # the node id
+    netns: str  # the node's namespace
+    client: Client
+    stop: asyncio.Event | None = None
+    task: asyncio.Task[None] | None = None
+    process: ServiceProcess | None = None
+
+    async def call(self, verb: str, request: Any = None) -> Any:
+        """A command to this node; an error reply raises RemoteError."""
+        return await self.client.call(verb, request)
+
+    async def error(self, verb: str, request: Any = None) -> RemoteError:
+        """The error reply of a command expected to fail."""
+        with pytest.raises(RemoteError) as caught:
+            await self.client.call(verb, request)
+        return caught.value
+
+    async def shutdown(self) -> None:
+        """Stops the service (a second call does nothing)."""
+        if self.task is not None and self.stop is not None:
+            self.stop.set()
+            await asyncio.wait_for(self.task, 30)
+            self.task = None
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
+
+
+def netplumb_settings(netns: str, subnet: str = "10.77.0.0/24") -> Settings:
+    """Settings for a service driving lab namespace `netns`; its VRF namespaces are named after it."""
+    return Settings(
+        default_subnet=IPv4Network(subnet), netns_prefix=f"{netns}-", node_netns=netns, reconcile_interval=0
+    )
+
+
+async def wait_ready(client: Client, timeout: float = 20) -> None:
+    """Waits until the node's netplumb answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.call("net.vrf.list")
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def start_netplumb(nats_url: str, nc: NATS, netns: str, state: Path, node: str | None = None,
+                         subnet: str = "10.77.0.0/24") -> NetNode:
+    """A netplumb service in this process, its node world the lab namespace `netns`."""
+    node = node or f"np-{secrets.token_hex(4)}"
+    config = Config(node, nats_url, state, "test:///default", "127.0.0.1", 0, 0, "WARNING")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve("netplumb", make_setup(netplumb_settings(netns, subnet)), config, stop))
+    client = Client(nc, node, timeout=15)
+    await wait_ready(client)
+    return NetNode(node, netns, client, stop, task)
+
+
+def start_netplumb_process(nats_url: str, nc: NATS, netns: str, log_path: Path, node: str,
+                           subnet: str = "10.77.0.0/24") -> NetNode:
+    """`python -m edgevm.netplumb` as its own process (started, not yet ready), driving `netns`."""
+    env = {
+        "EDGEVM_NODE": node,
+        "EDGEVM_NATS_URL": nats_url,
+        "EDGEVM_STATE_DIR": str(log_path.parent),
+        "EDGEVM_NODE_NETNS": netns,
+        "EDGEVM_NETNS_PREFIX": f"{netns}-",
+        "EDGEVM_DEFAULT_SUBNET": subnet,
+        "EDGEVM_NET_RECONCILE_INTERVAL": "0",
+        "EDGEVM_LOG_LEVEL": "INFO",
+    }
+    process = ServiceProcess("netplumb", env, log_path).start()
+    return NetNode(node, netns, Client(nc, node, timeout=15), process=process)
+
+
+@pytest.fixture
+async def netplumb(lab: Lab, node: str, nats_server: NatsServer, nc: NATS, tmp_path: Path) -> AsyncIterator[NetNode]:
+    """A netplumb service in this process whose node is the lab's `node` namespace."""
+    service = await start_netplumb(nats_server.url, nc, node, tmp_path)
+    try:
+        yield service
+    finally:
+        await service.shutdown()
+
+
+def vm_nic(lab: Lab, node: str, vm: str, address: str, gateway: str, index: int = 0) -> str:
+    """A namespace standing for a VM: its eth0 is a veth named like the VM's tap in the node namespace.
+
+    Not put on any bridge: net.vm.activate does that, as libvirt would have.
+    """
+    return lab.wire(node, vm, vm_tap(vm, index), address, gateway)

@@ -13,6 +13,8 @@ docs/protocol.md lists them as node-internal.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from msgspec import Struct
 
 from edgevm.shared.spec import Network, PortMapping, VirtualInterface, VnetAttachment
@@ -52,17 +54,25 @@ class VnetRecord(Struct, kw_only=True):
     vni: int
     peers: list[str] = []
     created_at: str
+    local: str | None = None  # this node's underlay address the VXLAN device sends from
 
 
 class NicRecord(Struct, kw_only=True):
-    """One NIC of a VM: what libvirt plugs in, and the address the guest is given."""
+    """One NIC of a VM: what libvirt plugs in, and the address the guest is given.
+
+    A `bridge` NIC (the VM's NIC in its VRF) has an address and a bridge: libvirt `<interface type='bridge'>`.
+    A `passthrough` NIC receives all traffic of a host interface (a virtual interface): it has no address,
+    gateway or bridge (all ""), and its tap must stay on no bridge: libvirt `<interface type='ethernet'>`.
+    """
 
     index: int
     mac: str
-    address: str  # IPv4 with prefix, e.g. 10.10.0.5/24
+    address: str  # IPv4 with prefix, e.g. 10.10.0.5/24 ("" for a passthrough NIC)
     gateway: str
-    bridge: str  # the node-namespace bridge libvirt attaches the tap to
+    bridge: str  # the node-namespace bridge libvirt attaches the tap to ("" for a passthrough NIC)
     tap: str  # the tap device name libvirt is asked to create
+    kind: Literal["bridge", "passthrough"] = "bridge"
+    name: str = ""  # the NIC's id in the network-config: "eth0", or a virtual interface's `destination`
 
 
 class VmNetRecord(Struct, kw_only=True):
@@ -82,6 +92,8 @@ class VmNetRecord(Struct, kw_only=True):
     virtual_interfaces: list[VirtualInterface] = []
     active: bool = False
     updated_at: str
+    # The passthrough NICs of the virtual interfaces (kept apart so `nics` only holds addressed NICs).
+    passthrough_nics: list[NicRecord] = []
 
 
 # Node-internal requests: lifecycle -> netplumb.
@@ -94,7 +106,10 @@ class NetPrepare(Struct, kw_only=True):
 
 
 class NetPrepared(Struct, kw_only=True):
-    """Reply of `net.vm.prepare`: the NICs to put in the domain and the cloud-init network-config (v2 YAML)."""
+    """Reply of `net.vm.prepare`: the NICs to put in the domain and the cloud-init network-config (v2 YAML).
+
+    `nics` holds the VM's bridge NIC first, then one passthrough NIC per virtual interface.
+    """
 
     nics: list[NicRecord]
     network_config: str

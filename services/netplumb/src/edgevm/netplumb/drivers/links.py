@@ -1,5 +1,6 @@
 """Idempotent link, address and route operations inside one network namespace, over netlink."""
 
+import errno
 import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -9,11 +10,21 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from edgevm.netplumb.drivers.netns import entered
 from edgevm.netplumb.errors import KernelError
 
 IFF_UP = 0x1
 IFF_NOARP = 0x80
 IFF_PROMISC = 0x100
+# Calls that change nothing; any other call drops the links read so far.
+_READS = {
+    ("link", ("dump",)),
+    ("link", ("get",)),
+    ("addr", ("dump",)),
+    ("route", ("dump",)),
+    ("route", ("get",)),
+    ("fdb", ("dump",)),
+}
 
 
 class Links:
@@ -23,13 +34,42 @@ class Links:
         self._ipr = ipr
         self.netns = netns
         self.changes: list[str] = []
+        self._links: dict[str, Any] | None = None  # links read, until something changes
 
     def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
+        if (method, args[:1]) not in _READS:
+            self._links = None
         try:
             return getattr(self._ipr, method)(*args, **kwargs)
         except NetlinkError as exc:
             where = f" in namespace {self.netns}" if self.netns else ""
             raise KernelError(f"{what}{where} failed: {exc.args[-1]}") from None
+
+    def _lookup(self, name: str) -> Any:
+        # Only links found are remembered: a missing one may be made here from another namespace (a veth's
+        # peer), so a miss always asks the kernel again.
+        if self._links is not None and name in self._links:
+            return self._links[name]
+        try:
+            msg = self._ipr.link("get", ifname=name)[0]
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                return None
+            where = f" in namespace {self.netns}" if self.netns else ""
+            raise KernelError(f"looking up {name}{where} failed: {exc.args[-1]}") from None
+        if self._links is None:
+            self._links = {}
+        self._links[name] = msg
+        return msg
+
+    def names(self) -> set[str]:
+        """The names of every link in the namespace, read afresh."""
+        self._links = {m.get("ifname"): m for m in self._call("listing links", "link", "dump")}
+        return set(self._links)
+
+    def refresh(self) -> None:
+        """Forgets the links read so far (for a caller waiting on a link's state to change by itself)."""
+        self._links = None
 
     def record(self, text: str) -> bool:
         """Notes a change made in this namespace (drivers with their own netlink calls use it too)."""
@@ -38,8 +78,8 @@ class Links:
 
     def index(self, name: str) -> int | None:
         """The link's index, or None when there is no such link."""
-        found = self._call(f"looking up {name}", "link_lookup", ifname=name)
-        return found[0] if found else None
+        msg = self._lookup(name)
+        return None if msg is None else int(msg["index"])
 
     def _require(self, name: str) -> int:
         idx = self.index(name)
@@ -50,8 +90,7 @@ class Links:
 
     def link(self, name: str) -> Any:
         """The link's netlink message, or None."""
-        idx = self.index(name)
-        return None if idx is None else self._call(f"reading {name}", "link", "get", index=idx)[0]
+        return self._lookup(name)
 
     def kind(self, name: str) -> str | None:
         """The link kind (bridge, veth, vxlan, tun, ...), or None when absent."""
@@ -178,7 +217,8 @@ class Links:
 def open_links(netns: str | None = None) -> Iterator[Links]:
     """A Links bound to a namespace (None: the current one) that must already exist."""
     try:
-        ipr = IPRoute() if netns is None else IPRoute(netns=netns, flags=0)
+        with entered(netns):  # the socket stays in the namespace it was opened in
+            ipr = IPRoute()
     except OSError as exc:
         raise KernelError(f"cannot open netlink in namespace {netns}: {exc}") from None
     try:

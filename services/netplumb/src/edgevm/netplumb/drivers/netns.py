@@ -11,14 +11,50 @@ share one mount namespace (children of one `edgevm node up`, or systemd units wi
 PrivateMounts=/PrivateTmp=), and a leftover file is cleared before its name is used again.
 """
 
+import ctypes
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 from edgevm.netplumb.errors import KernelError
 
 NETNS_DIR = "/run/netns"
 COMMAND_TIMEOUT = 10.0
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise KernelError(f"cannot enter a network namespace: {os.strerror(ctypes.get_errno())}")
+
+
+@contextmanager
+def entered(name: str | None) -> Iterator[None]:
+    """Runs the calling thread (only it) inside the named namespace, and brings it back after.
+
+    A netlink socket or a /proc/sys/net file opened inside stays bound to that namespace. This replaces
+    pyroute2's way of reaching a namespace (it forks a child, which in an asyncio process can wake the
+    parent's signal handlers with the SIGTERM pyroute2 ends the child with), and costs no process.
+    """
+    if name is None:
+        yield
+        return
+    try:
+        target = os.open(_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise KernelError(f"network namespace {name} cannot be opened: {exc.strerror}") from None
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(target)
+        os.close(home)
 
 
 def command(argv: Sequence[str], netns: str | None = None) -> list[str]:
@@ -30,9 +66,10 @@ def run(
     argv: Sequence[str], netns: str | None = None, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT
 ) -> str:
     """Runs a command in a namespace and returns its stdout; raises KernelError when it fails."""
-    full = command(argv, netns)
     try:
-        done = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+        # The child starts in the namespace this thread entered, without `ip netns exec`'s extra process.
+        with entered(netns):
+            done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         raise KernelError(f"{argv[0]} did not finish within {timeout:g} s") from None
     except OSError as exc:
@@ -73,21 +110,35 @@ def remove_netns(name: str) -> bool:
     return False
 
 
+def _sysctl_path(key: str) -> str:
+    return "/proc/sys/" + key.replace(".", "/")
+
+
 def read_sysctls(keys: Sequence[str], netns: str | None = None) -> dict[str, str]:
     """The current values of sysctl keys (dotted names) in a namespace."""
-    if not keys:
-        return {}
-    values = run(["sysctl", "-n", *keys], netns).splitlines()
-    return dict(zip(keys, (value.strip() for value in values), strict=True))
+    values: dict[str, str] = {}
+    with entered(netns):
+        for key in keys:
+            try:
+                with open(_sysctl_path(key)) as file:
+                    values[key] = file.read().strip()
+            except OSError as exc:
+                raise KernelError(f"cannot read sysctl {key}: {exc.strerror}") from None
+    return values
 
 
 def ensure_sysctls(values: Mapping[str, str], netns: str | None = None) -> list[str]:
     """Sets, in order, the sysctls that differ from `values`; returns a line per change made."""
     current = read_sysctls(list(values), netns)
-    changed = [f"{key}={value}" for key, value in values.items() if current[key] != value]
-    if changed:
-        run(["sysctl", "-q", "-w", *changed], netns)
-    return [f"{netns}: set {item}" if netns else f"set {item}" for item in changed]
+    changed = [(key, value) for key, value in values.items() if current[key] != value]
+    with entered(netns):
+        for key, value in changed:
+            try:
+                with open(_sysctl_path(key), "w") as file:
+                    file.write(value)
+            except OSError as exc:
+                raise KernelError(f"cannot set sysctl {key}={value}: {exc.strerror}") from None
+    return [f"{netns}: set {key}={value}" if netns else f"set {key}={value}" for key, value in changed]
 
 
 def l2_only_sysctls(bridge: str) -> dict[str, str]:
