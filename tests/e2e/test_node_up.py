@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import pytest
 
 from edgevm.cli.natsserver import free_port, wait_for_port
 from edgevm.cli.supervisor import installed_services
+from edgevm.shared.client import Client
 from tests.helpers import eventually
 
 
@@ -52,10 +55,26 @@ def port_open(port: int) -> bool:
 
 
 @pytest.fixture
-def node_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+def node_world() -> Iterator[tuple[str, str]]:
+    """A namespace of its own for the node's network (netplumb and flowwatch plumb and watch it, not the host's)."""
+    tag = secrets.token_hex(3)
+    world, prefix = f"edgevm-t-e2e-{tag}", f"edgevm-t-e2e{tag}-"
+    subprocess.run(["ip", "netns", "add", world], check=True)
+    try:
+        yield world, prefix
+    finally:
+        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+            if name == world or name.startswith(prefix):
+                subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def node_up(tmp_path: Path, node_world: tuple[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
     nats_port, metrics_base = free_port(), free_port()
     log = tmp_path / "node.log"
-    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default"}
+    world, prefix = node_world
+    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world,
+           "EDGEVM_NETNS_PREFIX": prefix}
     env.pop("EDGEVM_METRICS_PORT", None)
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "edgevm"), "--node", "e2e", "node", "up",
@@ -92,8 +111,10 @@ async def ping_names(url: str) -> set[str]:
         await nc.close()
 
 
-async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple) -> None:
+async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple, node_world: tuple[str, str],
+                                                       tmp_path: Path) -> None:
     process, nats_port, metrics_base, log = node_up
+    state = tmp_path / "state"
     url = f"nats://127.0.0.1:{nats_port}"
     expected = {f"edgevm-{s}" for s in installed_services()}
     assert expected, "no service installed"
@@ -101,6 +122,25 @@ async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple) -> None:
     text = log.read_text()
     assert f"NATS on {url}" in text and "/metrics" in text
     assert port_open(metrics_base + 4), "the gateway's metrics endpoint listens while the node runs"
+
+    # The services work together over NATS: a VRF is a namespace in the node's world, a VM gets an address.
+    nc = await nats.connect(url)
+    try:
+        client = Client(nc, "e2e", timeout=15)
+        _, prefix = node_world
+        await client.call("net.vrf.create", {"name": "blue", "subnet": "10.44.0.0/24"})
+        namespaces = await asyncio.to_thread(subprocess.run, ["ip", "netns", "list"], capture_output=True, text=True)
+        assert f"{prefix}blue" in namespaces.stdout
+        (state / "import").mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(subprocess.run, ["qemu-img", "create", "-q", "-f", "qcow2",
+                                                 str(state / "import" / "base.qcow2"), "16M"], check=True)
+        imported = await client.call("image.import", {"name": "base", "path": "base.qcow2"})
+        await eventually(lambda: _task_ended(client, imported["task"]["id"]), timeout=30, what="import ends")
+        vm = await client.call("vm.create", {"name": "web", "image": "base", "network": {"vrf": "blue"}})
+        assert ipaddress.IPv4Address(vm["status"]["ip_addresses"][0]) in ipaddress.IPv4Network("10.44.0.0/24")
+        await eventually(lambda: _no_flows(client, "web"), timeout=10, what="flowwatch knows the VM")
+    finally:
+        await nc.close()
 
     # SIGKILL one service child: node up restarts it and it answers again.
     children = children_of(process.pid)
@@ -118,6 +158,16 @@ async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple) -> None:
     gateway_metrics = metrics_base + 4
     assert not port_open(nats_port) and not port_open(gateway_metrics)
     assert "stopped" in log.read_text()
+
+
+async def _no_flows(client: Client, vm: str) -> bool:
+    return (await client.call("flow.list", {"vm": vm}))["flows"] == []
+
+
+async def _task_ended(client: Client, task_id: str) -> bool:
+    task = await client.call("task.get", {"id": task_id})
+    assert task["status"] != "failed", task["error"]
+    return task["status"] == "succeeded"
 
 
 async def _has(url: str, names: set[str]) -> bool:
