@@ -1,0 +1,102 @@
+"""Netplumb and flowwatch of one node together: flowwatch learns the VM from netplumb's own records.
+
+No record is written by the test: netplumb prepares and activates the VM as lifecycle would, a namespace
+stands for the VM's NIC, and a LAN host connects through the port mapping; flowwatch must attribute the
+connection to the VM, inbound, with the LAN host and the VM's address as its ends, and terminate it.
+"""
+
+import asyncio
+import socket
+
+import pytest
+from pyroute2 import netns as pyroute2_netns
+from tests.helpers import eventually
+
+from conftest import vm_nic
+from edgevm.flowwatch.app import make_setup
+from edgevm.shared.client import Client
+from edgevm.shared.config import Config
+from edgevm.shared.runtime import serve
+
+pytestmark = pytest.mark.root
+
+NODE_LAN, LAN_HOST = "192.168.120.1", "192.168.120.2"
+
+
+@pytest.fixture
+async def flowwatch(netplumb, nats_server, nc, tmp_path):
+    """A flowwatch service of the same node, watching the same node namespace."""
+    config = Config(netplumb.node, nats_server.url, tmp_path / "fw", "test:///default", "127.0.0.1", 0, 0, "WARNING")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve("flowwatch", make_setup(netplumb.netns), config, stop))
+    client = Client(nc, netplumb.node, timeout=10)
+
+    async def answers():
+        if task.done():
+            task.result()
+        await client.call("flow.list", {"vm": "nobody", "status": "active"})
+
+    try:
+        await eventually(lambda: _answers_404(answers), timeout=30, what="flowwatch answers")
+        yield client
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _answers_404(call):
+    try:
+        await call()
+    except Exception as exc:
+        return getattr(exc, "code", None) == "404"
+    return True
+
+
+def reset_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the peer's reset reaches `sock` (a read fails with ECONNRESET) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        sock.recv(1)  # data or an orderly close: no reset
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        pass
+    return False
+
+
+async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node, netplumb, flowwatch):
+    lan = await asyncio.to_thread(lab.host, node, "lan", "lan0", f"{NODE_LAN}/24", f"{LAN_HOST}/24")
+    await netplumb.call("net.vrf.create", {"name": "red", "subnet": "10.61.0.0/24"})
+    mapping = {"host_interface": "lan0", "host_port": 8080, "vm_port": 80, "protocol": "tcp"}
+    prepared = await netplumb.call("net.vm.prepare", {"vm": "web", "network": {"vrf": "red", "port_mappings": [mapping]}})
+    nic = prepared["nics"][0]
+    vm_ns = await asyncio.to_thread(vm_nic, lab, node, "web", nic["address"], nic["gateway"])
+    await netplumb.call("net.vm.activate", {"vm": "web"})
+    vm_address = nic["address"].split("/")[0]
+
+    server = pyroute2_netns.create_socket(vm_ns, socket.AF_INET, socket.SOCK_STREAM, flags=0)
+    server.bind(("0.0.0.0", 80))
+    server.listen(4)
+    client = pyroute2_netns.create_socket(lan, socket.AF_INET, socket.SOCK_STREAM, flags=0)
+    try:
+        client.settimeout(5)
+        await asyncio.to_thread(client.connect, (NODE_LAN, 8080))
+        peer, _ = await asyncio.to_thread(server.accept)
+        client.sendall(b"x" * 3000)
+        await asyncio.to_thread(peer.recv, 65536)
+        port = client.getsockname()[1]
+
+        async def the_flow():
+            flows = (await flowwatch.call("flow.list", {"vm": "web", "status": "active"}))["flows"]
+            return next((f for f in flows if f["src_port"] == port), None)
+
+        flow = await eventually(the_flow, timeout=5, what="the connection is an active flow of VM web")
+        assert (flow["direction"], flow["protocol"], flow["src_ip"]) == ("inbound", "tcp", LAN_HOST)
+        assert (flow["dst_ip"], flow["dst_port"]) == (vm_address, 80)
+
+        cut = await flowwatch.call("flow.terminate", {"vm": "web", "id": flow["id"]})
+        assert cut["status"] == "terminated"
+        assert await asyncio.to_thread(reset_within, client, 1.0), "the client got no reset within 1 s"
+    finally:
+        client.close()
+        server.close()
