@@ -10,7 +10,7 @@ import socket
 
 import pytest
 from pyroute2 import netns as pyroute2_netns
-from tests.helpers import eventually
+from tests.helpers import EventCollector, eventually
 
 from conftest import vm_nic
 from edgevm.flowwatch.app import make_setup
@@ -52,6 +52,10 @@ async def _answers_404(call):
     return True
 
 
+async def _ended(events: EventCollector, flow_id: str) -> bool:
+    return any(e.flow.id == flow_id and e.flow.status == "terminated" for e in events.of_type("flow.terminated"))
+
+
 def reset_within(sock: socket.socket, seconds: float) -> bool:
     """Whether the peer's reset reaches `sock` (a read fails with ECONNRESET) within `seconds`."""
     sock.settimeout(seconds)
@@ -64,7 +68,8 @@ def reset_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
-async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node, netplumb, flowwatch):
+async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node, netplumb, flowwatch, nc):
+    events = await EventCollector().start(nc, f"edgevm.evt.{netplumb.node}.flow.web")
     lan = await asyncio.to_thread(lab.host, node, "lan", "lan0", f"{NODE_LAN}/24", f"{LAN_HOST}/24")
     await netplumb.call("net.vrf.create", {"name": "red", "subnet": "10.61.0.0/24"})
     mapping = {"host_interface": "lan0", "host_port": 8080, "vm_port": 80, "protocol": "tcp"}
@@ -97,6 +102,10 @@ async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node
         cut = await flowwatch.call("flow.terminate", {"vm": "web", "id": flow["id"]})
         assert cut["status"] == "terminated"
         assert await asyncio.to_thread(reset_within, client, 1.0), "the client got no reset within 1 s"
+        # The same flow on the event stream, as the gateway reads it.
+        await eventually(lambda: _ended(events, flow["id"]), timeout=5, what="flow.terminated event")
+        [opened] = [e for e in events.of_type("flow.opened") if e.flow.id == flow["id"]]
+        assert opened.flow.vm == "web" and opened.flow.status == "active"
     finally:
         client.close()
         server.close()
