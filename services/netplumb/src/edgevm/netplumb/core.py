@@ -1,0 +1,100 @@
+"""The heart of the service: records, the kernel plumber, and the one queue every change goes through."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from edgevm.netplumb.desired import Desired, desired
+from edgevm.netplumb.errors import KernelError
+from edgevm.netplumb.kernel import Outcome, Plumber
+from edgevm.netplumb.records import NetRecords
+from edgevm.netplumb.settings import Settings
+from edgevm.shared.clock import now
+from edgevm.shared.events import NetApplied, NetFailed
+from edgevm.shared.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NetCore:
+    """Owns the node's records and kernel; changes run one at a time, each to its end once started.
+
+    A command's deadline may end the wait for a change but never the change: it is shielded, so records
+    and kernel never part half-way. Kernel work runs on a single worker thread.
+    """
+
+    def __init__(
+        self, node: str, records: NetRecords, plumber: Plumber, settings: Settings, publisher: EventPublisher | None
+    ) -> None:
+        self.node = node
+        self.records = records
+        self.plumber = plumber
+        self.settings = settings
+        self._publisher = publisher
+        self._lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netplumb-kernel")
+        self._changes: set[asyncio.Task[Any]] = set()
+        self.last_outcome = Outcome()
+
+    async def kernel(self, work: Callable[..., T], *args: Any) -> T:
+        """Runs blocking kernel work on the kernel thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+
+    async def exclusive(self, change: Callable[[], Awaitable[T]]) -> T:
+        """Runs `change` alone, to its end even when the caller stops waiting."""
+
+        async def locked() -> T:
+            async with self._lock:
+                return await change()
+
+        task = asyncio.ensure_future(locked())
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        return await asyncio.shield(task)
+
+    def desired(self) -> Desired:
+        """What the kernel must hold now, from the records."""
+        return desired(
+            self.records.vrfs.all(),
+            self.records.vnets.all(),
+            self.records.vms.all(),
+            self.settings.netns_prefix,
+            self.settings.vxlan_local,
+        )
+
+    async def converge(self, verify: bool = False) -> Outcome:
+        """Brings the kernel to the records (call it inside `exclusive`)."""
+        outcome = await self.kernel(self.plumber.converge, self.desired(), verify)
+        self.last_outcome = outcome
+        for change in outcome.changes:
+            log.info("applied: %s", change)
+        return outcome
+
+    async def converge_or_raise(self, *steps: str) -> Outcome:
+        """Converges; raises KernelError naming the failed steps that start with one of `steps`."""
+        outcome = await self.converge()
+        failures = [failure for failure in outcome.failures if failure.startswith(steps)]
+        if failures:
+            raise KernelError("; ".join(failures))
+        return outcome
+
+    async def published(self, vm: str, detail: Any, failed: bool = False) -> None:
+        """Publishes net.applied (or net.failed) for a VM; a bus failure is logged, not raised."""
+        if self._publisher is None:
+            return
+        event = (NetFailed if failed else NetApplied)(at=now(), vm=vm, detail=detail)
+        try:
+            await self._publisher.publish(event)
+        except Exception as exc:
+            log.warning("could not publish %s for %s: %s", type(event).__name__, vm, exc)
+
+    async def close(self) -> None:
+        """Waits for changes in flight, then stops the kernel thread."""
+        if self._changes:
+            await asyncio.wait(set(self._changes), timeout=30)
+        self._executor.shutdown(wait=True)

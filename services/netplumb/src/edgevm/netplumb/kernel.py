@@ -1,0 +1,217 @@
+"""Brings the kernel of one node to a Desired state, and answers what the kernel has.
+
+Every method blocks (netlink, nft, tc, sysctl): the service runs them one at a time on its own worker
+thread, so two changes never interleave. The plumber remembers what it applied in this process, so a
+change (a VM started) touches only what differs; `verify` reads everything back from the kernel instead,
+which is what a reconcile does after a restart or on its timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from ipaddress import IPv4Address
+
+from edgevm.netplumb import names
+from edgevm.netplumb.desired import Desired
+from edgevm.netplumb.drivers import netns as ns
+from edgevm.netplumb.drivers import nft
+from edgevm.netplumb.drivers.links import open_links
+from edgevm.netplumb.drivers.vif import ensure_virtual_interface, remove_virtual_interface
+from edgevm.netplumb.drivers.vnet import ensure_attachment, ensure_vnet, remove_attachment, remove_vnet
+from edgevm.netplumb.drivers.vrf import ensure_vrf, remove_vrf
+from edgevm.netplumb.errors import KernelError, NetplumbError
+from edgevm.netplumb.nftjson import Table
+from edgevm.netplumb.plans import VirtualInterfacePlan, VnetPlan, VrfPlan
+from edgevm.netplumb.rulesets import tables
+
+log = logging.getLogger(__name__)
+
+# Node-side links netplumb names: VRF host bridges, their ports and uplinks, vnet bridges, VXLANs, ports.
+_OWN_PREFIXES = ("evh-", "evp-", "evu-", "evn-", "evx-")
+_VNET_PORT_LEN = len(names.vnet_port("vrf", "vnet"))  # "eva" and a hash
+
+
+@dataclass
+class Outcome:
+    """What a converge changed, and what it could not do (each a sentence)."""
+
+    changes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def attempt(self, what: str, action: Callable[[], list[str]]) -> bool:
+        """Runs one step and says whether it worked; a kernel failure is noted and the next steps still run."""
+        try:
+            self.changes += action()
+        except NetplumbError as exc:
+            log.warning("%s failed: %s", what, exc)
+            self.failures.append(f"{what}: {exc}")
+            return False
+        return True
+
+
+def _is_vnet_port(name: str) -> bool:
+    return len(name) == _VNET_PORT_LEN and name.startswith("eva") and all(c in "0123456789abcdef" for c in name[3:])
+
+
+class Plumber:
+    """Applies Desired states to one node's namespace (None: this process's own) and its VRF namespaces."""
+
+    def __init__(self, node_netns: str | None, netns_prefix: str) -> None:
+        self.node_netns = node_netns
+        self.netns_prefix = netns_prefix
+        self._vrfs: dict[str, VrfPlan] = {}
+        self._vnets: dict[str, VnetPlan] = {}
+        self._attachments: dict[tuple[str, str], tuple[IPv4Address, ...]] = {}
+        self._taps: set[tuple[str, str]] = set()
+        self._wires: set[VirtualInterfacePlan] = set()
+        self._tables: dict[str | None, Table] = {}
+
+    def converge(self, want: Desired, verify: bool = False) -> Outcome:
+        """Makes the kernel hold `want`; with `verify`, checks every piece and removes what nothing needs."""
+        out = Outcome()
+        node = self.node_netns
+        if verify:
+            out.attempt("removing unused links", lambda: self._remove_orphans(want))
+        for vrf in want.vrfs:
+            if (verify or self._vrfs.get(vrf.name) != vrf) and out.attempt(
+                f"VRF {vrf.name}", partial(ensure_vrf, vrf, node)
+            ):
+                self._vrfs[vrf.name] = vrf
+        vnets = {vnet.name: vnet for vnet in want.vnets}
+        for vnet in want.vnets:
+            if (verify or self._vnets.get(vnet.name) != vnet) and out.attempt(
+                f"virtual network {vnet.name}", partial(ensure_vnet, vnet, node)
+            ):
+                self._vnets[vnet.name] = vnet
+        vrfs = {vrf.name: vrf for vrf in want.vrfs}
+        for key in sorted(set(self._attachments) - set(want.attachments)):
+            vnet_name, vrf_name = key
+            if vnet_name in self._vnets and vrf_name in self._vrfs:
+                gone = partial(remove_attachment, self._vnets[vnet_name], self._vrfs[vrf_name], node)
+                out.attempt(f"detaching {vrf_name} from {vnet_name}", gone)
+            del self._attachments[key]
+        for key, ips in want.attachments.items():
+            if (verify or self._attachments.get(key) != ips) and key[0] in vnets and key[1] in vrfs:
+                attach = partial(ensure_attachment, vnets[key[0]], vrfs[key[1]], ips, node)
+                if out.attempt(f"attaching {key[1]} to {key[0]}", attach):
+                    self._attachments[key] = ips
+        out.attempt("attaching VM taps", lambda: self._attach_taps(want, verify))
+        self._apply_tables(want, verify, out)
+        self._wire(want, verify, out)
+        return out
+
+    def _attach_taps(self, want: Desired, verify: bool) -> list[str]:
+        todo = [tb for tb in want.taps if verify or tb not in self._taps]
+        self._taps = set(want.taps)
+        if not todo:
+            return []
+        with open_links(self.node_netns) as node:
+            present = node.names()
+            for tap, bridge in todo:
+                # libvirt puts the tap on the bridge itself; this repairs one left off it (or a test's veth).
+                if tap in present and bridge in present:
+                    node.ensure_master(tap, bridge)
+                    node.ensure_up(tap)
+        return node.changes
+
+    def _apply_tables(self, want: Desired, verify: bool, out: Outcome) -> None:
+        try:
+            wanted = tables(want.vrfs, want.port_mappings, want.virtual_ips)
+        except NetplumbError as exc:
+            out.failures.append(f"building the nftables tables: {exc}")
+            return
+        # VRF namespaces first: the node's DNAT to a VRF must find the VRF's own rules in place.
+        for netns in sorted(wanted, key=lambda n: (n is None, n or "")):
+            out.attempt(f"nftables table of {netns or 'the node'}", partial(self._table, wanted[netns], netns, verify))
+        for netns in set(self._tables) - set(wanted):
+            del self._tables[netns]
+
+    def _table(self, table: Table, netns: str | None, verify: bool) -> list[str]:
+        target = self.node_netns if netns is None else netns
+        if verify:
+            changed = nft.ensure_table(table, target)
+        elif self._tables.get(netns) != table:
+            nft.apply_table(table, target)
+            changed = True
+        else:
+            changed = False
+        self._tables[netns] = table
+        return [f"{target or 'node'}: replaced table {table.family} {table.name}"] if changed else []
+
+    def _wire(self, want: Desired, verify: bool, out: Outcome) -> None:
+        node = self.node_netns
+        unwire = set(want.idle_interfaces) if verify else self._wires - set(want.virtual_interfaces)
+        for plan in sorted(unwire, key=lambda p: p.host_interface):
+            out.attempt(f"unwiring {plan.host_interface}", partial(remove_virtual_interface, plan, node))
+        wired: set[VirtualInterfacePlan] = set()
+        for plan in want.virtual_interfaces:
+            wire = partial(ensure_virtual_interface, plan, node)
+            if verify or plan not in self._wires:
+                if not out.attempt(f"virtual interface {plan.host_interface}", wire):
+                    continue
+            wired.add(plan)
+        self._wires = wired
+
+    def _remove_orphans(self, want: Desired) -> list[str]:
+        """Removes VRF namespaces, links and vnet ports of this node that no record names."""
+        vrf_names = {vrf.name for vrf in want.vrfs}
+        keep = {vrf.host_bridge for vrf in want.vrfs}
+        for vrf in want.vrfs:
+            if not vrf.is_default:
+                keep |= {names.host_port(vrf.name), names.uplink(vrf.name)}
+        for vnet in want.vnets:
+            keep |= {vnet.bridge, vnet.vxlan}
+        keep |= {names.vnet_port(vrf, vnet) for vnet, vrf in want.attachments}
+        changes: list[str] = []
+        with open_links(self.node_netns) as node:
+            links = node.names()
+            # A namespace is an unused VRF's only when the node still has that VRF's uplink: a bare prefix
+            # match could hit namespaces that are not this node's.
+            for entry in sorted(os.listdir(ns.NETNS_DIR)) if os.path.isdir(ns.NETNS_DIR) else []:
+                vrf = entry[len(self.netns_prefix) :]
+                if entry.startswith(self.netns_prefix) and vrf not in vrf_names and names.uplink(vrf) in links:
+                    if ns.remove_netns(entry):
+                        changes.append(f"removed unused VRF namespace {entry}")
+            for name in links:
+                if name not in keep and (name.startswith(_OWN_PREFIXES) or _is_vnet_port(name)):
+                    node.remove(name)
+        return changes + node.changes
+
+    def remove_vrf(self, vrf: VrfPlan) -> list[str]:
+        """Removes a VRF from the kernel (its namespace, bridges and uplink)."""
+        self._vrfs.pop(vrf.name, None)
+        self._tables.pop(vrf.netns, None)
+        return remove_vrf(vrf, self.node_netns)
+
+    def remove_vnet(self, vnet: VnetPlan) -> list[str]:
+        """Removes a virtual network's bridge and VXLAN device."""
+        self._vnets.pop(vnet.name, None)
+        return remove_vnet(vnet, self.node_netns)
+
+    def existing_interfaces(self, wanted: set[str]) -> set[str]:
+        """Which of the named links the node namespace has."""
+        with open_links(self.node_netns) as node:
+            return wanted & node.names()
+
+    def underlay_address(self, peers: list[str]) -> IPv4Address | None:
+        """The address this node reaches the first peer from, else its first global IPv4 address."""
+        with open_links(self.node_netns) as node:
+            for peer in peers:
+                try:
+                    routes = node.call(f"looking up the route to {peer}", "route", "get", dst=peer)
+                except KernelError:
+                    continue
+                source = routes[0].get("prefsrc") if routes else None
+                if source:
+                    return IPv4Address(source)
+            links = node.call("listing links", "link", "dump")
+            ours = {m["index"] for m in links if m.get("ifname", "").startswith("ev")}
+            for msg in node.call("listing addresses", "addr", "dump", family=socket.AF_INET):
+                if msg.get("scope") == 0 and msg["index"] not in ours:
+                    return IPv4Address(msg.get("address"))
+        return None

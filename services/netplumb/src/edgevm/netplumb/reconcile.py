@@ -1,0 +1,54 @@
+"""Reconcile: the kernel checked piece by piece against `edgevm_net`, repaired, and cleared of leftovers.
+
+Runs at start-up (after a restart the kernel may hold anything from nothing to all of it), on a timer, and
+on request (`net.reconcile`, node-internal). When all is right it changes nothing: every table is read back
+and compared, never re-applied blindly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from msgspec import Struct
+
+from edgevm.netplumb.core import NetCore
+from edgevm.shared.commands import Empty
+
+log = logging.getLogger(__name__)
+
+
+class Reconciled(Struct):
+    """Reply of `net.reconcile`: what had to change, and what could not be done."""
+
+    changes: list[str]
+    failures: list[str]
+
+
+async def reconcile(core: NetCore) -> Reconciled:
+    """One verifying pass over every VRF, virtual network, table and wire of the node."""
+    outcome = await core.exclusive(lambda: core.converge(verify=True))
+    for failure in outcome.failures:
+        log.error("reconcile: %s", failure)
+    return Reconciled(changes=outcome.changes, failures=outcome.failures)
+
+
+class ReconcileCommand:
+    """Handler of `net.reconcile`."""
+
+    def __init__(self, core: NetCore) -> None:
+        self._core = core
+
+    async def reconcile(self, _: Empty) -> Reconciled:
+        """net.reconcile: reconcile now."""
+        return await reconcile(self._core)
+
+
+async def reconcile_forever(core: NetCore, interval: float) -> None:
+    """Reconciles every `interval` seconds for the life of the service."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await reconcile(core)
+        except Exception:
+            log.exception("periodic reconcile failed")

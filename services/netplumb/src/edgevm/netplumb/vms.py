@@ -1,0 +1,203 @@
+"""`net.vm.*` (node-internal, asked by lifecycle) and `net.status`: a VM's network through its life.
+
+prepare (before the domain is defined or started) -> activate (it runs) -> deactivate (it stopped)
+-> release (it is deleted). Each is idempotent; only activate/deactivate touch the VM's rules.
+"""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+import msgspec
+
+from edgevm.netplumb import ipam, names
+from edgevm.netplumb.checks import PRIMARY_NIC, check_prepare, interfaces_named
+from edgevm.netplumb.core import NetCore
+from edgevm.netplumb.errors import KernelError
+from edgevm.netplumb.kernel import Outcome
+from edgevm.netplumb.netconfig import network_config, node_nameservers
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, NetStatus, NetStatusRequest
+from edgevm.shared.errors import NotFound
+from edgevm.shared.netstate import NetPrepare, NetPrepared, NetVmRef, NicRecord, VmNetRecord, VrfRecord
+
+log = logging.getLogger(__name__)
+
+
+def status_of(record: VmNetRecord) -> NetStatus:
+    """What net.status reports: addresses always; mappings, virtual networks and interfaces while applied."""
+    applied = record.active
+    return NetStatus(
+        vm=record.vm,
+        vrf=record.vrf,
+        ip_addresses=[str(IPv4Interface(nic.address).ip) for nic in record.nics if nic.address],
+        port_mappings=[msgspec.to_builtins(pm) for pm in record.port_mappings] if applied else [],
+        virtual_networks=[msgspec.to_builtins(a) for a in record.virtual_networks] if applied else [],
+        virtual_interfaces=[msgspec.to_builtins(v) for v in record.virtual_interfaces] if applied else [],
+    )
+
+
+def detail_of(record: VmNetRecord) -> dict[str, Any]:
+    """The `detail` of a net.applied event: the status and whether the VM's rules are in place."""
+    detail: dict[str, Any] = msgspec.to_builtins(status_of(record))
+    detail["active"] = record.active
+    return detail
+
+
+def failures_of(outcome: Outcome, record: VmNetRecord) -> list[str]:
+    """The failed steps of a converge that concern a VM (another VM's broken wire is not its failure)."""
+    mine = (
+        f"VRF {record.vrf}:",
+        "nftables table",
+        "building the nftables tables",
+        "attaching VM taps",
+        *(f"virtual network {a.network}:" for a in record.virtual_networks),
+        *(f"attaching {record.vrf} to {a.network}:" for a in record.virtual_networks),
+        *(f"virtual interface {v.name}:" for v in record.virtual_interfaces),
+    )
+    return [failure for failure in outcome.failures if failure.startswith(mine)]
+
+
+class VmNetCommands:
+    """Handlers of `net.vm.prepare|activate|deactivate|release` and `net.status`."""
+
+    def __init__(self, core: NetCore) -> None:
+        self._core = core
+
+    async def prepare(self, req: NetPrepare) -> NetPrepared:
+        """Checks the VM's network, allocates (or keeps) its NICs, records them; applies when it runs."""
+        return await self._core.exclusive(lambda: self._prepare(req))
+
+    async def _prepare(self, req: NetPrepare) -> NetPrepared:
+        core = self._core
+        named = interfaces_named(req)
+        present = await core.kernel(core.plumber.existing_interfaces, named) if named else set()
+        vrf = check_prepare(req, core.records, present)
+        before = core.records.vms.get(req.vm)
+        record = VmNetRecord(
+            vm=req.vm,
+            vrf=vrf.name,
+            netns=vrf.netns,
+            nics=[self._bridge_nic(req.vm, vrf, before)],
+            port_mappings=list(req.network.port_mappings),
+            virtual_networks=list(req.network.virtual_networks),
+            virtual_interfaces=list(req.network.virtual_interfaces),
+            active=before.active if before is not None else False,
+            updated_at=now(),
+            passthrough_nics=self._passthrough_nics(req, before),
+        )
+        unchanged = False
+        if before is not None and msgspec.structs.replace(before, updated_at=record.updated_at) == record:
+            record, unchanged = before, True  # a repeated prepare writes nothing
+        else:
+            await core.records.vms.put(req.vm, record)
+        # The VRF's bridge must exist before libvirt plugs the tap in; a running VM gets its new rules.
+        failures = failures_of(await core.converge(), record)
+        if failures:
+            if not unchanged:  # a failed prepare leaves things as they were
+                if before is None:
+                    await core.records.vms.delete(req.vm)
+                else:
+                    await core.records.vms.put(req.vm, before)
+                await core.converge()
+            if record.active:
+                await core.published(req.vm, {"error": "; ".join(failures), "active": True}, failed=True)
+            raise KernelError("; ".join(failures))
+        if record.active and not unchanged:
+            await core.published(req.vm, detail_of(record))
+        nics = [*record.nics, *record.passthrough_nics]
+        return NetPrepared(nics=nics, network_config=network_config(nics, node_nameservers()))
+
+    def _bridge_nic(self, vm: str, vrf: VrfRecord, before: VmNetRecord | None) -> NicRecord:
+        subnet = IPv4Network(vrf.subnet)
+        others = [r for r in self._core.records.vms.all() if r.vm != vm]
+        kept = before.nics[0] if before is not None and before.nics else None
+        if kept is not None and (before is None or before.vrf != vrf.name):
+            kept = None
+        taken = {IPv4Interface(n.address).ip for r in others if r.vrf == vrf.name for n in r.nics if n.address}
+        old = IPv4Interface(kept.address).ip if kept is not None else None
+        if old is not None and old not in taken and old in subnet:
+            address = old
+        else:
+            address = ipam.allocate_address(subnet, taken, IPv4Address(vrf.gateway))
+        macs = [n.mac for r in others for n in (*r.nics, *r.passthrough_nics)]
+        mac = kept.mac if kept is not None else ipam.mac_address(self._core.node, vm, 0, macs)
+        return NicRecord(
+            index=0,
+            mac=mac,
+            address=f"{address}/{subnet.prefixlen}",
+            gateway=vrf.gateway,
+            bridge=names.host_bridge(vrf.name),
+            tap=names.vm_tap(vm, 0),
+            name=PRIMARY_NIC,
+        )
+
+    def _passthrough_nics(self, req: NetPrepare, before: VmNetRecord | None) -> list[NicRecord]:
+        kept = {nic.name: nic for nic in before.passthrough_nics} if before is not None else {}
+        others = [r for r in self._core.records.vms.all() if r.vm != req.vm]
+        macs = [n.mac for r in others for n in (*r.nics, *r.passthrough_nics)]
+        nics = []
+        for index, vif in enumerate(req.network.virtual_interfaces, start=1):
+            old = kept.get(vif.destination)
+            mac = old.mac if old is not None else ipam.mac_address(self._core.node, req.vm, index, macs)
+            nics.append(
+                NicRecord(
+                    index=index,
+                    mac=mac,
+                    address="",
+                    gateway="",
+                    bridge="",
+                    tap=names.vm_tap(req.vm, index),
+                    kind="passthrough",
+                    name=vif.destination,
+                )
+            )
+        return nics
+
+    async def activate(self, ref: NetVmRef) -> NetStatus:
+        """The VM runs: its port mappings, virtual IPs and virtual interfaces are applied."""
+        return await self._core.exclusive(lambda: self._set_active(ref.vm, True))
+
+    async def deactivate(self, ref: NetVmRef) -> NetStatus:
+        """The VM stopped: its rules are removed (its addresses stay allocated)."""
+        return await self._core.exclusive(lambda: self._set_active(ref.vm, False))
+
+    async def _set_active(self, vm: str, active: bool) -> NetStatus:
+        core = self._core
+        record = core.records.vms.get(vm)
+        if record is None:
+            if active:
+                raise NotFound(f"VM {vm} has no network on this node: net.vm.prepare it first", "vm")
+            return NetStatus(vm, "", [], [], [], [])
+        if record.active != active:
+            record = msgspec.structs.replace(record, active=active, updated_at=now())
+            await core.records.vms.put(vm, record)
+        failures = failures_of(await core.converge(), record)
+        if failures:
+            await core.published(vm, {"error": "; ".join(failures), "active": active}, failed=True)
+            raise KernelError("; ".join(failures))
+        await core.published(vm, detail_of(record))
+        return status_of(record)
+
+    async def release(self, ref: NetVmRef) -> Empty:
+        """The VM is deleted: its rules go, its addresses and MACs are free again, its record is removed."""
+        return await self._core.exclusive(lambda: self._release(ref.vm))
+
+    async def _release(self, vm: str) -> Empty:
+        core = self._core
+        if vm not in core.records.vms:
+            return Empty()
+        await core.records.vms.delete(vm)
+        outcome = await core.converge()
+        if outcome.failures:
+            await core.published(vm, {"error": "; ".join(outcome.failures), "released": True}, failed=True)
+        return Empty()
+
+    async def status(self, req: NetStatusRequest) -> NetStatus:
+        """net.status: the VM's network as applied on the node."""
+        record = self._core.records.vms.get(req.vm)
+        if record is None:
+            raise NotFound(f"VM {req.vm} has no network on this node", "vm")
+        return status_of(record)

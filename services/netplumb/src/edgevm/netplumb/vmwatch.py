@@ -1,0 +1,60 @@
+"""Self-healing of the active set: follows lifecycle's `edgevm_vms` bucket for VMs that changed by themselves.
+
+Lifecycle asks for activate/deactivate/release on its own; this catches what happens without a command (a
+guest that powers itself off, a crash) and what was missed while netplumb was down. Only VMs that have
+a network record are acted on, and each action is the same idempotent one lifecycle asks for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from edgevm.netplumb.vms import VmNetCommands
+from edgevm.shared.netstate import NetVmRef
+from edgevm.shared.objects import VmState
+
+log = logging.getLogger(__name__)
+RUNNING: frozenset[str] = frozenset({"running"})
+STOPPED: frozenset[str] = frozenset({"defined", "stopped", "crashed", "error"})
+
+
+class _Status(msgspec.Struct):
+    state: VmState
+
+
+class _Vm(msgspec.Struct):
+    status: _Status
+
+
+_decoder = msgspec.json.Decoder(_Vm)
+
+
+async def follow_vms(kv: KeyValue, node: str, vms: VmNetCommands, has_record: Callable[[str], bool]) -> None:
+    """Watches `<node>.*` in edgevm_vms for ever: running -> activate, stopped -> deactivate, gone -> release."""
+    watcher = await kv.watch(f"{node}.*")
+    try:
+        async for entry in watcher:
+            if entry is None or not entry.key:
+                continue
+            vm = entry.key[len(node) + 1 :]
+            if not has_record(vm):
+                continue
+            try:
+                if entry.operation in (KV_DEL, KV_PURGE):
+                    await vms.release(NetVmRef(vm=vm))
+                    continue
+                state = _decoder.decode(entry.value or b"").status.state
+                if state in RUNNING:
+                    await vms.activate(NetVmRef(vm=vm))
+                elif state in STOPPED:
+                    await vms.deactivate(NetVmRef(vm=vm))
+            except msgspec.DecodeError:
+                log.warning("edgevm_vms entry %s is not a VM; ignored", entry.key)
+            except Exception as exc:
+                log.warning("following VM %s (%s) failed: %s", vm, entry.key, exc)
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]

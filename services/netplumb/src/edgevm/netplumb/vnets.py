@@ -1,0 +1,78 @@
+"""`net.vnet.*`: the virtual networks (VXLAN overlays) this node takes part in."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from edgevm.netplumb.core import NetCore
+from edgevm.netplumb.desired import vnet_plan
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, NameRef, VnetCreate, VnetList
+from edgevm.shared.errors import Conflict, NotFound, Unprocessable
+from edgevm.shared.netstate import VnetRecord
+from edgevm.shared.objects import Vnet
+
+
+def public(record: VnetRecord) -> Vnet:
+    """The protocol's Vnet of a record."""
+    return Vnet(name=record.name, cidr=record.cidr, vni=record.vni, peers=list(record.peers))
+
+
+class VnetCommands:
+    """Handlers of `net.vnet.*`."""
+
+    def __init__(self, core: NetCore) -> None:
+        self._core = core
+
+    async def create(self, cmd: VnetCreate) -> Vnet:
+        """net.vnet.create: the network's bridge and VXLAN device, flooding to its peers."""
+        return await self._core.exclusive(lambda: self._create(cmd))
+
+    async def _create(self, cmd: VnetCreate) -> Vnet:
+        records = self._core.records.vnets
+        if cmd.name in records:
+            raise Conflict(f"a virtual network named {cmd.name} exists already", "name")
+        for other in records.all():
+            if other.vni == cmd.vni:
+                raise Conflict(f"VXLAN id {cmd.vni} is used by virtual network {other.name}", "vni")
+        local: IPv4Address | None = self._core.settings.vxlan_local
+        if local is None:
+            local = await self._core.kernel(self._core.plumber.underlay_address, cmd.peers)
+        if local is None:
+            raise Unprocessable(
+                "the node has no underlay address to send VXLAN from: give peers it can route to, "
+                "or set EDGEVM_VXLAN_LOCAL",
+                "peers",
+            )
+        peers = sorted({p for p in cmd.peers if IPv4Address(p) != local}, key=IPv4Address)
+        record = VnetRecord(name=cmd.name, cidr=cmd.cidr, vni=cmd.vni, peers=peers, created_at=now(), local=str(local))
+        await records.put(cmd.name, record)
+        try:
+            await self._core.converge_or_raise(f"virtual network {cmd.name}:")
+        except Exception:
+            await self._core.kernel(self._core.plumber.remove_vnet, vnet_plan(record, self._core.settings.vxlan_local))
+            await records.delete(cmd.name)
+            raise
+        return public(record)
+
+    async def list(self, _: Empty) -> VnetList:
+        """net.vnet.list."""
+        return VnetList(vnets=[public(r) for r in self._core.records.vnets.all()])
+
+    async def delete(self, cmd: NameRef) -> Empty:
+        """net.vnet.delete: 409 while a VM is attached to it."""
+        return await self._core.exclusive(lambda: self._delete(cmd))
+
+    async def _delete(self, cmd: NameRef) -> Empty:
+        record = self._core.records.vnets.get(cmd.name)
+        if record is None:
+            raise NotFound(f"virtual network {cmd.name} does not exist", "name")
+        users = [
+            vm.vm for vm in self._core.records.vms.all() if any(a.network == cmd.name for a in vm.virtual_networks)
+        ]
+        if users:
+            raise Conflict(f"virtual network {cmd.name} is used by VM(s) {', '.join(users)}", "name")
+        await self._core.kernel(self._core.plumber.remove_vnet, vnet_plan(record, self._core.settings.vxlan_local))
+        await self._core.records.vnets.delete(cmd.name)
+        await self._core.converge()
+        return Empty()

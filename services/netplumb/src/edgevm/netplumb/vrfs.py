@@ -1,0 +1,94 @@
+"""`net.vrf.*`: create, list and delete the node's VRFs; the default VRF exists from start-up on."""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Network
+
+from edgevm.netplumb import ipam, names
+from edgevm.netplumb.core import NetCore
+from edgevm.netplumb.desired import vrf_plan
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, NameRef, VrfCreate, VrfList
+from edgevm.shared.errors import Conflict, NotFound
+from edgevm.shared.netstate import VrfRecord
+from edgevm.shared.objects import Vrf
+
+log = logging.getLogger(__name__)
+
+
+def public(record: VrfRecord) -> Vrf:
+    """The protocol's Vrf of a record."""
+    return Vrf(name=record.name, subnet=record.subnet, gateway=record.gateway)
+
+
+class VrfCommands:
+    """Handlers of `net.vrf.*`."""
+
+    def __init__(self, core: NetCore) -> None:
+        self._core = core
+
+    async def ensure_default(self) -> None:
+        """Records the default VRF (in the node namespace, subnet from the settings) when there is none."""
+        records = self._core.records.vrfs
+        subnet = self._core.settings.default_subnet
+        current = records.get(names.DEFAULT_VRF)
+        if current is None:
+            gateway = str(ipam.gateway_address(subnet))
+            record = VrfRecord(
+                name=names.DEFAULT_VRF, subnet=str(subnet), gateway=gateway, netns=None, created_at=now()
+            )
+            await records.put(names.DEFAULT_VRF, record)
+        elif current.subnet != str(subnet):
+            log.warning("the default VRF keeps its subnet %s (EDGEVM_DEFAULT_SUBNET says %s)", current.subnet, subnet)
+
+    async def create(self, cmd: VrfCreate) -> Vrf:
+        """net.vrf.create: a namespace with a bridge holding the gateway, joined to the node by an uplink."""
+        return await self._core.exclusive(lambda: self._create(cmd))
+
+    async def _create(self, cmd: VrfCreate) -> Vrf:
+        records = self._core.records.vrfs
+        if cmd.name in records:
+            raise Conflict(f"a VRF named {cmd.name} exists already", "name")
+        subnet = IPv4Network(cmd.subnet)
+        taken = [IPv4Network(r.uplink) for r in records.all() if r.uplink]
+        uplink = ipam.allocate_uplink(ipam.DEFAULT_UPLINK_POOL, taken)
+        record = VrfRecord(
+            name=cmd.name,
+            subnet=str(subnet),
+            gateway=str(ipam.gateway_address(subnet)),
+            netns=names.vrf_netns(cmd.name, self._core.settings.netns_prefix),
+            uplink=str(uplink),
+            created_at=now(),
+        )
+        await records.put(cmd.name, record)
+        try:
+            await self._core.converge_or_raise(f"VRF {cmd.name}:", "nftables table")
+        except Exception:
+            await self._core.kernel(self._core.plumber.remove_vrf, vrf_plan(record, self._core.settings.netns_prefix))
+            await records.delete(cmd.name)
+            await self._core.converge()
+            raise
+        return public(record)
+
+    async def list(self, _: Empty) -> VrfList:
+        """net.vrf.list."""
+        return VrfList(vrfs=[public(r) for r in self._core.records.vrfs.all()])
+
+    async def delete(self, cmd: NameRef) -> Empty:
+        """net.vrf.delete: 409 while a VM is in it; the default VRF is never deleted."""
+        return await self._core.exclusive(lambda: self._delete(cmd))
+
+    async def _delete(self, cmd: NameRef) -> Empty:
+        record = self._core.records.vrfs.get(cmd.name)
+        if record is None:
+            raise NotFound(f"VRF {cmd.name} does not exist", "name")
+        if cmd.name == names.DEFAULT_VRF:
+            raise Conflict("the default VRF is the node's own network and cannot be deleted", "name")
+        users = [vm.vm for vm in self._core.records.vms.all() if vm.vrf == cmd.name]
+        if users:
+            raise Conflict(f"VRF {cmd.name} is used by VM(s) {', '.join(users)}", "name")
+        await self._core.kernel(self._core.plumber.remove_vrf, vrf_plan(record, self._core.settings.netns_prefix))
+        await self._core.records.vrfs.delete(cmd.name)
+        await self._core.converge()
+        return Empty()
