@@ -21,7 +21,7 @@ import pytest
 from edgevm.cli.natsserver import free_port, wait_for_port
 from edgevm.cli.supervisor import installed_services
 from edgevm.shared.client import Client
-from tests.helpers import eventually
+from tests.helpers import ServiceProcess, eventually
 
 
 def children_of(pid: int) -> dict[int, str]:
@@ -176,3 +176,14 @@ async def _has(url: str, names: set[str]) -> bool:
 
 async def _restarted(parent: int, old: int) -> bool:
     return any("edgevm.gateway" in cmd and pid != old for pid, cmd in children_of(parent).items())
+
+
+def test_a_service_that_never_reached_nats_stops_on_sigterm(tmp_path: Path) -> None:
+    # Nothing listens on this port: the service keeps trying to connect until told to stop.
+    service = ServiceProcess("gateway", {"EDGEVM_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+                                         "EDGEVM_STATE_DIR": str(tmp_path)}, tmp_path / "gw.log").start()
+    time.sleep(3)
+    assert service.process is not None and service.process.poll() is None, service.log()
+    began = time.monotonic()
+    assert service.stop(signal.SIGTERM, timeout=10) == 0, service.log()
+    assert time.monotonic() - began < 5, "SIGTERM ended it at once, not after a connect attempt ran out"

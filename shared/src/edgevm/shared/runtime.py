@@ -72,12 +72,27 @@ async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
 Setup = Callable[[ServiceContext], Awaitable[None]]
 
 
+class ServiceStopped(Exception):
+    """The service was asked to stop before it was up."""
+
+
 async def connect_when_ready(url: str, name: str, stop: asyncio.Event) -> NATS:
     """Connect to NATS, retrying with backoff while the server is not up yet (e.g. during node start)."""
     delay = 0.2
     while True:
+        # A connect attempt can itself retry for long (nats-py keeps trying an unreachable server):
+        # race it with `stop`, so SIGTERM ends a service that never reached NATS.
+        attempt = asyncio.ensure_future(connect(url, name))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({attempt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not attempt.done():
+            attempt.cancel()
+            with contextlib.suppress(BaseException):
+                await attempt
+            raise ServiceStopped(f"{name}: stopped before NATS at {url} was reached")
         try:
-            return await connect(url, name)
+            return attempt.result()
         except Exception as exc:
             if stop.is_set():
                 raise
@@ -91,7 +106,11 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
     """Run service `name` until `stop` is set (or SIGTERM/SIGINT when run as a process)."""
     config = config or Config.from_env()
     stop = stop or asyncio.Event()
-    nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop)
+    try:
+        nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop)
+    except ServiceStopped as exc:
+        log.info("%s", exc)
+        return
     js = nc.jetstream(timeout=5)
     async with contextlib.AsyncExitStack() as stack:
         buckets = await ensure_jetstream(js)
