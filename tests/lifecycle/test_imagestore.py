@@ -323,3 +323,44 @@ def test_import_roots_default_and_volume_sources() -> None:
     assert default_import_roots(Path("/var/lib/edgevm")) == [Path("/var/lib/edgevm/import")]
     assert is_store_path("vms/web-1/data.qcow2") and is_store_path("./data.qcow2")
     assert not is_store_path("ubuntu-24.04")
+
+
+async def test_losing_an_import_race_to_another_process_removes_only_its_own_file(
+    store: ImageStore, import_dir: Path
+) -> None:
+    """Another process imports x as qcow2 while this one imports x as raw: its record wins in the bucket."""
+    from nats.js.errors import KeyWrongLastSequenceError
+
+    from edgevm.lifecycle.images import ImageService
+    from edgevm.shared.commands import ImportImage
+    from edgevm.shared.errors import Conflict
+
+    make_raw(import_dir / "x.raw")
+
+    class OtherProcessWins:
+        async def create(self, key: str, value: bytes) -> int:
+            make_qcow2(store.root / "x.qcow2")  # the winner's file, stored after our existence check
+            raise KeyWrongLastSequenceError("wrong last sequence: 1")
+
+    results: list[BaseException | dict] = []
+
+    class InlineRunner:
+        async def submit(self, kind: str, vm: str | None, work):  # type: ignore[no-untyped-def]
+            async def progress(percent: int, message: str) -> None:
+                pass
+
+            try:
+                results.append(await work(progress))
+            except Exception as exc:
+                results.append(exc)
+            return None
+
+    images = ImageService(OtherProcessWins(), "n1", store, InlineRunner(), [import_dir],  # type: ignore[arg-type]
+                          lambda name: [])
+    await images.import_image(ImportImage("x", "x.raw"))
+    assert isinstance(results[0], Conflict) and "imported meanwhile" in results[0].message
+    assert store_files(store) == ["x.qcow2"]  # the winner's image is still there; ours is gone
+    assert "x" not in images.images
+    # and the name is not left reserved in this process
+    await images.import_image(ImportImage("x", "x.raw"))
+    assert isinstance(results[1], Conflict)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,68 @@ async def test_update_rules_are_400_and_dotted_image_names_survive_a_restart(
         assert [i.name for i in (await again.client.call("image.list", {}, ImageList)).images] == ["deb-12.4"]
     finally:
         await again.shutdown()
+
+
+async def test_a_start_makes_again_a_seed_and_overlay_a_power_cut_tore(node: Node) -> None:
+    await import_image(node)
+    await node.client.call("vm.create", {"name": "torn", "image": "base"}, Vm)
+    vm_dir = node.config.state_dir / "lifecycle" / "vms" / "torn"
+    (vm_dir / "seed.iso").write_bytes(b"")
+    (vm_dir / "root.qcow2").unlink()
+    (vm_dir / "root.qcow2").write_bytes(b"QFI\xfb" + b"\0" * 100)
+    task = await wait_task(node, await node.client.call("vm.start", {"name": "torn"}, TaskReply))
+    assert task.status == "succeeded", task.error
+    assert (vm_dir / "seed.iso").stat().st_size > 0
+    assert qemu_info(vm_dir / "root.qcow2")["backing-filename"].endswith("base.qcow2")
+
+
+async def test_create_never_takes_over_a_record_less_vm_directory(node: Node) -> None:
+    await import_image(node)
+    leftover = node.config.state_dir / "lifecycle" / "vms" / "old"
+    leftover.mkdir(parents=True)
+    (leftover / "root.qcow2").write_bytes(b"someone's data")
+    error = await expect_error(node, "vm.create", {"name": "old", "image": "base"}, "409", "name")
+    assert "by hand" in error.message
+    assert (leftover / "root.qcow2").read_bytes() == b"someone's data"
+
+
+async def test_update_changes_nothing_when_its_network_is_refused(node: Node) -> None:
+    await import_image(node)
+    data = {"name": "data", "kind": "disk", "size": "32MB"}
+    vm = await node.client.call("vm.create", {"name": "u", "image": "base", "volumes": [data]}, Vm)
+    disk = node.config.state_dir / "lifecycle" / "vms" / "u" / "volume-data.qcow2"
+    await expect_error(node, "vm.update", {"name": "u", "revision": vm.status.revision, "network": {"vrf": "red"},
+                                           "volumes": [{**data, "size": "64MB"}]}, "422", "network")
+    assert qemu_info(disk)["virtual-size"] == 32 << 20
+    assert (await node.client.call("vm.get", {"name": "u"}, Vm)).status.revision == vm.status.revision
+
+
+async def test_a_running_vm_keeps_its_vrf_until_stopped(node: Node) -> None:
+    await import_image(node)
+    vm = await node.client.call("vm.create", {"name": "r", "image": "base"}, Vm)
+    assert (await wait_task(node, await node.client.call("vm.start", {"name": "r"}, TaskReply))).status == "succeeded"
+    await expect_error(node, "vm.update", {"name": "r", "revision": vm.status.revision, "network": {"vrf": "red"}},
+                       "409", "network")
+
+
+async def test_a_second_import_of_a_name_is_a_409_at_once_even_in_another_format(node: Node) -> None:
+    node.make_image_file("x.raw", fmt="raw")
+    node.make_image_file("x.qcow2", fmt="qcow2")
+    first, second = await asyncio.gather(
+        node.client.call("image.import", {"name": "x", "path": "x.raw"}, TaskReply),
+        node.client.call("image.import", {"name": "x", "path": "x.qcow2"}, TaskReply),
+        return_exceptions=True,
+    )
+    assert isinstance(first, TaskReply), first
+    assert isinstance(second, RemoteError) and (second.code, second.field) == ("409", "name"), second
+    assert "being imported" in second.message
+    task = await wait_task(node, first)
+    assert task.status == "succeeded", task.error
+    images = node.config.state_dir / "lifecycle" / "images"
+    assert sorted(p.name for p in images.iterdir()) == ["x.raw"]  # the winner's file stays, alone
+    assert (await node.client.call("image.get", {"name": "x"}, Image)).format == "raw"
+    # the name is free again once the import ended: a delete, then an import in the other format
+    await node.client.call("image.delete", {"name": "x"})
+    task = await wait_task(node, await node.client.call("image.import", {"name": "x", "path": "x.qcow2"}, TaskReply))
+    assert task.status == "succeeded", task.error
+    assert sorted(p.name for p in images.iterdir()) == ["x.qcow2"]

@@ -25,7 +25,11 @@ def info(path: Path) -> dict:
     return json.loads(run("qemu-img", "info", "--output=json", str(path)))
 
 
-@pytest.mark.parametrize(("fmt", "size"), [("qcow2", "64M"), ("qcow2", "3G"), ("raw", "1000"), ("qcow2", "2T")])
+@pytest.mark.parametrize(
+    ("fmt", "size"),
+    [("qcow2", "64M"), ("qcow2", "3G"), ("raw", "1000"), ("qcow2", "2T"), ("qcow2", "4T"), ("qcow2", "5T"),
+     ("qcow2", "8T"), ("qcow2", "64T")],
+)
 def test_overlay_matches_what_qemu_img_makes(tmp_path: Path, fmt: str, size: str) -> None:
     base = tmp_path / f"base.{fmt}"
     if fmt == "raw":
@@ -41,6 +45,9 @@ def test_overlay_matches_what_qemu_img_makes(tmp_path: Path, fmt: str, size: str
     assert a["format-specific"]["data"]["compat"] == "1.1"
     assert a["format-specific"]["data"]["refcount-bits"] == 16
     assert ours.stat().st_size == theirs.stat().st_size
+    # Past the header cluster (qemu-img adds a feature-name table there), the refcount table and block and
+    # the L1 table, which spans several clusters above 4 TiB, are byte for byte qemu-img's.
+    assert ours.read_bytes()[qcow2.CLUSTER:] == theirs.read_bytes()[qcow2.CLUSTER:]
     run("qemu-img", "check", str(ours))  # raises on any leak or corruption
     run("qemu-img", "compare", str(ours), str(base))  # reads fall through to the image
 
@@ -72,3 +79,20 @@ def test_never_overwrites_and_refuses_what_it_cannot_write(tmp_path: Path) -> No
         qcow2.write_overlay(tmp_path / "x.qcow2", Path("base.raw"), "raw")
     with pytest.raises(ValueError, match="not a qcow2"):
         qcow2.write_overlay(tmp_path / "x.qcow2", base, "qcow2")
+
+
+def test_an_overlay_over_4_tib_takes_writes_through_its_second_l1_cluster(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), "8T")
+    overlay = tmp_path / "o.qcow2"
+    qcow2.write_overlay(overlay, base, "qcow2")
+    run("qemu-io", "-c", "write -P 0xa5 6T 1M", "-c", "write -P 0x5a 0 64k", str(overlay))  # L1 clusters 2, 1
+    run("qemu-img", "check", str(overlay))
+    assert reads(overlay, 0xA5, "6T 1M") and reads(overlay, 0x5A, "0 64k")
+    assert reads(overlay, 0, "5T 64k")  # unwritten: from the (empty) image
+
+
+def test_refuses_a_disk_larger_than_qcow2_can_address(tmp_path: Path) -> None:
+    assert len(qcow2.overlay_bytes("/b", "raw", 2 * 1024**5)) == 3 * qcow2.CLUSTER + qcow2.MAX_L1_BYTES  # 2 PiB
+    with pytest.raises(ValueError, match="too large"):
+        qcow2.overlay_bytes("/b", "raw", 2 * 1024**5 + 512)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edgevm.lifecycle.userdata import (
+    MAX_META_DATA_BYTES,
     MAX_USER_DATA_BYTES,
     CloudInitInvalid,
     validate_meta_data,
@@ -145,3 +146,13 @@ def test_meta_data_may_not_set_what_edgevm_owns() -> None:
             validate_meta_data({key: "x"})
         assert caught.value.field == f"cloud_init.meta_data.{key}"
         assert "is set by edgevm" in caught.value.rule
+
+
+def test_meta_data_is_at_most_64_kib_as_json() -> None:
+    # {"k":"..."} is 8 bytes of JSON around the value: this one is exactly at the limit.
+    at_limit = {"k": "x" * (MAX_META_DATA_BYTES - 8)}
+    assert validate_meta_data(at_limit) == at_limit
+    with pytest.raises(CloudInitInvalid) as caught:
+        validate_meta_data({"k": "x" * (MAX_META_DATA_BYTES - 7)})
+    assert caught.value.field == "cloud_init.meta_data"
+    assert f"at most {MAX_META_DATA_BYTES} bytes as JSON; it is {MAX_META_DATA_BYTES + 1} bytes" in caught.value.rule

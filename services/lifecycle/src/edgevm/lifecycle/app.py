@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -34,7 +35,8 @@ from edgevm.shared.tasks import TaskStore
 log = logging.getLogger(__name__)
 # Tasks of these kinds are the lifecycle's own: after a restart, unfinished ones are failed.
 OWN_TASK_KINDS = ("vm.", "image.")
-NET_TIMEOUT = 10.0  # netplumb may create a namespace and apply a table for one request
+NET_TIMEOUT = 10.0  # netplumb's activate may wait behind one of its reconciles
+RECOVERY_WAIT = 10.0
 
 
 def import_roots(state_dir: Path) -> list[Path]:
@@ -88,11 +90,17 @@ async def setup(ctx: ServiceContext) -> None:
     interrupted = await tasks.fail_interrupted(OWN_TASK_KINDS)
     if interrupted:
         log.warning("%d task(s) interrupted by the last restart were marked failed", interrupted)
-    await vms.reconcile()
+    # Events first, then the look at every domain: a change between the two is not missed.
     events = LifecycleEvents(connection)
     await events.__aenter__()
     ctx.stack.push_async_callback(events.__aexit__, None, None, None)
+    await vms.reconcile()
     ctx.background(follow_domains(events, vms), "libvirt events")
+    # Lost domains and auto starts need netplumb, which may come up after us: wait a little for it, then
+    # serve anyway and let the recovery finish in the background.
+    recovery = ctx.background(vms.recover(), "recovery after start-up")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(recovery), RECOVERY_WAIT)
 
     # Reads answer from memory, inline; the rest may wait on libvirt, JetStream or a disk.
     for verb, handler in [

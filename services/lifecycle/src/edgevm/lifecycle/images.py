@@ -42,6 +42,9 @@ class ImageService:
         self._import_roots = import_roots
         self._users = users
         self.images: dict[str, Image] = {}
+        # Names an import or a delete of this process is working on: a second one is a 409 at once, and an
+        # import and a delete of one name never touch the store's files at the same time.
+        self._busy: dict[str, str] = {}
 
     def _key(self, name: str) -> str:
         return f"{self._node}.{name}"
@@ -57,13 +60,34 @@ class ImageService:
         image = self.images[name]
         return self._store.path_for(name, image.format)
 
+    def _reserve(self, name: str, what: str) -> None:
+        """Mark `name` busy with `what` (checked and set with no await between); 409 when it is busy."""
+        busy = self._busy.get(name)
+        if busy is not None:
+            raise Conflict(f"image {name} is being {busy} right now", "name")
+        self._busy[name] = what
+
     async def import_image(self, req: ImportImage) -> TaskReply:
         """image.import: check the request now, copy in a task."""
         source = confine(req.path, self._import_roots, field="path")
         if req.name in self.images:
             raise Conflict(f"an image named {req.name} exists already", "name")
+        self._reserve(req.name, "imported")
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._busy.pop(req.name, None)
 
         async def work(progress: Progress) -> dict[str, Any]:
+            try:
+                return await copy_in(progress)
+            finally:
+                release()
+
+        async def copy_in(progress: Progress) -> dict[str, Any]:
             done = [0]
             copy = asyncio.ensure_future(self._store.import_image(req.name, source, req.format, done.append))
             shown = 0
@@ -77,12 +101,18 @@ class ImageService:
             try:
                 await self._kv.create(self._key(req.name), msgspec.json.encode(image))
             except KeyWrongLastSequenceError:
-                await self._store.remove(req.name)
+                # Only this import's own file goes: another process's import of the same name may have
+                # stored a file of another format (x.qcow2 beside our x.raw), and that one is the image.
+                await asyncio.to_thread(record.path.unlink, True)
                 raise Conflict(f"an image named {req.name} was imported meanwhile", "name") from None
             self.images[req.name] = image
             return msgspec.to_builtins(image)  # type: ignore[no-any-return]
 
-        return TaskReply(await self._runner.submit("image.import", None, work))
+        try:
+            return TaskReply(await self._runner.submit("image.import", None, work))
+        except BaseException:
+            release()
+            raise
 
     async def list(self, req: Empty) -> ImageList:
         """image.list."""
@@ -96,12 +126,22 @@ class ImageService:
         return image
 
     async def delete(self, req: ImageRef) -> Empty:
-        """image.delete: refused while a VM uses the image."""
-        await self.get(req)
-        users = self._users(req.name)
-        if users:
-            raise Conflict(f"image {req.name} is used by VM {', '.join(users)}", "name")
-        await self._kv.delete(self._key(req.name))
-        self.images.pop(req.name, None)
-        await self._store.remove(req.name)
+        """image.delete: refused while a VM uses the image or is being created on it."""
+        image = await self.get(req)
+        self._reserve(req.name, "deleted")
+        try:
+            # Checked and taken out of `images` with no await between: a vm.create either counts among the
+            # users here (it is in flight) or, coming later, finds no such image.
+            users = self._users(req.name)
+            if users:
+                raise Conflict(f"image {req.name} is used by VM {', '.join(users)}", "name")
+            del self.images[req.name]
+            try:
+                await self._kv.delete(self._key(req.name))
+            except BaseException:
+                self.images[req.name] = image  # still recorded: still there
+                raise
+            await self._store.remove(req.name)
+        finally:
+            self._busy.pop(req.name, None)
         return Empty()

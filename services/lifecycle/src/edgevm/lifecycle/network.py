@@ -8,16 +8,18 @@ VMs get no NIC, and a spec that asks for more than the default VRF is refused wi
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from edgevm.shared.client import Client
-from edgevm.shared.errors import Unprocessable
+from edgevm.shared.errors import Unavailable, Unprocessable
 from edgevm.shared.netstate import NetPrepare, NetPrepared, NetVmRef, NicRecord
 from edgevm.shared.spec import Network, VmSpec
 
 log = logging.getLogger(__name__)
+PREPARE_TIMEOUT = 1.5
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Attachment:
 class VmNetwork(Protocol):
     """The node's network as lifecycle sees it."""
 
+    async def wait_ready(self) -> None: ...
     async def prepare(self, spec: VmSpec) -> Attachment: ...
     async def activate(self, vm: str) -> None: ...
     async def deactivate(self, vm: str) -> None: ...
@@ -43,11 +46,30 @@ class NetplumbNetwork:
     def __init__(self, client: Client) -> None:
         self.client = client
 
+    async def wait_ready(self) -> None:
+        """Wait until netplumb answers (it may start after lifecycle), retrying with backoff."""
+        delay, waited = 0.2, 0.0
+        while True:
+            try:
+                await self.client.call("net.vrf.list")
+                return
+            except Unavailable as exc:
+                if waited < 30 <= waited + delay:
+                    log.warning("netplumb does not answer yet (%s): lost domains and auto starts wait for it", exc)
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 5.0)
+
     async def prepare(self, spec: VmSpec) -> Attachment:
         """Allocate (or keep) the VM's NICs for its network spec."""
-        reply = await self.client.call(
-            "net.vm.prepare", NetPrepare(vm=spec.name, network=spec.network, hostname=spec.hostname), NetPrepared
-        )
+        request = NetPrepare(vm=spec.name, network=spec.network, hostname=spec.hostname)
+        try:
+            # Within the 2 s a command has (vm.create, vm.update); the power tasks' calls may wait longer.
+            async with asyncio.timeout(PREPARE_TIMEOUT):
+                reply = await self.client.call("net.vm.prepare", request, NetPrepared)
+        except TimeoutError:
+            raise Unavailable(f"netplumb did not prepare VM {spec.name}'s network within {PREPARE_TIMEOUT:g} s",
+                              "network") from None
         return Attachment(reply.nics, reply.network_config)
 
     async def activate(self, vm: str) -> None:
@@ -65,6 +87,9 @@ class NetplumbNetwork:
 
 class NoNetwork:
     """A node without netplumb (EDGEVM_NETWORK=none): VMs have no NIC; anything beyond that is a 422."""
+
+    async def wait_ready(self) -> None:
+        """Nothing to wait for."""
 
     async def prepare(self, spec: VmSpec) -> Attachment:
         """Refuse a network this node cannot give; otherwise no NIC."""

@@ -7,8 +7,11 @@ qemu-img lays it out:
 
     cluster 0  header (v3, 112 bytes), header extensions (backing format), the backing file name
     cluster 1  refcount table: one entry -> cluster 2
-    cluster 2  refcount block: clusters 0..3 used once
-    cluster 3  L1 table, all zero (nothing allocated: every read falls through to the backing file)
+    cluster 2  refcount block: clusters 0..2 and the L1 table's clusters used once
+    cluster 3  L1 table, all zero (nothing allocated: every read falls through to the backing file);
+               one entry per 512 MiB of disk, so above 4 TiB it spans more clusters (3, 4, ...)
+
+The file ends where the L1 table does (qemu-img does not pad it to a whole cluster).
 
 The tests check the result with `qemu-img check`, `qemu-img info` and writes through `qemu-io`.
 """
@@ -30,6 +33,8 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
 MAX_BACKING_NAME = 1023  # qemu's limit
 L2_ENTRIES = CLUSTER // 8
+MIN_OVERLAY_SIZE = 3 * CLUSTER + 8  # header, refcount table and block, and at least one L1 entry
+MAX_L1_BYTES = 32 * 1024 * 1024  # qemu's QCOW_MAX_L1_SIZE: 2 PiB of disk with 64 KiB clusters
 
 
 def virtual_size(path: Path, fmt: str) -> int:
@@ -56,8 +61,9 @@ def overlay_bytes(backing: str, backing_format: str, size: int) -> bytes:
     if size <= 0 or size % 512:
         raise ValueError(f"a qcow2 size must be a positive multiple of 512, not {size}")
     l1_size = -(-size // (CLUSTER * L2_ENTRIES))
-    if l1_size * 8 > CLUSTER:
-        raise ValueError(f"{size} bytes need a larger L1 table than one cluster holds")
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise ValueError(f"{size} bytes are too large for a qcow2 disk with {CLUSTER} byte clusters")
+    l1_clusters = -(-l1_size * 8 // CLUSTER)
     extensions = _extension(EXT_BACKING_FORMAT, backing_format.encode()) + _extension(EXT_END, b"")
     backing_offset = HEADER_LENGTH + len(extensions)
     if backing_offset + len(name) > CLUSTER:
@@ -87,7 +93,9 @@ def overlay_bytes(backing: str, backing_format: str, size: int) -> bytes:
     cluster0 = header + extensions + name
     cluster0 += b"\0" * (CLUSTER - len(cluster0))
     refcount_table = struct.pack(">Q", 2 * CLUSTER) + b"\0" * (CLUSTER - 8)
-    refcount_block = struct.pack(">4H", 1, 1, 1, 1) + b"\0" * (CLUSTER - 8)
+    # Clusters 0..2 and the L1 table's, once each; 515 clusters at most, far below a block's 32768 entries.
+    used = 3 + l1_clusters
+    refcount_block = struct.pack(f">{used}H", *([1] * used)) + b"\0" * (CLUSTER - 2 * used)
     return cluster0 + refcount_table + refcount_block + b"\0" * (8 * l1_size)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -26,6 +28,7 @@ class VmRecords:
         self._node = node
         self._vms: dict[str, Vm] = {}
         self._revisions: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     def _key(self, name: str) -> str:
         return f"{self._node}.{name}"
@@ -65,14 +68,19 @@ class VmRecords:
         self._revisions[vm.spec.name] = revision
 
     async def save(self, vm: Vm) -> None:
-        """Store a changed VM over the revision this cache last wrote."""
+        """Store a changed VM over the revision this cache last wrote; writes of one VM go one at a time."""
         name = vm.spec.name
-        revision = await self._kv.update(self._key(name), _encoder.encode(vm), last=self._revisions[name])
-        self._vms[name] = vm
-        self._revisions[name] = revision
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            try:
+                revision = await self._kv.update(self._key(name), _encoder.encode(vm), last=self._revisions[name])
+            except KeyWrongLastSequenceError:
+                raise Conflict(f"VM {name} was changed by someone else meanwhile: read it again", "name") from None
+            self._vms[name] = vm
+            self._revisions[name] = revision
 
     async def delete(self, name: str) -> None:
         """Forget a VM."""
         await self._kv.delete(self._key(name))
         self._vms.pop(name, None)
         self._revisions.pop(name, None)
+        self._locks.pop(name, None)

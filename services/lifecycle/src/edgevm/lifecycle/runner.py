@@ -71,18 +71,22 @@ class TaskRunner:
             self._index.put(task)
 
         async def flush() -> None:
+            # Progress is for people watching: a write that fails is logged, never the task's failure.
             nonlocal pending
             if pending is not None and not task.finished:
                 percent, message = pending
                 pending = None
-                await write(progress=percent, message=message)
+                try:
+                    await write(progress=percent, message=message)
+                except Exception as exc:
+                    log.warning("task %s: progress %d%% not recorded: %s", task.id, percent, exc)
 
         def flush_later() -> None:
             nonlocal flusher
             flusher = None
-            job = asyncio.create_task(flush())
-            self._running.add(job)  # type: ignore[arg-type]
-            job.add_done_callback(self._running.discard)  # type: ignore[arg-type]
+            job: asyncio.Task[None] = asyncio.create_task(flush())
+            self._running.add(job)
+            job.add_done_callback(self._running.discard)
 
         async def progress(percent: int, message: str) -> None:
             # Steps of a fast task are not worth a write each: at most one progress write per
@@ -103,7 +107,12 @@ class TaskRunner:
                 self._vms[task.vm] -= 1
                 if not self._vms[task.vm]:
                     del self._vms[task.vm]
-            await held.release()
+            try:
+                await held.release()
+            except Exception as exc:
+                # The lease expires by itself (bucket TTL); the task's end must still be written.
+                log.warning("task %s: the lease on %s was not given back (it expires in 30 s): %s",
+                            task.id, task.vm, exc)
 
         ending: dict[str, Any]
         try:

@@ -11,7 +11,8 @@ decides those.
 
 network-config is YAML (at most 64 KiB) that parses to a mapping with `version: 1` or `version: 2` (or
 `config: disabled`), at the top or under a `network:` key (cloud-init accepts both). meta_data is extra
-NoCloud meta-data; it may not set `instance-id` or `local-hostname`, which edgevm owns (see seed.py).
+NoCloud meta-data (at most 64 KiB as JSON); it may not set `instance-id` or `local-hostname`, which
+edgevm owns (see seed.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from __future__ import annotations
 import email
 from typing import Any
 
+import msgspec
 import yaml
 
 from edgevm.shared.errors import FieldError
 
 MAX_USER_DATA_BYTES = 64 * 1024
 MAX_NETWORK_CONFIG_BYTES = 64 * 1024
+MAX_META_DATA_BYTES = 64 * 1024
 RESERVED_META_DATA_KEYS = ("instance-id", "local-hostname")
 ACCEPTED_FORMS = (
     "'#cloud-config' followed by YAML, a script starting with '#!', '#cloud-boothook', "
@@ -79,7 +82,14 @@ def validate_network_config(network_config: str | bytes, *, field: str = NETWORK
 
 
 def validate_meta_data(meta_data: dict[str, Any], *, field: str = META_DATA_FIELD) -> dict[str, Any]:
-    """Return extra meta-data when it sets none of the keys edgevm owns, else raise CloudInitInvalid."""
+    """Return extra meta-data when it sets none of the keys edgevm owns and is at most 64 KiB as JSON.
+
+    Raise CloudInitInvalid otherwise. The size bound keeps the seed ISO and the VM's record (which is a
+    JetStream KV value and part of every `vm.list` reply) small.
+    """
+    size = len(msgspec.json.encode(meta_data))
+    if size > MAX_META_DATA_BYTES:
+        raise CloudInitInvalid(field, f"must be at most {MAX_META_DATA_BYTES} bytes as JSON; it is {size} bytes")
     for key in RESERVED_META_DATA_KEYS:
         if key in meta_data:
             what = "set `hostname` in the VM spec" if key == "local-hostname" else "edgevm derives it"

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from edgevm.lifecycle import qcow2
 from edgevm.lifecycle.drivers.domain_xml import build_domain_xml
 from edgevm.lifecycle.drivers.domains import Domains
 from edgevm.lifecycle.drivers.errors import DomainNotFound, OperationInvalid
@@ -29,7 +30,7 @@ from edgevm.lifecycle.seed import write_seed
 from edgevm.lifecycle.userdata import validate_meta_data, validate_network_config, validate_user_data
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, StopVm, TaskReply, UpdateVm, VmList, VmRef
-from edgevm.shared.errors import Conflict, InvalidRequest, invalid_from_msgspec
+from edgevm.shared.errors import Conflict, EdgevmError, InvalidRequest, invalid_from_msgspec
 from edgevm.shared.events import VmCrashed, VmCreated, VmDeleted, VmStarted, VmStopped, VmUpdated
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.objects import Vm, VmState, VmStatus
@@ -63,7 +64,8 @@ class VmService:
         self.node = node
         self.records = records
         self.network: VmNetwork = network or NoNetwork()
-        self._creating: set[str] = set()
+        self._creating: dict[str, VmSpec] = {}
+        self.strays: set[str] = set()  # record-less edgevm domains found at reconcile
         self.images = images
         self.domains = domains
         self.planner = planner
@@ -74,6 +76,8 @@ class VmService:
         self.host_memory = host_memory
         self.qemu_img = qemu_img or QemuImg()
         self._rechecks: dict[str, asyncio.Task[None]] = {}
+        self._missing: list[str] = []  # from reconcile, for recover
+        self._restart: list[str] = []
 
     @property
     def layout(self) -> Layout:
@@ -143,11 +147,14 @@ class VmService:
         await asyncio.gather(*jobs)
         return files
 
-    async def _define(self, spec: VmSpec, revision: int, paths: dict[str, Path]) -> list[str]:
+    async def _define(
+        self, spec: VmSpec, revision: int, paths: dict[str, Path], attachment: Attachment | None = None
+    ) -> list[str]:
         """Make the VM's files and (re)define its domain; return the addresses netplumb gave its NICs."""
         # netplumb first: its answer (NICs, network-config) goes into the domain and the seed, and its
         # refusal (a taken port, an unknown VRF) must come before any file is made.
-        attachment = await self.network.prepare(spec)
+        if attachment is None:
+            attachment = await self.network.prepare(spec)
         files = await self._make_files(spec, paths, attachment)
         plan = self.planner.domain(spec, revision, files, nic_plans(spec, attachment.nics))
         await self.domains.define(build_domain_xml(plan))
@@ -190,11 +197,9 @@ class VmService:
         return updated
 
     def users_of_image(self, image: str) -> list[str]:
-        """Return the VMs whose spec names `image`."""
-        return [
-            vm.spec.name for vm in self.records.all()
-            if vm.spec.image == image or any(v.source == image for v in vm.spec.volumes)
-        ]
+        """Return the VMs whose spec names `image`, those being created included."""
+        specs = [vm.spec for vm in self.records.all()] + list(self._creating.values())
+        return [spec.name for spec in specs if spec.image == image or any(v.source == image for v in spec.volumes)]
 
     # -- commands -----------------------------------------------------------------------------------------
     async def create(self, spec: VmSpec) -> Vm:
@@ -206,7 +211,11 @@ class VmService:
         # an in-process guard keeps two creates of one name apart, without a lease in the bucket.
         if spec.name in self._creating:
             raise Conflict(f"a VM named {spec.name} is being created", "name")
-        self._creating.add(spec.name)
+        if spec.name in self.strays or self.layout.vm_dir(spec.name).exists():
+            # What a record-less domain or directory holds is not ours to overwrite or to clean up.
+            raise Conflict(f"VM {spec.name} has no record but its domain edgevm-{spec.name} or directory"
+                           f" {self.layout.vm_dir(spec.name)} is there: remove them by hand first", "name")
+        self._creating[spec.name] = spec
         try:
             stamp = now()
             guest_os = self.images.images[spec.image].guest_os
@@ -219,10 +228,13 @@ class VmService:
                 await self._undo_create(spec.name)
                 raise
         finally:
-            self._creating.discard(spec.name)
+            self._creating.pop(spec.name, None)
         await self.publisher.publish(VmCreated(at=now(), vm=vm))
         if spec.auto_start:
-            await self.start(VmRef(spec.name))
+            try:
+                await self.start(VmRef(spec.name))
+            except EdgevmError as exc:  # the VM exists: say so, and why it did not start
+                log.warning("VM %s was created but its auto start was refused: %s", spec.name, exc.message)
         return vm
 
     async def _undo_create(self, name: str) -> None:
@@ -274,17 +286,24 @@ class VmService:
             running = current.status.state in ("running", "starting", "stopping")
             if running and [v.name for v in spec.volumes] != [v.name for v in vm.spec.volumes]:
                 raise Conflict(f"VM {req.name} is running: stop it to add or remove volumes", "volumes")
+            if running and (spec.network.vrf != vm.spec.network.vrf
+                            or spec.network.virtual_interfaces != vm.spec.network.virtual_interfaces):
+                raise Conflict(f"VM {req.name} is running: stop it to change its VRF or virtual interfaces"
+                               " (its NICs)", "network")
             removed = {v.name for v in vm.spec.volumes} - {v.name for v in spec.volumes}
             revision = current.status.revision + 1
-            # A grown disk grows now, live when the VM runs (as Proxmox' resize does).
+            # The network first: a refusal there must come before anything changes.
+            attachment = await self.network.prepare(spec)
+            # Redefining a running domain changes its next boot, as Proxmox' pending changes do.
+            addresses = await self._define(spec, revision, paths, attachment)
+            # A grown disk grows now, live when the VM runs (as Proxmox' resize does); last, as the one
+            # step that cannot be taken back.
             for name, size in resizes.items():
                 path = self.layout.vm_dir(req.name) / f"volume-{name}.qcow2"
                 if running:
                     await self.domains.block_resize(req.name, str(path), size)
                 else:
                     await self.qemu_img.resize(path, size)
-            # Redefining a running domain changes its next boot, as Proxmox' pending changes do.
-            addresses = await self._define(spec, revision, paths)
             for name in removed:
                 (self.layout.vm_dir(req.name) / f"volume-{name}.qcow2").unlink(missing_ok=True)
             updated = Vm(spec, msgspec.structs.replace(current.status, revision=revision, updated_at=now(),
@@ -322,6 +341,7 @@ class VmService:
 
     # -- task bodies --------------------------------------------------------------------------------------
     async def _start(self, name: str, progress: Progress) -> dict[str, Any] | None:
+        await self._repair_files(self.records.get(name))
         await progress(10, "starting the domain")
         failed: Exception | None = None
         async with self._transient(name, "starting"):
@@ -359,23 +379,54 @@ class VmService:
             await self._network_down(name)
             return {"forced": False}
         forced = force
-        async with self._transient(name, "stopping"):
-            if not force:
-                await progress(10, "ACPI shutdown sent")
-                try:
-                    await self.domains.shutdown(name)
-                except OperationInvalid:
-                    pass  # it stopped meanwhile
-                forced = not await self._wait_off(name, vm.spec.stop_timeout)
-            if forced:
-                await progress(90, "destroying the domain")
-                try:
-                    await self.domains.destroy(name)  # returns once the domain is off
-                except OperationInvalid:
-                    await self._wait_off(name, 10)  # it was stopping by itself
+        try:
+            async with self._transient(name, "stopping"):
+                if not force:
+                    await progress(10, "ACPI shutdown sent")
+                    try:
+                        await self.domains.shutdown(name)
+                    except OperationInvalid:
+                        pass  # it stopped meanwhile
+                    forced = not await self._wait_off(name, vm.spec.stop_timeout)
+                if forced:
+                    await progress(90, "destroying the domain")
+                    try:
+                        await self.domains.destroy(name)  # returns once the domain is off
+                    except OperationInvalid:
+                        await self._wait_off(name, 10)  # it was stopping by itself
+        except Exception:
+            # Whatever failed, the record must not stay `stopping`: take what libvirt says.
+            with contextlib.suppress(Exception):
+                real = await self._domain_state(name)
+                state: VmState = "running" if real in (DomainState.RUNNING, DomainState.PAUSED) else "stopped"
+                if self.records.get(name).status.state != state:
+                    await self._set_state(self.records.get(name), state)
+            raise
         await self._set_state(self.records.get(name), "stopped", event=VmStopped)
         await self._network_down(name)
         return {"forced": forced}
+
+    async def _repair_files(self, vm: Vm) -> None:
+        """Before a start: make again a seed or a fresh overlay that a power cut left empty or short.
+
+        They are written atomically but not fsynced (see `_make_files`); a file the cut tore is one nothing
+        had written to yet, so making it again loses nothing.
+        """
+        name = vm.spec.name
+        seed = self.planner.seed_path(name)
+        root = self.layout.vm_dir(name) / "root.qcow2"
+        torn = not seed.exists() or seed.stat().st_size == 0
+        if self.images.images.get(vm.spec.image) and self.images.images[vm.spec.image].format != "iso":
+            if not root.exists():
+                torn = True
+            elif root.stat().st_size < qcow2.MIN_OVERLAY_SIZE:
+                log.warning("VM %s: its overlay %s is torn (%d bytes): making it again", name, root,
+                            root.stat().st_size)
+                root.unlink()
+                torn = True
+        if torn:
+            log.warning("VM %s: its seed or overlay was missing or torn: defining it again", name)
+            await self._define(vm.spec, vm.status.revision, self.check_spec(vm.spec))
 
     async def _network_down(self, name: str) -> None:
         # The VM is off whatever the network says: a failure here leaves rules that netplumb removes at its
@@ -439,7 +490,9 @@ class VmService:
             if name not in self._rechecks:
                 job = asyncio.create_task(self._observe_after_lease(name))
                 self._rechecks[name] = job
-                job.add_done_callback(lambda _: self._rechecks.pop(name, None))
+            return
+        vm = self.records.find(name)  # again: the awaits above may have let another write in
+        if vm is None:
             return
         if state == DomainState.RUNNING and vm.status.state != "running":
             await self._set_state(vm, "running", event=VmStarted)
@@ -453,9 +506,11 @@ class VmService:
     async def _observe_after_lease(self, name: str) -> None:
         # Leases live in JetStream KV, so there is nothing local to wait on: poll until it is released.
         while True:
-            if await self.locks.holder(name) is None:
+            if not self.runner.holds(name) and await self.locks.holder(name) is None:
                 break
             await asyncio.sleep(LEASE_RECHECK)
+        # Gone from the table before looking: a lease taken meanwhile schedules a new look.
+        self._rechecks.pop(name, None)
         await self.observe(name, await self._domain_state(name))
 
     async def close(self) -> None:
@@ -465,29 +520,24 @@ class VmService:
         await asyncio.gather(*self._rechecks.values(), return_exceptions=True)
 
     async def reconcile(self) -> list[str]:
-        """At start-up: redefine missing domains, take real states, report stray domains; return the strays.
+        """At start-up, before commands: take real states, report stray domains; return the strays.
 
-        A VM with `auto_start` that was running when the node went down (its record says so, its domain is
-        off now: the host rebooted or libvirt lost it) is started again, as Proxmox' "start at boot" does.
-        A VM someone stopped stays stopped.
+        What needs the network (defining a lost domain again, starting auto_start VMs) is left to `recover`,
+        which waits for netplumb: it may start after this service.
         """
         domains = {d.vm: d for d in await self.domains.list()}
-        restart: list[str] = []
+        self._missing, self._restart = [], []
         for vm in self.records.all():
             name = vm.spec.name
-            was_running = vm.status.state in ("running", "starting", "stopping")
+            # `stopping` was on its way down: a VM someone was stopping is not started again.
+            was_up = vm.status.state in ("running", "starting")
             if name not in domains:
-                log.warning("VM %s has no domain: defining it again from its spec", name)
-                try:
-                    await self._define(vm.spec, vm.status.revision, self.check_spec(vm.spec))
-                except Exception as exc:
-                    log.error("VM %s could not be defined again: %s", name, exc)
-                    await self._set_state(vm, "error", f"its domain was missing and could not be defined: {exc}")
-                    continue
-                if was_running:
+                log.warning("VM %s has no domain: it will be defined again from its spec", name)
+                self._missing.append(name)
+                if vm.status.state in ("running", "starting", "stopping"):
                     await self._set_state(vm, "stopped", event=VmStopped)
-                    if vm.spec.auto_start:
-                        restart.append(name)
+                if was_up and vm.spec.auto_start:
+                    self._restart.append(name)
                 continue
             real = domains[name].state
             wanted: VmState | None = {
@@ -497,21 +547,42 @@ class VmService:
             }.get(real)
             if wanted is None and real == DomainState.SHUTOFF and vm.status.state not in ("defined", "stopped"):
                 wanted = "stopped"
-                if was_running and vm.spec.auto_start:
-                    restart.append(name)
+                if was_up and vm.spec.auto_start:
+                    self._restart.append(name)
             if wanted is not None and wanted != vm.status.state:
                 await self._set_state(vm, wanted)
-        strays = sorted(set(domains) - {vm.spec.name for vm in self.records.all()})
-        for stray in strays:
+        self.strays = set(domains) - {vm.spec.name for vm in self.records.all()}
+        for stray in sorted(self.strays):
             log.warning("domain edgevm-%s has no VM record on node %s: left alone, remove it by hand", stray,
                         self.node)
-        for name in restart:
+        return sorted(self.strays)
+
+    async def recover(self) -> None:
+        """After `reconcile`, once the network answers: define lost domains again, start auto_start VMs.
+
+        A VM with `auto_start` that was running when the node went down (its record says so, its domain is
+        off now: the host rebooted or libvirt lost it) is started again, as Proxmox' "start at boot" does.
+        A VM someone stopped stays stopped.
+        """
+        await self.network.wait_ready()
+        for name in self._missing:
+            vm = self.records.find(name)
+            if vm is None:
+                continue
+            try:
+                await self._define(vm.spec, vm.status.revision, self.check_spec(vm.spec))
+            except Exception as exc:
+                log.error("VM %s could not be defined again: %s", name, exc)
+                await self._set_state(vm, "error", f"its domain was missing and could not be defined: {exc}")
+                with contextlib.suppress(ValueError):
+                    self._restart.remove(name)
+        for name in self._restart:
             log.info("VM %s (auto_start) was running before the node went down: starting it again", name)
             try:
                 await self.start(VmRef(name))
             except Exception as exc:
                 log.error("VM %s could not be started again: %s", name, exc)
-        return strays
+        self._missing, self._restart = [], []
 
 
 def volume_resizes(old: VmSpec, new: VmSpec) -> dict[str, int]:
