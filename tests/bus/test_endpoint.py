@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from edgevm.cli.natsserver import MAX_PAYLOAD
 from edgevm.shared import subjects
 from edgevm.shared.client import Client
 from edgevm.shared.commands import VmRef
@@ -45,8 +46,11 @@ async def service(nc: NATS) -> AsyncIterator[tuple[Client, CommandService]]:
         await asyncio.sleep(10)
         raise AssertionError("not reached")
 
+    async def huge(ref: VmRef) -> dict[str, str]:
+        return {"blob": "x" * nc.max_payload}  # one byte of JSON around it is already too much
+
     for verb, handler, deadline in [("vm.create", create, 2.0), ("vm.boom", boom, 2.0),
-                                     ("vm.busy", busy, 2.0), ("vm.slow", slow, 0.2)]:
+                                     ("vm.busy", busy, 2.0), ("vm.slow", slow, 0.2), ("vm.huge", huge, 2.0)]:
         await svc.add(subjects.command(node, verb), handler, verb=verb, deadline=deadline)
     yield Client(nc, node), svc
     await svc.stop()
@@ -125,3 +129,22 @@ async def test_micro_ping_and_info_list_the_endpoints(service: tuple[Client, Com
     assert {e["subject"] for e in info["endpoints"]} >= {subjects.command(client.node, "vm.create")}
     ping = json.loads((await client.nc.request("$SRV.PING.edgevm-test", b"", timeout=2)).data)
     assert ping["name"] == "edgevm-test"
+
+
+async def test_a_reply_over_max_payload_is_422_naming_the_size_and_the_limit(
+    service: tuple[Client, CommandService],
+) -> None:
+    client, _ = service
+    limit = client.nc.max_payload
+    with pytest.raises(RemoteError) as info:  # not a 503 "did not answer" after the client's timeout
+        await client.call("vm.huge", {"name": "a"})
+    size = limit + len('{"blob":""}')
+    assert info.value.code == "422" and info.value.field is None
+    assert f"{size} bytes" in info.value.message and f"{limit} bytes" in info.value.message
+    assert "max_payload" in info.value.message
+    vm = await client.call("vm.create", {"name": "d", "image": "img"}, Vm)  # and the service keeps serving
+    assert vm.spec.name == "d"
+
+
+async def test_the_embedded_server_takes_8_mb_messages(nc: NATS) -> None:
+    assert nc.max_payload == MAX_PAYLOAD == 8 * 1024 * 1024  # conftest's server is `edgevm node up`'s

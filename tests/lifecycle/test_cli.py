@@ -53,3 +53,23 @@ async def test_cli_image_vm_and_task_verbs(node: Node, nats_server: NatsServer, 
     assert missing.returncode == 1 and "404 [name]" in missing.stderr
     deleted = await edgevm(node, nats_server, "vm", "delete", "web")
     assert deleted.returncode == 0 and "succeeded" in deleted.stdout
+
+
+async def test_cli_names_a_spec_file_it_cannot_use(node: Node, nats_server: NatsServer, tmp_path: Path) -> None:
+    missing = await edgevm(node, nats_server, "vm", "create", "-f", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 1, missing.stderr
+    assert missing.stderr.startswith(f"edgevm: {tmp_path / 'nope.yaml'}: cannot be read: No such file")
+    assert "NATS" not in missing.stderr
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: web\nimage: [base\n")
+    bad_yaml = await edgevm(node, nats_server, "vm", "create", "-f", str(broken))
+    assert bad_yaml.returncode == 1 and "Traceback" not in bad_yaml.stderr, bad_yaml.stderr
+    assert bad_yaml.stderr.startswith(f"edgevm: {broken}: is not valid YAML or JSON: ")
+    assert "at line 3" in bad_yaml.stderr
+
+    listed = await edgevm(node, nats_server, "vm", "update", "web", "-f", "-", stdin="- name: web\n")
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
+    assert listed.stderr.startswith("edgevm: stdin: must be a mapping of fields") and "not a list" in listed.stderr
+    scalar = await edgevm(node, nats_server, "vm", "create", "-f", "-", stdin="just words\n")
+    assert scalar.returncode == 1 and "not a str" in scalar.stderr, scalar.stderr

@@ -123,10 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_document(path: str) -> Any:
-    """Read a YAML or JSON document from a file or stdin."""
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    return yaml.safe_load(text)
+class DocumentError(Exception):
+    """A spec file that cannot be read, is not YAML or JSON, or is not a mapping; the message names it."""
+
+
+def load_document(path: str) -> dict[str, Any] | None:
+    """Read a YAML or JSON mapping (or nothing: None) from a file or stdin (`-`); DocumentError if not one."""
+    name = "stdin" if path == "-" else path
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DocumentError(f"{name}: cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DocumentError(f"{name}: is not UTF-8 text (byte {exc.start})") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = exc.problem or exc.context or "cannot be parsed"
+        raise DocumentError(f"{name}: is not valid YAML or JSON: {problem}{where}") from None
+    except yaml.YAMLError as exc:
+        raise DocumentError(f"{name}: is not valid YAML or JSON: {exc}") from None
+    if document is not None and not isinstance(document, dict):
+        kind = "list" if isinstance(document, list) else type(document).__name__
+        raise DocumentError(f"{name}: must be a mapping of fields (name: web, ...), not a {kind}")
+    return document
 
 
 async def follow_task(client: Client, task: Task, quiet: bool = False) -> Task:
@@ -178,7 +200,11 @@ def progress_line(task: Task) -> str:
 
 async def run_command(args: argparse.Namespace) -> int:
     """Connect, send the command `args` stand for, print the reply; return the exit code."""
-    nc = await nats.connect(args.nats, connect_timeout=3, max_reconnect_attempts=1)
+    async def quiet(error: Exception) -> None:
+        # nats-py logs each failed connection attempt with a traceback; main says it in one line instead.
+        pass
+
+    nc = await nats.connect(args.nats, connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet)
     client = Client(nc, args.node, timeout=args.timeout)
     try:
         return await dispatch(client, args)
@@ -222,7 +248,7 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
         return 0
     if area == "vm":
         if verb == "create":
-            print_vm(await client.call("vm.create", load_document(args.file)), args.json)
+            print_vm(await client.call("vm.create", args.document), args.json)
             return 0
         if verb == "list":
             reply = await client.call("vm.list")
@@ -238,7 +264,7 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
             print_vm(await client.call("vm.get", {"name": args.name}), args.json)
             return 0
         if verb == "update":
-            changes = load_document(args.file) or {}
+            changes = args.document or {}
             revision = args.revision
             if revision is None:
                 revision = (await client.call("vm.get", {"name": args.name}))["status"]["revision"]
@@ -383,6 +409,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         asyncio.run(Supervisor(options).run())
         return
+    try:
+        # The spec file is read before connecting: a bad file is reported as such, NATS up or not.
+        args.document = load_document(args.file) if getattr(args, "file", None) is not None else None
+    except DocumentError as exc:
+        fail(str(exc))
     try:
         raise SystemExit(asyncio.run(run_command(args)))
     except EdgevmError as exc:

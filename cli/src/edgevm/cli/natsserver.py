@@ -68,12 +68,23 @@ class NatsServer:
                 self.process.wait()
 
 
+# The largest message the server takes: NATS's default is 1 MB, and 8 MB is the most NATS recommends. A reply
+# over it cannot be sent (the endpoint adapter answers 422 instead), so a big `vm.list` needs the headroom.
+MAX_PAYLOAD = 8 * 1024 * 1024
+
+
 def start_nats_server(
     store_dir: Path, host: str = "127.0.0.1", port: int = 4222, log_file: Path | None = None
 ) -> NatsServer:
-    """Start nats-server with JetStream storing under `store_dir`; return once it accepts connections."""
+    """Start nats-server with JetStream storing under `store_dir`; return once it accepts connections.
+
+    Settings without a command-line flag (max_payload) go in `nats-server.conf` inside `store_dir`.
+    """
     store_dir.mkdir(parents=True, exist_ok=True)
-    args = [find_nats_server(), "--jetstream", "--store_dir", str(store_dir), "--addr", host, "--port", str(port)]
+    config = store_dir / "nats-server.conf"
+    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    args = [find_nats_server(), "--config", str(config), "--jetstream", "--store_dir", str(store_dir),
+            "--addr", host, "--port", str(port)]
     if log_file is not None:
         args += ["--log", str(log_file)]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -16,7 +16,14 @@ from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service
 
-from edgevm.shared.errors import EdgevmError, Internal, Unavailable, invalid_from_msgspec, to_edgevm_error
+from edgevm.shared.errors import (
+    EdgevmError,
+    Internal,
+    Unavailable,
+    Unprocessable,
+    invalid_from_msgspec,
+    to_edgevm_error,
+)
 from edgevm.shared.metrics import COMMAND_DURATION, COMMANDS
 
 log = logging.getLogger(__name__)
@@ -143,7 +150,7 @@ class CommandService:
             else:
                 async with asyncio.timeout(deadline):
                     reply = await handler(request)
-            return _encoder.encode(reply if reply is not None else {}), None
+            body = _encoder.encode(reply if reply is not None else {})
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -155,6 +162,16 @@ class CommandService:
                 log.exception("%s failed unexpectedly", verb)
                 error = Internal(f"{verb} failed because of an internal error; the node's log has the details")
             return error_reply(error)
+        # NATS refuses a message over the server's max_payload: the reply would be lost and the caller would
+        # wait for its timeout. Answer why instead.
+        limit = self._nc.max_payload
+        if limit and len(body) > limit:
+            log.warning("%s: the reply is %d bytes, over the NATS max_payload of %d bytes", verb, len(body), limit)
+            return error_reply(Unprocessable(
+                f"{verb}: the reply would be {len(body)} bytes, more than the {limit} bytes NATS carries in one "
+                "message (the server's max_payload)"
+            ))
+        return body, None
 
     async def stop(self) -> None:
         """Stop taking requests and wait for the ones in flight to be answered."""
