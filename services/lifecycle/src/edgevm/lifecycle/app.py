@@ -132,7 +132,7 @@ async def follow_domains(events: LifecycleEvents, vms: VmService) -> None:
         try:
             if event.kind == EventKind.RESYNC or event.vm is None:
                 for vm in vms.records.all():
-                    await vms.observe(vm.spec.name, await vms._domain_state(vm.spec.name))
+                    await vms.on_domain_event(vm.spec.name)
             elif event.kind in (EventKind.STARTED, EventKind.STOPPED, EventKind.CRASHED, EventKind.RESUMED):
                 await vms.on_domain_event(event.vm)
         except Exception:

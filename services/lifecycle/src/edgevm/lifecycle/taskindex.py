@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 
 from nats.js.kv import KeyValue
@@ -32,15 +33,9 @@ class TaskIndex:
 
     def list(self, vm: str | None, limit: int) -> list[Task]:
         """Return the newest tasks first (ids sort by creation time), optionally of one VM."""
-        ids = sorted(self._tasks, reverse=True)
-        rows = []
-        for task_id in ids:
-            task = self._tasks[task_id]
-            if vm is None or task.vm == vm:
-                rows.append(task)
-                if len(rows) == limit:
-                    break
-        return rows
+        # A partial selection, not a sort of the whole index (7 days of tasks) per request.
+        ids = self._tasks if vm is None else (i for i, t in self._tasks.items() if t.vm == vm)
+        return [self._tasks[i] for i in heapq.nlargest(limit, ids)]
 
     def unfinished(self) -> list[Task]:
         """Return the tasks that have not ended."""

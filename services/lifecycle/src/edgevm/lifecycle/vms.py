@@ -335,7 +335,7 @@ class VmService:
         return TaskReply(await self.runner.submit("vm.restart", req.name, work))
 
     async def delete(self, req: VmRef) -> TaskReply:
-        """vm.delete: kill it when running, then remove the domain, disks, seed and NVRAM (never the image)."""
+        """vm.delete: stop it (as vm.stop does) when running, release its network, remove domain and files."""
         self.records.get(req.name)
         return TaskReply(await self.runner.submit("vm.delete", req.name, lambda p: self._delete(req.name, p)))
 
