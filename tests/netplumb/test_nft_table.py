@@ -7,6 +7,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from edgevm.netplumb.drivers import nft
+from edgevm.netplumb.drivers.netns import run_all
 from edgevm.netplumb.errors import KernelError
 from edgevm.netplumb.nftjson import Chain, Table, dnat, match, meta, payload
 from edgevm.netplumb.plans import PortMappingRule, VirtualIpRule
@@ -117,3 +118,24 @@ def test_remove_table_deletes_only_ours(node):
     assert nft.remove_table(FAMILY, TABLE, node) is True
     assert nft.read_table(FAMILY, TABLE, node) is None
     assert nft.read_table("inet", "other", node) is not None
+
+
+def test_tables_of_many_namespaces_are_read_at_once_each_from_its_own(lab, node):
+    other = lab.netns("other")
+    table = Table(FAMILY, TABLE, (Chain("input", "filter", "input", 0, ()),))
+    nft.apply_table(table, node)
+
+    assert nft.read_tables(FAMILY, TABLE, [node, other, f"{lab.prefix}nosuch"])[:2] == [table, None]
+    assert isinstance(nft.read_tables(FAMILY, TABLE, [f"{lab.prefix}nosuch"])[0], KernelError)
+    assert nft.ensure_tables([(table, node), (table, other)]) == [False, True]
+
+
+def test_commands_run_side_by_side_each_in_its_namespace(lab, node):
+    other = lab.netns("other")
+    nft.apply_table(Table(FAMILY, TABLE, ()), node)
+    listing = ["nft", "-j", "list", "tables"]
+
+    results = run_all([(listing, node), (listing, other), (["false"], node)])
+
+    assert '"edgevm"' in results[0] and '"edgevm"' not in results[1]
+    assert isinstance(results[2], KernelError)

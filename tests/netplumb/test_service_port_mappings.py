@@ -143,3 +143,20 @@ async def test_bad_input_is_refused_naming_the_field_and_nothing_is_applied(lab,
     assert (await netplumb.error("net.status", {"vm": "bad"})).code == "404"
     assert await asyncio.to_thread(normalized_ruleset, node) == before
     assert (await netplumb.error("net.vm.activate", {"vm": "bad"})).code == "404"
+
+
+async def test_a_running_vm_is_released_only_once_its_rules_are_gone(lab, node, netplumb, lan):
+    await netplumb.call("net.vrf.create", {"name": "red", "subnet": "10.9.0.0/24"})
+    _, prepared = await start_vm(lab, node, netplumb, "web", {"vrf": "red", "port_mappings": [mapping(8080, 80)]})
+    # The VRF's namespace vanishes behind netplumb's back: web's rules there cannot be removed now.
+    await asyncio.to_thread(subprocess.run, ["ip", "netns", "delete", f"{node}-red"], check=True)
+
+    refused = await netplumb.error("net.vm.release", {"vm": "web"})
+
+    assert refused.code == "503" and f"{node}-red" in refused.message
+    kept = await netplumb.call("net.status", {"vm": "web"})
+    assert kept["ip_addresses"] == [prepared["nics"][0]["address"].split("/")[0]], "web's address is not free yet"
+    repaired = await netplumb.call("net.reconcile")
+    assert repaired["failures"] == [] and f"created network namespace {node}-red" in repaired["changes"]
+    await netplumb.call("net.vm.release", {"vm": "web"})
+    assert (await netplumb.error("net.status", {"vm": "web"})).code == "404"

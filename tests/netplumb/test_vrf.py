@@ -210,3 +210,19 @@ def test_a_node_process_inside_its_namespace_drives_that_namespace(lab, node):
     with open_links() as host:
         assert host.index("evh-red") is None, "nothing lands in the namespace the tests run in"
     assert not ns.exists(f"{node}-red"), "named inside the node process's own mount namespace"
+
+
+def test_ensure_vrf_rebuilds_a_namespace_deleted_behind_its_back(lab, node):
+    red = lab.vrf(node, "red", "10.1.0.0/24")
+    lab.converge(node, [red])
+    red1 = lab.vm(node, red, "red1", "10.1.0.10")
+
+    # The kernel tears the old namespace down (and the veths into it) in the background: ensure_vrf may
+    # still find their node-side ends.
+    subprocess.run(["ip", "netns", "delete", red.netns], check=True)
+    repaired = ensure_vrf(red, node)
+
+    assert f"created network namespace {red.netns}" in repaired
+    with open_links(red.netns) as inner:
+        assert inner.kind(names.VRF_LINK) == "veth" and inner.kind(names.VRF_UPLINK) == "veth"
+    assert lab.ping(red1, "10.1.0.1"), "the VM's gateway answers from the new namespace"

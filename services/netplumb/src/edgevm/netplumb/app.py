@@ -18,7 +18,7 @@ from edgevm.shared import bus
 from edgevm.shared.runtime import ServiceContext, Setup
 
 log = logging.getLogger(__name__)
-KERNEL_DEADLINE = 10.0  # node-internal commands that may wait behind a reconcile
+KERNEL_DEADLINE = 10.0  # commands that change the kernel, and may wait behind a reconcile
 
 
 def make_setup(settings: Settings | None = None) -> Setup:
@@ -43,14 +43,13 @@ def make_setup(settings: Settings | None = None) -> Setup:
             ("net.status", vms.status),
         ]:
             await ctx.command(verb, handler, inline=True)
+        # Every change waits its turn behind the one under way (a reconcile, a VRF being made): all get the
+        # deadline of kernel work, not the default that would answer 503 while the change still happens.
         for verb, handler in [
             ("net.vrf.create", vrfs.create),
             ("net.vrf.delete", vrfs.delete),
             ("net.vnet.create", vnets.create),
             ("net.vnet.delete", vnets.delete),
-        ]:
-            await ctx.command(verb, handler)
-        for verb, handler in [
             ("net.vm.prepare", vms.prepare),
             ("net.vm.activate", vms.activate),
             ("net.vm.deactivate", vms.deactivate),
@@ -59,7 +58,7 @@ def make_setup(settings: Settings | None = None) -> Setup:
         ]:
             await ctx.command(verb, handler, deadline=KERNEL_DEADLINE)
 
-        ctx.background(follow_vms(ctx.buckets[bus.VMS.name], node, vms, records.vms.__contains__), "VM states")
+        ctx.background(follow_vms(ctx.buckets[bus.VMS.name], node, vms, records.vms.get), "VM states")
         if own.reconcile_interval > 0:
             ctx.background(reconcile_forever(core, own.reconcile_interval), "reconcile")
 

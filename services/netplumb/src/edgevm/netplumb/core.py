@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _report_unawaited(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a change went on after its caller stopped waiting, and failed: %s", task.exception())
+
+
 class NetCore:
     """Owns the node's records and kernel; changes run one at a time, each to its end once started.
 
@@ -55,7 +60,11 @@ class NetCore:
         task = asyncio.ensure_future(locked())
         self._changes.add(task)
         task.add_done_callback(self._changes.discard)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_report_unawaited)  # no one is left to hear how it ended
+            raise
 
     def desired(self) -> Desired:
         """What the kernel must hold now, from the records."""

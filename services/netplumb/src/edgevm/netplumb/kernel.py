@@ -20,14 +20,14 @@ from edgevm.netplumb import names
 from edgevm.netplumb.desired import Desired
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers import nft
-from edgevm.netplumb.drivers.links import open_links
+from edgevm.netplumb.drivers.links import links_session, open_links
 from edgevm.netplumb.drivers.vif import ensure_virtual_interface, remove_virtual_interface
 from edgevm.netplumb.drivers.vnet import ensure_attachment, ensure_vnet, remove_attachment, remove_vnet
 from edgevm.netplumb.drivers.vrf import ensure_vrf, remove_vrf
 from edgevm.netplumb.errors import KernelError, NetplumbError
 from edgevm.netplumb.nftjson import Table
 from edgevm.netplumb.plans import VirtualInterfacePlan, VnetPlan, VrfPlan
-from edgevm.netplumb.rulesets import tables
+from edgevm.netplumb.rulesets import NetnsTables, tables
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ class Outcome:
             log.warning("%s failed: %s", what, exc)
             self.failures.append(f"{what}: {exc}")
             return False
+        except Exception:
+            # A converge never stops half-way: the steps after this one, and the caller's undo, still run.
+            log.exception("%s failed unexpectedly", what)
+            self.failures.append(f"{what}: an internal error (the node's log has the details)")
+            return False
         return True
 
 
@@ -70,9 +75,14 @@ class Plumber:
         self._taps: set[tuple[str, str]] = set()
         self._wires: set[VirtualInterfacePlan] = set()
         self._tables: dict[str | None, Table] = {}
+        self._built: tuple[Desired, NetnsTables] | None = None  # the tables of the last Desired seen
 
     def converge(self, want: Desired, verify: bool = False) -> Outcome:
         """Makes the kernel hold `want`; with `verify`, checks every piece and removes what nothing needs."""
+        with links_session():  # one netlink socket per namespace, and one read of it while nothing changes
+            return self._converge(want, verify)
+
+    def _converge(self, want: Desired, verify: bool) -> Outcome:
         out = Outcome()
         node = self.node_netns
         if verify:
@@ -107,41 +117,60 @@ class Plumber:
 
     def _attach_taps(self, want: Desired, verify: bool) -> list[str]:
         todo = [tb for tb in want.taps if verify or tb not in self._taps]
-        self._taps = set(want.taps)
-        if not todo:
-            return []
-        with open_links(self.node_netns) as node:
-            present = node.names()
-            for tap, bridge in todo:
-                # libvirt puts the tap on the bridge itself; this repairs one left off it (or a test's veth).
-                if tap in present and bridge in present:
-                    node.ensure_master(tap, bridge)
-                    node.ensure_up(tap)
-        return node.changes
+        changes: list[str] = []
+        if todo:
+            with open_links(self.node_netns) as node:
+                present = node.names(fresh=False)  # as read at the start of this converge, if nothing changed
+                for tap, bridge in todo:
+                    # libvirt puts the tap on the bridge itself; this repairs one left off it (or a test's veth).
+                    if tap in present and bridge in present:
+                        node.ensure_master(tap, bridge)
+                        node.ensure_up(tap)
+            changes = node.changes
+        self._taps = set(want.taps)  # only once all went well: a failure is tried again next time
+        return changes
 
     def _apply_tables(self, want: Desired, verify: bool, out: Outcome) -> None:
         try:
-            wanted = tables(want.vrfs, want.port_mappings, want.virtual_ips)
+            wanted = self._tables_of(want)
         except NetplumbError as exc:
             out.failures.append(f"building the nftables tables: {exc}")
             return
         # VRF namespaces first: the node's DNAT to a VRF must find the VRF's own rules in place.
-        for netns in sorted(wanted, key=lambda n: (n is None, n or "")):
-            out.attempt(f"nftables table of {netns or 'the node'}", partial(self._table, wanted[netns], netns, verify))
+        order = sorted(wanted, key=lambda n: (n is None, n or ""))
+        todo = [netns for netns in order if verify or self._tables.get(netns) != wanted[netns]]
+        targets = [(wanted[netns], self.node_netns if netns is None else netns) for netns in todo]
+        # With `verify` every table is read back (all at once) and applied only where the kernel differs.
+        try:
+            results = nft.ensure_tables(targets) if verify else [self._apply(t, target) for t, target in targets]
+        except Exception:
+            log.exception("nftables tables failed unexpectedly")
+            out.failures.append("nftables tables: an internal error (the node's log has the details)")
+            return
+        for netns, (table, target), result in zip(todo, targets, results, strict=True):
+            if isinstance(result, KernelError):
+                log.warning("nftables table of %s failed: %s", netns or "the node", result)
+                out.failures.append(f"nftables table of {netns or 'the node'}: {result}")
+                continue
+            self._tables[netns] = table
+            if result:
+                out.changes.append(f"{target or 'node'}: replaced table {table.family} {table.name}")
         for netns in set(self._tables) - set(wanted):
             del self._tables[netns]
 
-    def _table(self, table: Table, netns: str | None, verify: bool) -> list[str]:
-        target = self.node_netns if netns is None else netns
-        if verify:
-            changed = nft.ensure_table(table, target)
-        elif self._tables.get(netns) != table:
-            nft.apply_table(table, target)
-            changed = True
-        else:
-            changed = False
-        self._tables[netns] = table
-        return [f"{target or 'node'}: replaced table {table.family} {table.name}"] if changed else []
+    def _tables_of(self, want: Desired) -> NetnsTables:
+        # Building the tables of 100 VMs takes milliseconds; a reconcile mostly sees the Desired of last time.
+        if self._built is None or self._built[0] != want:
+            self._built = (want, tables(want.vrfs, want.port_mappings, want.virtual_ips))
+        return self._built[1]
+
+    @staticmethod
+    def _apply(table: Table, netns: str | None) -> bool | KernelError:
+        try:
+            nft.apply_table(table, netns)
+        except KernelError as exc:
+            return exc
+        return True
 
     def _wire(self, want: Desired, verify: bool, out: Outcome) -> None:
         node = self.node_netns

@@ -6,6 +6,7 @@ prepare (before the domain is defined or started) -> activate (it runs) -> deact
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
@@ -55,7 +56,9 @@ def failures_of(outcome: Outcome, record: VmNetRecord) -> list[str]:
         "attaching VM taps",
         *(f"virtual network {a.network}:" for a in record.virtual_networks),
         *(f"attaching {record.vrf} to {a.network}:" for a in record.virtual_networks),
+        *(f"detaching {record.vrf} from {a.network}:" for a in record.virtual_networks),
         *(f"virtual interface {v.name}:" for v in record.virtual_interfaces),
+        *(f"unwiring {v.name}:" for v in record.virtual_interfaces),  # else the interface still feeds the VM
     )
     return [failure for failure in outcome.failures if failure.startswith(mine)]
 
@@ -108,7 +111,8 @@ class VmNetCommands:
         if record.active and not unchanged:
             await core.published(req.vm, detail_of(record))
         nics = [*record.nics, *record.passthrough_nics]
-        return NetPrepared(nics=nics, network_config=network_config(nics, node_nameservers()))
+        nameservers = await asyncio.to_thread(node_nameservers)  # a file read: off the event loop
+        return NetPrepared(nics=nics, network_config=network_config(nics, nameservers))
 
     def _bridge_nic(self, vm: str, vrf: VrfRecord, before: VmNetRecord | None) -> NicRecord:
         subnet = IPv4Network(vrf.subnet)
@@ -182,13 +186,21 @@ class VmNetCommands:
         return status_of(record)
 
     async def release(self, ref: NetVmRef) -> Empty:
-        """The VM is deleted: its rules go, its addresses and MACs are free again, its record is removed."""
+        """The VM is deleted: its rules go, its addresses and MACs are free again, its record is removed.
+
+        When the rules of a running VM cannot be removed, nothing is freed and the reply is 503.
+        """
         return await self._core.exclusive(lambda: self._release(ref.vm))
 
     async def _release(self, vm: str) -> Empty:
         core = self._core
-        if vm not in core.records.vms:
+        record = core.records.vms.get(vm)
+        if record is None:
             return Empty()
+        if record.active:
+            # The rules of a VM deleted while it runs go first: its address is freed (and may be given to the
+            # next VM) only once no port mapping or virtual IP leads to it any more.
+            await self._set_active(vm, False)
         await core.records.vms.delete(vm)
         outcome = await core.converge()
         if outcome.failures:

@@ -3,18 +3,23 @@
 Lifecycle asks for activate/deactivate/release on its own; this catches what happens without a command (a
 guest that powers itself off, a crash) and what was missed while netplumb was down. Only VMs that have
 a network record are acted on, and each action is the same idempotent one lifecycle asks for.
+
+A deleted key releases only a network recorded before the deletion: a VM deleted and created again under
+the same name has been prepared anew since, and a late (or, after a restart, replayed) deletion of its
+predecessor must not take its new address away.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import datetime
 
 import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from edgevm.netplumb.vms import VmNetCommands
-from edgevm.shared.netstate import NetVmRef
+from edgevm.shared.netstate import NetVmRef, VmNetRecord
 from edgevm.shared.objects import VmState
 
 log = logging.getLogger(__name__)
@@ -33,7 +38,16 @@ class _Vm(msgspec.Struct):
 _decoder = msgspec.json.Decoder(_Vm)
 
 
-async def follow_vms(kv: KeyValue, node: str, vms: VmNetCommands, has_record: Callable[[str], bool]) -> None:
+def _recorded_before(record: VmNetRecord, deleted: datetime | None) -> bool:
+    """Whether a network record was last written before a deletion (when the deletion's time is unknown: yes)."""
+    if deleted is None:
+        return True
+    return datetime.fromisoformat(record.updated_at.replace("Z", "+00:00")) <= deleted
+
+
+async def follow_vms(
+    kv: KeyValue, node: str, vms: VmNetCommands, record_of: Callable[[str], VmNetRecord | None]
+) -> None:
     """Watches `<node>.*` in edgevm_vms for ever: running -> activate, stopped -> deactivate, gone -> release."""
     watcher = await kv.watch(f"{node}.*")
     try:
@@ -41,11 +55,17 @@ async def follow_vms(kv: KeyValue, node: str, vms: VmNetCommands, has_record: Ca
             if entry is None or not entry.key:
                 continue
             vm = entry.key[len(node) + 1 :]
-            if not has_record(vm):
+            record = record_of(vm)
+            if record is None:
                 continue
             try:
                 if entry.operation in (KV_DEL, KV_PURGE):
-                    await vms.release(NetVmRef(vm=vm))
+                    # nats.py types `created` as int but gives the message's datetime.
+                    created: object = entry.created
+                    if _recorded_before(record, created if isinstance(created, datetime) else None):
+                        await vms.release(NetVmRef(vm=vm))
+                    else:
+                        log.info("VM %s was deleted before its network was prepared again: kept", vm)
                     continue
                 state = _decoder.decode(entry.value or b"").status.state
                 if state in RUNNING:

@@ -52,6 +52,7 @@ class VnetCommands:
         except Exception:
             await self._core.kernel(self._core.plumber.remove_vnet, vnet_plan(record, self._core.settings.vxlan_local))
             await records.delete(cmd.name)
+            await self._core.converge()
             raise
         return public(record)
 

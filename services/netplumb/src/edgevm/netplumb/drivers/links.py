@@ -2,6 +2,7 @@
 
 import errno
 import socket
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface
@@ -27,49 +28,68 @@ _READS = {
 }
 
 
+class _Netlink:
+    """One namespace's netlink socket and what was read through it, until something changes there."""
+
+    def __init__(self, ipr: IPRoute, netns: str | None) -> None:
+        self.ipr = ipr
+        self.netns = netns
+        self.links: dict[str, Any] | None = None  # links read so far
+        self.complete = False  # whether `links` is a dump of every link
+        self.addresses: dict[int, set[IPv4Interface]] | None = None  # every IPv4 address, by link index
+
+    def forget(self) -> None:
+        self.links = None
+        self.complete = False
+        self.addresses = None
+
+
 class Links:
     """Ensures links, addresses and routes in one namespace, recording every change it makes."""
 
-    def __init__(self, ipr: IPRoute, netns: str | None) -> None:
-        self._ipr = ipr
-        self.netns = netns
+    def __init__(self, netlink: _Netlink) -> None:
+        self._nl = netlink
+        self.netns = netlink.netns
         self.changes: list[str] = []
-        self._links: dict[str, Any] | None = None  # links read, until something changes
+
+    def _where(self) -> str:
+        return f" in namespace {self.netns}" if self.netns else ""
 
     def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
         if (method, args[:1]) not in _READS:
-            self._links = None
+            self._nl.forget()
         try:
-            return getattr(self._ipr, method)(*args, **kwargs)
+            return getattr(self._nl.ipr, method)(*args, **kwargs)
         except NetlinkError as exc:
-            where = f" in namespace {self.netns}" if self.netns else ""
-            raise KernelError(f"{what}{where} failed: {exc.args[-1]}") from None
+            raise KernelError(f"{what}{self._where()} failed: {exc.args[-1]}") from None
 
     def _lookup(self, name: str) -> Any:
         # Only links found are remembered: a missing one may be made here from another namespace (a veth's
         # peer), so a miss always asks the kernel again.
-        if self._links is not None and name in self._links:
-            return self._links[name]
+        links = self._nl.links
+        if links is not None and name in links:
+            return links[name]
         try:
-            msg = self._ipr.link("get", ifname=name)[0]
+            msg = self._nl.ipr.link("get", ifname=name)[0]
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return None
-            where = f" in namespace {self.netns}" if self.netns else ""
-            raise KernelError(f"looking up {name}{where} failed: {exc.args[-1]}") from None
-        if self._links is None:
-            self._links = {}
-        self._links[name] = msg
+            raise KernelError(f"looking up {name}{self._where()} failed: {exc.args[-1]}") from None
+        if self._nl.links is None:
+            self._nl.links = {}
+        self._nl.links[name] = msg
         return msg
 
-    def names(self) -> set[str]:
-        """The names of every link in the namespace, read afresh."""
-        self._links = {m.get("ifname"): m for m in self._call("listing links", "link", "dump")}
-        return set(self._links)
+    def names(self, fresh: bool = True) -> set[str]:
+        """The names of every link in the namespace, read afresh (or as last dumped, when nothing changed since)."""
+        if fresh or not self._nl.complete or self._nl.links is None:
+            self._nl.links = {m.get("ifname"): m for m in self._call("listing links", "link", "dump")}
+            self._nl.complete = True
+        return set(self._nl.links)
 
     def refresh(self) -> None:
-        """Forgets the links read so far (for a caller waiting on a link's state to change by itself)."""
-        self._links = None
+        """Forgets what was read so far (for a caller waiting on a link's state to change by itself)."""
+        self._nl.forget()
 
     def record(self, text: str) -> bool:
         """Notes a change made in this namespace (drivers with their own netlink calls use it too)."""
@@ -84,8 +104,7 @@ class Links:
     def _require(self, name: str) -> int:
         idx = self.index(name)
         if idx is None:
-            where = f" in namespace {self.netns}" if self.netns else ""
-            raise KernelError(f"link {name} does not exist{where}")
+            raise KernelError(f"link {name} does not exist{self._where()}")
         return idx
 
     def link(self, name: str) -> Any:
@@ -158,10 +177,14 @@ class Links:
         return self.record(f"set mtu {mtu} on {name}")
 
     def addresses(self, name: str) -> set[IPv4Interface]:
-        """The IPv4 addresses on a link."""
+        """The IPv4 addresses on a link (the namespace's addresses are read once, until something changes)."""
         idx = self._require(name)
-        msgs = self._call(f"listing addresses of {name}", "addr", "dump", index=idx, family=socket.AF_INET)
-        return {IPv4Interface(f"{m.get('address')}/{m['prefixlen']}") for m in msgs}
+        if self._nl.addresses is None:
+            found: dict[int, set[IPv4Interface]] = {}
+            for m in self._call("listing addresses", "addr", "dump", family=socket.AF_INET):
+                found.setdefault(m["index"], set()).add(IPv4Interface(f"{m.get('address')}/{m['prefixlen']}"))
+            self._nl.addresses = found
+        return set(self._nl.addresses.get(idx, ()))
 
     def ensure_addresses(self, name: str, wanted: Iterable[IPv4Interface]) -> bool:
         """Makes the link's IPv4 addresses exactly `wanted`."""
@@ -205,7 +228,12 @@ class Links:
         idx = self.index(name)
         if idx is None:
             return False
-        self._call(f"deleting {name}", "link", "del", index=idx)
+        try:
+            self._call(f"deleting {name}", "link", "del", index=idx)
+        except KernelError:
+            if self.index(name) is None:  # gone meanwhile (a veth whose peer's namespace was torn down)
+                return False
+            raise
         return self.record(f"deleted {name}")
 
     def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -213,15 +241,48 @@ class Links:
         return self._call(what, method, *args, **kwargs)
 
 
+_session = threading.local()
+
+
+@contextmanager
+def links_session() -> Iterator[None]:
+    """A scope (on this thread) in which every `open_links` of one namespace shares one socket and its reads.
+
+    A converge touches the node namespace from many drivers; sharing lets one dump of its links serve them
+    all. Anything changed through any of them makes that namespace be read again. Sockets close at the end.
+    """
+    if getattr(_session, "open", None) is not None:
+        yield
+        return
+    _session.open = {}
+    try:
+        yield
+    finally:
+        opened: dict[str | None, _Netlink] = _session.open
+        _session.open = None
+        for netlink in opened.values():
+            netlink.ipr.close()
+
+
+def _netlink(netns: str | None) -> _Netlink:
+    try:
+        with entered(netns):  # the socket stays in the namespace it was opened in
+            return _Netlink(IPRoute(), netns)
+    except OSError as exc:
+        raise KernelError(f"cannot open netlink in namespace {netns}: {exc}") from None
+
+
 @contextmanager
 def open_links(netns: str | None = None) -> Iterator[Links]:
     """A Links bound to a namespace (None: the current one) that must already exist."""
+    shared: dict[str | None, _Netlink] | None = getattr(_session, "open", None)
+    if shared is not None:
+        if netns not in shared:
+            shared[netns] = _netlink(netns)
+        yield Links(shared[netns])
+        return
+    netlink = _netlink(netns)
     try:
-        with entered(netns):  # the socket stays in the namespace it was opened in
-            ipr = IPRoute()
-    except OSError as exc:
-        raise KernelError(f"cannot open netlink in namespace {netns}: {exc}") from None
-    try:
-        yield Links(ipr, netns)
+        yield Links(netlink)
     finally:
-        ipr.close()
+        netlink.ipr.close()

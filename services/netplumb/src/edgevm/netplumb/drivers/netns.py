@@ -14,6 +14,7 @@ PrivateMounts=/PrivateTmp=), and a leftover file is cleared before its name is u
 import ctypes
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -66,18 +67,61 @@ def run(
     argv: Sequence[str], netns: str | None = None, stdin: str | None = None, timeout: float = COMMAND_TIMEOUT
 ) -> str:
     """Runs a command in a namespace and returns its stdout; raises KernelError when it fails."""
+    result = run_all([(argv, netns)], stdin, timeout)[0]
+    if isinstance(result, KernelError):
+        raise result
+    return result
+
+
+def run_all(
+    commands: Sequence[tuple[Sequence[str], str | None]], stdin: str | None = None, timeout: float = COMMAND_TIMEOUT
+) -> list[str | KernelError]:
+    """Runs commands, each in its namespace, side by side; returns each one's stdout or the KernelError it met.
+
+    They start together and are waited for in turn, so N short commands take about the time of the
+    slowest, not their sum; all share one deadline of `timeout`.
+    """
+    started: list[subprocess.Popen[str] | KernelError] = []
     try:
-        # The child starts in the namespace this thread entered, without `ip netns exec`'s extra process.
-        with entered(netns):
-            done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise KernelError(f"{argv[0]} did not finish within {timeout:g} s") from None
-    except OSError as exc:
-        raise KernelError(f"cannot run {argv[0]}: {exc.strerror}") from None
-    if done.returncode != 0:
-        where = f" in namespace {netns}" if netns else ""
-        raise KernelError(f"{' '.join(argv[:3])}{where} failed: {done.stderr.strip()}")
-    return done.stdout
+        for argv, netns in commands:
+            try:
+                # The child starts in the namespace this thread entered, without `ip netns exec`'s extra process.
+                with entered(netns):
+                    started.append(
+                        subprocess.Popen(
+                            argv,
+                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE,
+                            text=True,
+                        )
+                    )
+            except OSError as exc:
+                started.append(KernelError(f"cannot run {argv[0]}: {exc.strerror}"))
+            except KernelError as exc:
+                started.append(exc)
+        deadline = time.monotonic() + timeout
+        results: list[str | KernelError] = []
+        for (argv, netns), process in zip(commands, started, strict=True):
+            if isinstance(process, KernelError):
+                results.append(process)
+                continue
+            try:
+                out, err = process.communicate(stdin, timeout=max(deadline - time.monotonic(), 0.001))
+            except subprocess.TimeoutExpired:
+                results.append(KernelError(f"{argv[0]} did not finish within {timeout:g} s"))
+                continue
+            if process.returncode != 0:
+                where = f" in namespace {netns}" if netns else ""
+                results.append(KernelError(f"{' '.join(argv[:3])}{where} failed: {err.strip()}"))
+            else:
+                results.append(out)
+        return results
+    finally:
+        for process in started:
+            if isinstance(process, subprocess.Popen) and process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _path(name: str) -> str:
@@ -131,6 +175,8 @@ def ensure_sysctls(values: Mapping[str, str], netns: str | None = None) -> list[
     """Sets, in order, the sysctls that differ from `values`; returns a line per change made."""
     current = read_sysctls(list(values), netns)
     changed = [(key, value) for key, value in values.items() if current[key] != value]
+    if not changed:
+        return []
     with entered(netns):
         for key, value in changed:
             try:

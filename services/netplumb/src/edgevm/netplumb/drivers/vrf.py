@@ -40,11 +40,11 @@ def ensure_vrf(vrf: VrfPlan, node_netns: str | None = None) -> list[str]:
         _ensure_gateway_bridge(inner, vrf)
         node.ensure_bridge(vrf.host_bridge)
         node.ensure_l2_only(vrf.host_bridge)
-        node.ensure_veth(names.host_port(vrf.name), names.VRF_LINK, vrf.netns)
+        _ensure_pair(node, inner, names.host_port(vrf.name), names.VRF_LINK)
         node.ensure_master(names.host_port(vrf.name), vrf.host_bridge)
         inner.ensure_master(names.VRF_LINK, vrf.bridge)
         uplink = names.uplink(vrf.name)
-        node.ensure_veth(uplink, names.VRF_UPLINK, vrf.netns)
+        _ensure_pair(node, inner, uplink, names.VRF_UPLINK)
         node.ensure_addresses(uplink, [vrf.uplink_node])
         inner.ensure_addresses(names.VRF_UPLINK, [vrf.uplink_vrf])
         for link in (vrf.host_bridge, names.host_port(vrf.name), uplink):
@@ -54,6 +54,15 @@ def ensure_vrf(vrf: VrfPlan, node_netns: str | None = None) -> list[str]:
         inner.ensure_default_route(vrf.uplink_node.ip, names.VRF_UPLINK)
     bridge_sysctls = ns.ensure_sysctls(ns.l2_only_sysctls(vrf.host_bridge), node_netns)
     return changes + node.changes + inner.changes + bridge_sysctls
+
+
+def _ensure_pair(node: Links, inner: Links, name: str, peer: str) -> None:
+    node.ensure_veth(name, peer, inner.netns)
+    if inner.index(peer) is None:
+        # The node's end outlived the namespace its peer was in (deleted, or still being torn down by the
+        # kernel): it joins nothing, so it is made again with its peer in the namespace there is now.
+        node.remove(name)
+        node.ensure_veth(name, peer, inner.netns)
 
 
 def _ensure_gateway_bridge(links: Links, vrf: VrfPlan) -> None:
