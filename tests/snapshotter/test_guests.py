@@ -3,7 +3,9 @@
 One node serves the module: a lifecycle service in this process and the snapshotter as its own process
 (`python -m edgevm.snapshotter`, as `edgevm node up` starts it), so a test can SIGKILL it mid-task. Two
 guests are reused across the tests, booted side by side: a BIOS one (internal snapshots with memory) and a
-UEFI one (external disk-only snapshots). What a guest sees is checked through its serial console.
+UEFI one (external disk-only snapshots). What a guest sees is checked through its serial console. The
+node's state directory is reached through a symbolic link (EDGEVM_STATE_DIR names the link), as on a host
+whose /var/lib/edgevm links to another disk.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from edgevm.cli.natsserver import NatsServer
+from edgevm.shared import subjects
 from edgevm.shared.commands import SnapshotList, TaskReply
 from edgevm.shared.errors import RemoteError
+from edgevm.shared.events import TaskUpdated, decode_event
 from edgevm.shared.objects import Task
 from tests.guest.build import GuestImages
 from tests.guest.fixtures import guest_images as guest_images  # the session fixture, for this module
 from tests.helpers import ServiceProcess, eventually
-from tests.lifecycle.conftest import Node, start_node
+from tests.lifecycle.conftest import Node, start_node, state_dir
 from tests.lifecycle.test_guests import (
     BIOS_IMAGE,
     UEFI_IMAGE,
@@ -95,7 +99,10 @@ async def sh(vm: str, command: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 async def gnode(nats_server: NatsServer, nc: NATS, guest_images: GuestImages,
                 tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[GuestNode]:
-    node = await start_node(nats_server, nc, uri=URI)
+    real = state_dir()
+    link = real.with_name(real.name + "-link")
+    link.symlink_to(real)
+    node = await start_node(nats_server, nc, uri=URI, state=link)
     env = {
         "EDGEVM_NODE": node.config.node, "EDGEVM_NATS_URL": nats_server.url,
         "EDGEVM_STATE_DIR": str(node.config.state_dir), "EDGEVM_LIBVIRT_URI": URI,
@@ -117,7 +124,8 @@ async def gnode(nats_server: NatsServer, nc: NATS, guest_images: GuestImages,
             print(snapshotter.log()[-4000:])
         finally:
             await node.shutdown()
-            shutil.rmtree(node.config.state_dir, ignore_errors=True)
+            link.unlink()
+            shutil.rmtree(real, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +177,8 @@ async def test_bios_snapshot_with_memory_restores_the_disk_and_the_running_guest
     rc, listing = await sh(BIOS_VM, "ls /data")
     assert rc == 0 and "before" in listing.split() and "after" not in listing.split(), listing
     assert await boots_in(g.node, BIOS_VM) == boots
+    # The lifecycle's definition was kept in a file only while the restore ran.
+    assert not [f for f in g.layer_files(BIOS_VM) if f.startswith(".restore-")], g.layer_files(BIOS_VM)
 
     async def lifecycle_says_running() -> bool:
         return (await g.node.client.call("vm.get", {"name": BIOS_VM}))["status"]["state"] == "running"
@@ -223,7 +233,8 @@ async def test_uefi_external_snapshot_then_restore_drops_what_was_written(guests
     active = [f for f in files if f.startswith("active-")]
     assert files == sorted(["snap-e1.qcow2", *active]) and len(active) == 1, files
     root = g.vm_dir(UEFI_VM) / "root.qcow2"
-    assert root.is_symlink() and os.path.realpath(root) == str(g.vm_dir(UEFI_VM) / "snapshots" / active[0])
+    assert root.is_symlink()
+    assert os.path.realpath(root) == os.path.realpath(g.vm_dir(UEFI_VM) / "snapshots" / active[0])
 
 
 async def test_uefi_tree_of_three_with_deletes_keeps_the_rest_restorable_and_leaves_no_files(
@@ -306,26 +317,86 @@ async def test_uefi_snapshots_of_a_stopped_vm_are_taken_restored_and_deleted_off
 
 
 # -- a worker killed mid-task ---------------------------------------------------------------------------------
-async def test_a_snapshotter_killed_mid_task_leaves_a_task_that_ends(guests: GuestNode) -> None:
-    g = guests
-    reply = await g.node.client.call("snapshot.create", {"vm": BIOS_VM, "name": "killed"}, TaskReply)
+async def submit_and_freeze(g: GuestNode, nc: NATS, verb: str, vm: str, name: str, step: str) -> Task:
+    """Submit a snapshot command and stop (SIGSTOP) the snapshotter the moment its task begins `step`: the
+    process can write nothing more, so the task is cut mid-task for certain. Returns the task as it stays."""
+    task_id: list[str] = []
+    reached = asyncio.Event()
 
-    async def running() -> bool:
-        return (await g.node.client.call("task.get", {"id": reply.task.id}, Task)).status == "running"
+    async def on_event(msg: Any) -> None:
+        event = decode_event(msg.data)
+        if (isinstance(event, TaskUpdated) and event.task.id in task_id and event.task.message.startswith(step)
+                and not reached.is_set()):
+            assert g.snapshotter.process is not None
+            g.snapshotter.process.send_signal(signal.SIGSTOP)
+            reached.set()
 
-    await eventually(running, timeout=30, what="the task running")
+    sub = await nc.subscribe(subjects.event(g.node.config.node, "task.*"), cb=on_event)
+    try:
+        task_id.append((await g.node.client.call(verb, {"vm": vm, "name": name}, TaskReply)).task.id)
+        await asyncio.wait_for(reached.wait(), 60)
+    finally:
+        await sub.unsubscribe()
+    task = await g.node.client.call("task.get", {"id": task_id[0]}, Task)
+    assert task.status == "running", task
+    return task
+
+
+async def task_messages(nc: NATS, node: Node, task_id: str) -> list[str]:
+    """Every message the task showed, from its replayed events."""
+    js = nc.jetstream()
+    sub = await js.subscribe(subjects.event(node.config.node, f"task.{task_id}"), ordered_consumer=True)
+    messages: list[str] = []
+    try:
+        while not messages or messages[-1] not in ("done", "failed"):
+            event = decode_event((await sub.next_msg(timeout=5)).data)
+            assert isinstance(event, TaskUpdated)
+            messages.append(event.task.message)
+    finally:
+        await sub.unsubscribe()
+    return messages
+
+
+async def kill_and_resume(g: GuestNode, nc: NATS, cut: Task) -> Task:
+    """SIGKILL the (stopped) snapshotter, start it again; the cut task ends as the same run, resumed."""
     assert g.snapshotter.stop(signal.SIGKILL) == -signal.SIGKILL
     g.start_snapshotter()
-    task = await wait_task(g.node, reply, timeout=TASK_TIMEOUT)
-    print(f"killed mid-task: ended {task.status} ({task.message}; {task.error}) "
+    task = await wait_task(g.node, TaskReply(cut), timeout=TASK_TIMEOUT)
+    print(f"{task.kind} of {task.vm} cut at {cut.message!r}: ended {task.status} "
           f"from {task.started_at} to {task.finished_at}")
-    listed = await g.tree(BIOS_VM)
-    if task.status == "succeeded":
-        assert "killed" in listed and listed["killed"][1], listed
-    else:
-        assert task.status == "failed" and task.error, task
-        assert "killed" not in listed, listed
-    assert "resumed" in task.message or task.status == "failed" or task.message == "done"
+    assert task.status == "succeeded", task.error
+    assert task.started_at == cut.started_at
+    messages = await task_messages(nc, g.node, task.id)
+    assert messages.count("resumed after a restart of the snapshotter") == 1, messages
+    return task
+
+
+async def test_a_snapshotter_killed_at_the_memory_save_resumes_the_internal_create(
+    guests: GuestNode, nc: NATS,
+) -> None:
+    g = guests
+    cut = await submit_and_freeze(g, nc, "snapshot.create", BIOS_VM, "killed", "saving disks and memory")
+    await kill_and_resume(g, nc, cut)
+    assert (await g.tree(BIOS_VM))["killed"][1]
     # The VM is free again: the lifecycle can stop it.
     stopped = await run_task(g.node, "vm.stop", {"name": BIOS_VM, "force": True})
     assert stopped.status == "succeeded", stopped.error
+
+
+async def test_a_snapshotter_killed_at_the_disk_switch_resumes_the_external_create(
+    guests: GuestNode, nc: NATS,
+) -> None:
+    g = guests
+    cut = await submit_and_freeze(g, nc, "snapshot.create", UEFI_VM, "killed-ext", "switching")
+    # A running task holds its VM just as a queued one does.
+    with pytest.raises(RemoteError) as busy:
+        await g.node.client.call("vm.stop", {"name": UEFI_VM})
+    assert busy.value.code == "409" and cut.id in busy.value.message
+    await kill_and_resume(g, nc, cut)
+    assert (await g.tree(UEFI_VM))["killed-ext"][1]
+    # The cut create's files: its frozen image, and its own overlay as the one active image; nothing else.
+    files = g.layer_files(UEFI_VM)
+    assert "snap-killed-ext.qcow2" in files, files
+    assert [f for f in files if f.startswith("active-")] == [f"active-{cut.id.lower()}.qcow2"], files
+    assert not [f for f in files if f.startswith(".")], files
+    assert (await sh(UEFI_VM, "echo after-kill > /data/after-kill && sync"))[0] == 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from typing import Any
 
+import libvirt
 import msgspec
 import pycdlib
 import pytest
@@ -20,6 +23,7 @@ from edgevm.shared.events import TaskUpdated, decode_event
 from edgevm.shared.ids import new_id
 from edgevm.shared.locks import Lease
 from edgevm.shared.objects import Task
+from edgevm.snapshotter.app import MAX_WORKERS, workers_from_env
 from edgevm.snapshotter.workqueue import WorkItem, WorkQueue
 from tests.helpers import eventually
 from tests.lifecycle.conftest import start_node
@@ -205,14 +209,14 @@ async def test_a_queued_task_holds_the_vm_and_a_cancelled_one_never_runs(
         await node.shutdown()
 
 
-async def test_a_work_item_queued_twice_is_kept_once(nc: NATS) -> None:
+async def test_a_work_item_published_twice_is_kept_once(nc: NATS) -> None:
     js = nc.jetstream()
     await ensure_jetstream(js)
     node = unique("dedupe")
     queue = WorkQueue(js, node)
     item = WorkItem(new_id(), "snapshot.create", "vm", "a")
     await queue.enqueue(item)
-    await queue.enqueue(item)  # a retried request
+    await queue.enqueue(item)  # the same task's item again (a publish whose answer was lost, sent again)
     sub = await js.pull_subscribe(subjects.snapshot_work(node), stream=SNAPSHOT_WORK_STREAM.name,
                                   config=ConsumerConfig(filter_subject=subjects.snapshot_work(node)))
     try:
@@ -224,3 +228,72 @@ async def test_a_work_item_queued_twice_is_kept_once(nc: NATS) -> None:
             await sub.fetch(1, timeout=0.5)
     finally:
         await sub.unsubscribe()
+
+
+async def test_a_request_sent_again_with_its_request_id_gets_the_same_task(pair: Pair) -> None:
+    vm = await make_vm(pair)
+    body = {"vm": vm, "name": "once", "request_id": "req-1"}
+    first = await pair.client.call("snapshot.create", body, TaskReply)
+    again = await pair.client.call("snapshot.create", body, TaskReply)  # the reply was lost: sent again
+    assert again.task.id == first.task.id
+    assert (await wait_task(pair.node, first)).status == "succeeded"
+    late = await pair.client.call("snapshot.create", body, TaskReply)  # after the task ended, too
+    assert late.task.id == first.task.id and late.task.status == "succeeded"
+    # The same id names another request of another kind; without an id every request is a new one.
+    restore = await run(pair, "snapshot.restore", {"vm": vm, "name": "once", "request_id": "req-1"})
+    assert restore.id != first.task.id and restore.status == "succeeded"
+    kinds = [t.kind for t in (await pair.client.call("task.list", {"vm": vm}, TaskList)).tasks]
+    assert kinds == ["snapshot.restore", "snapshot.create"]
+    await expect_error(pair, "snapshot.create", {"vm": vm, "name": "x", "request_id": "not ok!"}, "400",
+                       "request_id")
+
+
+async def test_a_queued_task_fails_with_its_reason_when_the_snapshots_changed_before_it_ran(
+    pair: Pair, nats_server: NatsServer, nc: NATS
+) -> None:
+    node = await start_node(nats_server, nc, uri=SHARED_TEST_URI)
+    idle = await start_snapshotter(nc, node.config, workers=0)
+    other = Pair(node, idle)
+    conn = libvirt.open(SHARED_TEST_URI)
+    try:
+        taken, gone = await make_vm(other), await make_vm(other)
+        create = await other.client.call("snapshot.create", {"vm": taken, "name": "x"}, TaskReply)
+        domain = conn.lookupByName(f"edgevm-{gone}")
+        domain.snapshotCreateXML("<domainsnapshot><name>y</name></domainsnapshot>", 0)
+        restore = await other.client.call("snapshot.restore", {"vm": gone, "name": "y"}, TaskReply)
+        # Behind the queued tasks' backs: the name is taken by another snapshot, the snapshot is deleted.
+        conn.lookupByName(f"edgevm-{taken}").snapshotCreateXML("<domainsnapshot><name>x</name></domainsnapshot>", 0)
+        domain.snapshotLookupByName("y").delete(0)
+        workers = await start_snapshotter(nc, node.config, workers=2)
+        try:
+            created, restored = await wait_task(node, create), await wait_task(node, restore)
+        finally:
+            await workers.shutdown()
+        assert created.status == "failed" and created.error == f"VM {taken} has a snapshot named x already"
+        assert restored.status == "failed" and restored.error and "y" in restored.error, restored
+    finally:
+        conn.close()
+        await idle.shutdown()
+        await node.shutdown()
+
+
+WORKER_SETTINGS = [("", 2), ("0", 0), (" 3 ", 3), (str(MAX_WORKERS), MAX_WORKERS)]
+
+
+@pytest.mark.parametrize(("raw", "count"), WORKER_SETTINGS)
+def test_the_worker_count_comes_from_the_environment(raw: str, count: int) -> None:
+    assert workers_from_env({"EDGEVM_SNAPSHOT_WORKERS": raw}) == count
+
+
+@pytest.mark.parametrize("raw", ["two", "-1", "1.5", str(MAX_WORKERS + 1)])
+def test_a_bad_worker_count_stops_the_service_with_one_sentence(raw: str) -> None:
+    with pytest.raises(ValueError, match="EDGEVM_SNAPSHOT_WORKERS must be a whole number"):
+        workers_from_env({"EDGEVM_SNAPSHOT_WORKERS": raw})
+
+
+def test_the_service_refuses_a_bad_worker_count_without_a_traceback() -> None:
+    done = subprocess.run([sys.executable, "-m", "edgevm.snapshotter"], capture_output=True, text=True,
+                          env={"EDGEVM_SNAPSHOT_WORKERS": "lots", "PATH": "/usr/bin:/bin"}, timeout=30)
+    assert done.returncode == 1
+    assert done.stderr.strip() == ("edgevm-snapshotter: EDGEVM_SNAPSHOT_WORKERS must be a whole number from 0 "
+                                   f"to {MAX_WORKERS}, not 'lots'")

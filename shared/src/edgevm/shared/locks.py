@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import Header
-from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
 from edgevm.shared.clock import now
@@ -29,6 +29,8 @@ class Lease(msgspec.Struct):
     task_id: str | None
     service: str
     since: str
+    # The process instance that runs the task, when the service tells them apart (None: not said).
+    holder: str | None = None
 
 
 class VmLocks:
@@ -47,9 +49,9 @@ class VmLocks:
     def _key(self, vm: str) -> str:
         return f"{self._node}.{vm}"
 
-    async def acquire(self, vm: str, operation: str, task_id: str | None = None) -> int:
+    async def acquire(self, vm: str, operation: str, task_id: str | None = None, *, holder: str | None = None) -> int:
         """Take the lease on `vm`, or raise Conflict naming the operation (and task) that holds it."""
-        lease = Lease(operation=operation, task_id=task_id, service=self._service, since=now())
+        lease = Lease(operation=operation, task_id=task_id, service=self._service, since=now(), holder=holder)
         tombstone = self._tombstones.pop(vm, None)
         if tombstone is not None:
             with contextlib.suppress(KeyWrongLastSequenceError):  # someone else took it since: the usual path
@@ -57,11 +59,11 @@ class VmLocks:
         try:
             return await self._kv.create(self._key(vm), msgspec.json.encode(lease))
         except KeyWrongLastSequenceError:
-            holder = await self.holder(vm)
-            if holder is None:  # expired between our create and our read: try once more
+            current = await self.holder(vm)
+            if current is None:  # expired between our create and our read: try once more
                 return await self._kv.create(self._key(vm), msgspec.json.encode(lease))
-            task = f" (task {holder.task_id})" if holder.task_id else ""
-            raise Conflict(f"VM {vm} is busy with {holder.operation}{task}; try again when it ends", "name") from None
+            task = f" (task {current.task_id})" if current.task_id else ""
+            raise Conflict(f"VM {vm} is busy with {current.operation}{task}; try again when it ends", "name") from None
 
     async def holder(self, vm: str) -> Lease | None:
         """Return the lease on `vm`, or None when it is free."""
@@ -97,9 +99,10 @@ class VmLocks:
         assert entry.value is not None
         return await self._kv.update(self._key(vm), entry.value, last=revision)
 
-    async def take(self, vm: str, operation: str, task_id: str | None = None) -> HeldLease:
+    async def take(self, vm: str, operation: str, task_id: str | None = None, *,
+                   holder: str | None = None) -> HeldLease:
         """Take the lease on `vm` and keep it renewed until the returned handle is released."""
-        return HeldLease(self, vm, await self.acquire(vm, operation, task_id))
+        return HeldLease(self, vm, await self.acquire(vm, operation, task_id, holder=holder))
 
     @contextlib.asynccontextmanager
     async def hold(self, vm: str, operation: str, task_id: str | None = None) -> AsyncIterator[None]:
@@ -118,6 +121,7 @@ class HeldLease:
         self._locks = locks
         self._vm = vm
         self._revision = revision
+        self.lost = False  # the lease changed hands or expired: this handle no longer holds the VM
         self._keeper = asyncio.create_task(self._keep())
 
     async def _keep(self) -> None:
@@ -125,12 +129,22 @@ class HeldLease:
             await asyncio.sleep(RENEW_EVERY)
             try:
                 self._revision = await self._locks.renew(self._vm, self._revision)
+            except (KeyWrongLastSequenceError, KeyNotFoundError, KeyDeletedError):
+                # Someone else wrote the lease (a takeover) or it expired: renewing can never succeed again.
+                log.warning("lease on %s is no longer ours; not renewed any more", self._vm)
+                self.lost = True
+                return
             except Exception as exc:
                 log.warning("lease on %s not renewed: %s", self._vm, exc)
 
-    async def release(self) -> None:
-        """Stop renewing and give the lease back."""
+    async def stop(self) -> None:
+        """Stop renewing without giving the lease back: it expires, or another holder takes it over."""
         self._keeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._keeper
-        await self._locks.release(self._vm, self._revision)
+
+    async def release(self) -> None:
+        """Stop renewing and give the lease back."""
+        await self.stop()
+        if not self.lost:
+            await self._locks.release(self._vm, self._revision)

@@ -12,6 +12,7 @@ from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.tasks import TaskStore
 from edgevm.snapshotter import errormap
 from edgevm.snapshotter.commands import SnapshotCommands
+from edgevm.snapshotter.dedupe import RequestIds, open_bucket
 from edgevm.snapshotter.drivers.connection import Hypervisor
 from edgevm.snapshotter.drivers.domains import Domains
 from edgevm.snapshotter.drivers.qemuimg import QemuImg
@@ -25,13 +26,24 @@ from edgevm.snapshotter.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
+MAX_WORKERS = 64
+
+
+def workers_from_env(env: dict[str, str] | None = None) -> int:
+    """EDGEVM_SNAPSHOT_WORKERS: how many tasks run at once (0: this process only takes commands)."""
+    raw = (os.environ if env is None else env).get("EDGEVM_SNAPSHOT_WORKERS", "").strip()
+    if not raw:
+        return DEFAULT_WORKERS
+    if not raw.isdecimal() or int(raw) > MAX_WORKERS:
+        raise ValueError(f"EDGEVM_SNAPSHOT_WORKERS must be a whole number from 0 to {MAX_WORKERS}, not {raw!r}")
+    return int(raw)
 
 
 def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitable[None]]:
     """The service's set-up with `workers` concurrent tasks (EDGEVM_SNAPSHOT_WORKERS; 0: commands only)."""
 
     async def setup(ctx: ServiceContext) -> None:
-        count = workers if workers is not None else int(os.environ.get("EDGEVM_SNAPSHOT_WORKERS", DEFAULT_WORKERS))
+        count = workers if workers is not None else workers_from_env()
         errormap.register()
         config = ctx.config
         node = config.node
@@ -41,7 +53,7 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
         ctx.stack.push_async_callback(hypervisor.close)
         operations = SnapshotOperations(
             Snapshots(hypervisor), Domains(hypervisor), QemuImg(),
-            lambda vm: VmFiles(vm_dir(config.state_dir, vm)),
+            lambda vm: VmFiles(vm_dir(config.state_dir, vm)),  # VmFiles resolves links: one name per file
         )
         store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
         locks_kv = ctx.buckets[bus.LOCKS.name]
@@ -49,7 +61,8 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
         ctx.stack.push_async_callback(leases.release_all)
         records = VmRecords(ctx.buckets[bus.VMS.name], node)
         queue = WorkQueue(ctx.js, node)
-        commands = SnapshotCommands(records, operations, store, leases, queue)
+        request_ids = RequestIds(await open_bucket(ctx.js), node)
+        commands = SnapshotCommands(records, operations, store, leases, queue, request_ids)
 
         if count > 0:
             await queue.subscribe()

@@ -21,11 +21,23 @@ def vm_dir(state_dir: Path, vm: str) -> Path:
     return state_dir / "lifecycle" / "vms" / vm
 
 
+def frozen_name(path: Path) -> str | None:
+    """The snapshot whose frozen image `path` is (by its file name), or None for another file."""
+    if path.suffix != ".qcow2" or not path.name.startswith(FROZEN_PREFIX):
+        return None
+    return path.name[len(FROZEN_PREFIX):-len(".qcow2")]
+
+
 @dataclass(frozen=True)
 class VmFiles:
-    """The snapshot files of one VM."""
+    """The snapshot files of one VM, by their real path: the state directory may be reached through a
+    symbolic link or named relatively, and every comparison with libvirt's or QEMU's paths needs one name
+    per file."""
 
     vm_dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vm_dir", Path(os.path.realpath(self.vm_dir)))
 
     @property
     def root(self) -> Path:
@@ -48,6 +60,10 @@ class VmFiles:
     def intent(self, task_id: str) -> Path:
         """What a running restore must remember across a restart of the service."""
         return self.layers / f".restore-{task_id.lower()}"
+
+    def saved_definition(self, task_id: str) -> Path:
+        """The domain definition an internal restore puts back, kept across a restart of the service."""
+        return self.layers / f".restore-{task_id.lower()}.xml"
 
     def images(self) -> list[Path]:
         """Every chain image in the layers directory."""
@@ -74,6 +90,13 @@ class VmFiles:
         os.symlink(top, temporary)
         os.rename(temporary, self.root)
         _fsync_dir(self.vm_dir)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `path` so that a reader (or a restart) sees the whole text or no file."""
+    temporary = path.with_name(path.name + ".new")
+    temporary.write_text(text)
+    os.rename(temporary, path)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -11,6 +11,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from edgevm.shared.errors import Conflict, EdgevmError, NotFound, to_edgevm_error
+from edgevm.shared.locks import HeldLease
 from edgevm.shared.objects import Task
 from edgevm.shared.tasks import TaskStore
 from edgevm.snapshotter.leases import TaskLeases
@@ -20,25 +21,54 @@ from edgevm.snapshotter.workqueue import PROGRESS_EVERY, WorkItem, WorkQueue, de
 
 log = logging.getLogger(__name__)
 FETCH_WAIT = 5.0
-BUSY_RETRY = 1.0  # seconds before a task whose VM another operation holds is offered again
+BUSY_RETRY = 1.0  # seconds before a task whose VM another operation holds is offered again, times deliveries
+BUSY_RETRY_MAX = 5.0
+ERROR_RETRY_MAX = 30.0  # the longest wait before a work item that could not be handled is offered again
+MAX_FAILURES = 5  # a work item that cannot be handled this often in a row fails its task and is dropped
+FINAL_WRITE_TRIES = 5
+
+
+class LeaseLost(EdgevmError):
+    """The VM's lease expired under a running task (NATS unreachable for longer than its lifetime)."""
+
+    code = "409"
 
 
 def describe(exc: BaseException) -> str:
-    """Why a task failed, as a whole sentence without Python internals."""
+    """Why a task failed, as a whole sentence without Python internals; never empty."""
     error = to_edgevm_error(exc)
     if error is not None:
-        return error.message
-    if isinstance(exc, OSError | ValueError):
-        return str(exc)
-    log.error("snapshot task failed unexpectedly", exc_info=exc)
-    return f"internal error ({type(exc).__name__}); the snapshotter's log has the details"
+        text = error.message
+    elif isinstance(exc, OSError | ValueError):
+        text = str(exc)
+    else:
+        log.error("snapshot task failed unexpectedly", exc_info=exc)
+        return f"internal error ({type(exc).__name__}); the snapshotter's log has the details"
+    if text.strip():
+        return text
+    summary = (type(exc).__doc__ or "").strip().splitlines()
+    return f"{type(exc).__name__}: {summary[0]}" if summary else f"{type(exc).__name__} (no details)"
+
+
+def _deliveries(message: Msg) -> int:
+    try:
+        return int(message.metadata.num_delivered)
+    except Exception:
+        return 1
+
+
+class _Delivery:
+    """The latest delivery of a task running here: JetStream may deliver its message again meanwhile."""
+
+    def __init__(self, message: Msg) -> None:
+        self.message = message
 
 
 class Workers:
     """Runs up to `concurrency` snapshot tasks at a time (of different VMs: the lease allows one per VM)."""
 
     def __init__(self, queue: WorkQueue, store: TaskStore, leases: TaskLeases, records: VmRecords,
-                 operations: SnapshotOperations, concurrency: int = 2) -> None:
+                 operations: SnapshotOperations, concurrency: int = 2, max_failures: int = MAX_FAILURES) -> None:
         self._queue = queue
         self._store = store
         self._leases = leases
@@ -46,6 +76,9 @@ class Workers:
         self._ops = operations
         self._slots = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
+        self._active: dict[str, _Delivery] = {}  # task id -> its delivery, while it is handled here
+        self._failures: dict[str, int] = {}  # task id -> deliveries in a row that could not be handled
+        self._max_failures = max_failures
 
     async def run(self) -> None:
         """Fetch and run tasks until cancelled; a fetch never waits longer than FETCH_WAIT."""
@@ -70,8 +103,9 @@ class Workers:
                 job.add_done_callback(self._running.discard)
 
     async def drain(self, timeout: float = 60.0) -> None:
-        """Wait for the running tasks to end (at shutdown); cancel what still runs after `timeout`:
-        their messages are not acknowledged, so a worker of the next start finishes them."""
+        """Wait for the running tasks to end (at shutdown); cancel what still runs after `timeout`: their
+        messages stay unacknowledged and their leases are left to lapse (libvirt may still be at work), so
+        a worker of the next start resumes them."""
         if not self._running:
             return
         _, late = await asyncio.wait(self._running, timeout=timeout)
@@ -84,91 +118,167 @@ class Workers:
             await self.handle(message)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("snapshot work item not handled; it will be offered again")
+        except Exception as exc:
+            log.exception("snapshot work item not handled")
             with contextlib.suppress(Exception):
-                await message.nak(delay=BUSY_RETRY)
+                await self._not_handled(message, exc)
         finally:
             self._slots.release()
 
+    async def _not_handled(self, message: Msg, exc: Exception) -> None:
+        """Offer the item again after a back-off; after max_failures in a row, fail its task and drop it."""
+        item = decode_item(message.data)
+        failures = self._failures.get(item.task_id, 0) + 1
+        self._failures[item.task_id] = failures
+        if failures < self._max_failures:
+            await message.nak(delay=min(2.0 ** (failures - 1), ERROR_RETRY_MAX))
+            return
+        reason = f"the snapshotter could not handle the task {failures} times; the last time: {describe(exc)}"
+        try:
+            task, revision = await self._store.get(item.task_id)
+            if not task.finished:
+                await self._store.update(task, revision, status="failed", message="failed", error=reason)
+        except Exception as write_error:
+            log.warning("task %s: its failure not recorded (%s); offered again later", item.task_id, write_error)
+            await message.nak(delay=ERROR_RETRY_MAX)
+            return
+        self._failures.pop(item.task_id, None)
+        with contextlib.suppress(Exception):
+            await self._leases.release_for(item.vm, item.task_id)
+        await message.term()
+
     async def handle(self, message: Msg) -> None:
-        """Run one queued task to its end and acknowledge it; a finished or cancelled one is skipped."""
+        """Run one queued task to its end and acknowledge it; a finished or cancelled one is skipped, and
+        a task that runs in this process already is only kept from being delivered elsewhere."""
         try:
             item = decode_item(message.data)
         except Exception:
             log.error("dropping a work item that is not one: %r", message.data[:200])
             await message.term()
             return
+        running = self._active.get(item.task_id)
+        if running is not None:
+            log.info("task %s delivered again while it runs here", item.task_id)
+            running.message = message
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+            return
+        delivery = self._active[item.task_id] = _Delivery(message)
+        try:
+            await self._handle(item, delivery)
+        finally:
+            del self._active[item.task_id]
+        self._failures.pop(item.task_id, None)
+
+    async def _handle(self, item: WorkItem, delivery: _Delivery) -> None:
         try:
             task, revision = await self._store.get(item.task_id)
         except NotFound:
             log.warning("task %s is gone from the task bucket: its work is dropped", item.task_id)
             await self._leases.release_for(item.vm, item.task_id)
-            await message.ack()
+            await delivery.message.ack()
             return
         if task.finished:  # cancelled while queued, or finished before a redelivery
             await self._leases.release_for(item.vm, item.task_id)
-            await message.ack()
+            await delivery.message.ack()
             return
         try:
             lease = await self._leases.claim(item.vm, item.kind, item.task_id)
         except Conflict as busy:
             log.info("task %s waits: %s", item.task_id, busy.message)
-            await message.nak(delay=BUSY_RETRY)
+            await delivery.message.nak(delay=min(BUSY_RETRY * _deliveries(delivery.message), BUSY_RETRY_MAX))
             return
-        keeper = asyncio.create_task(_keep_in_progress(message))
+        keeper = asyncio.create_task(_keep_in_progress(delivery))
+        interrupted = False
         try:
             started = await self._start(task, revision)
             if started is not None:
-                await self._run(item, *started)
+                await self._run(item, lease, *started)
+        except asyncio.CancelledError:
+            interrupted = True
+            raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            await lease.release()
-        await message.ack()
+            if interrupted:
+                await lease.stop()  # libvirt may still be at work: the lease lapses, the next worker resumes
+            else:
+                await lease.release()
+        await delivery.message.ack()
 
-    async def _start(self, task: Task, revision: int) -> tuple[Task, int] | None:
-        resumed = task.status == "running"
+    async def _start(self, task: Task, revision: int) -> tuple[Task, int, str | None] | None:
+        """Mark the task running; return it, its revision and (when it ran before) its start time."""
         try:
-            if resumed:
-                return await self._store.update(task, revision, message="resumed after a restart of the snapshotter")
-            return await self._store.update(task, revision, status="running", message="running")
+            if task.status == "running":
+                updated, revision = await self._store.update(
+                    task, revision, message="resumed after a restart of the snapshotter")
+                return updated, revision, task.started_at
+            updated, revision = await self._store.update(task, revision, status="running", message="running")
+            return updated, revision, None
         except Conflict:
             current, revision = await self._store.get(task.id)  # cancelled meanwhile?
             if current.finished:
                 return None
             return await self._start(current, revision)
 
-    async def _run(self, item: WorkItem, task: Task, revision: int) -> None:
+    async def _run(self, item: WorkItem, lease: HeldLease, task: Task, revision: int,
+                   resumed_since: str | None) -> None:
         async def progress(percent: int, message: str) -> None:
+            """Record a step (best effort: the work goes on when the task bucket is unreachable)."""
             nonlocal task, revision
-            task, revision = await self._store.update(task, revision, progress=percent, message=message)
+            if lease.lost:
+                raise LeaseLost(f"the lease on VM {item.vm} expired while the task ran (NATS was unreachable "
+                                "for longer than its lifetime); the task stopped before its next step")
+            try:
+                task, revision = await self._store.update(task, revision, progress=percent, message=message)
+            except Exception as exc:
+                log.warning("task %s: step %r not recorded: %s", task.id, message, exc)
+                with contextlib.suppress(Exception):
+                    task, revision = await self._store.get(task.id)
 
         try:
-            result = await self._execute(item, progress)
+            result = await self._execute(item, progress, resumed_since)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._store.update(task, revision, status="failed", message="failed", error=describe(exc))
+            await self._finish(task, revision, status="failed", message="failed", error=describe(exc))
         else:
-            await self._store.update(task, revision, status="succeeded", message="done", result=result)
+            await self._finish(task, revision, status="succeeded", message="done", result=result)
 
-    async def _execute(self, item: WorkItem, progress: Progress) -> dict[str, Any] | None:
+    async def _finish(self, task: Task, revision: int, **changes: Any) -> None:
+        """Write the task's end, trying FINAL_WRITE_TRIES times (a lost write would run the task again)."""
+        for attempt in range(FINAL_WRITE_TRIES):
+            try:
+                await self._store.update(task, revision, **changes)
+                return
+            except Exception as exc:
+                if attempt == FINAL_WRITE_TRIES - 1:
+                    raise
+                log.warning("task %s: its end not recorded yet (%s); trying again", task.id, exc)
+                await asyncio.sleep(0.5 * 2 ** attempt)
+                with contextlib.suppress(Exception):
+                    task, revision = await self._store.get(task.id)
+                    if task.finished:  # the write landed, only its answer was lost
+                        return
+
+    async def _execute(self, item: WorkItem, progress: Progress,
+                       resumed_since: str | None) -> dict[str, Any] | None:
         vm = await self._records.get(item.vm)
         ops = self._ops
         external = vm.spec.firmware == "uefi"
         if item.kind == "snapshot.create":
             if external:
-                snapshot = await ops.create_external(item.vm, item.name, item.description, item.task_id, progress)
+                snapshot = await ops.create_external(item.vm, item.name, item.description, item.task_id, progress,
+                                                     resumed_since)
             else:
-                snapshot = await ops.create_internal(item.vm, item.name, item.description, progress)
+                snapshot = await ops.create_internal(item.vm, item.name, item.description, progress, resumed_since)
             return _builtins(snapshot)
         if item.kind == "snapshot.restore":
             if external:
                 snapshot = await ops.restore_external(item.vm, item.name, item.task_id, progress)
             else:
-                snapshot = await ops.restore_internal(item.vm, item.name, progress)
+                snapshot = await ops.restore_internal(item.vm, item.name, item.task_id, progress)
             return _builtins(snapshot)
         if item.kind == "snapshot.delete":
             if external:
@@ -184,11 +294,11 @@ def _builtins(value: Any) -> dict[str, Any]:
     return result
 
 
-async def _keep_in_progress(message: Msg) -> None:
+async def _keep_in_progress(delivery: _Delivery) -> None:
     """Tell JetStream the task is alive, so the message is not given to another worker meanwhile."""
     while True:
         await asyncio.sleep(PROGRESS_EVERY)
         try:
-            await message.in_progress()
+            await delivery.message.in_progress()
         except Exception as exc:
             log.warning("in-progress ack not sent: %s", exc)

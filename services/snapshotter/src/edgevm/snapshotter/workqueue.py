@@ -45,7 +45,8 @@ class WorkQueue:
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def enqueue(self, item: WorkItem) -> None:
-        """Queue `item`; JetStream drops a second publish with the same task id (Nats-Msg-Id)."""
+        """Queue `item`; JetStream drops a second publish of the same task (Nats-Msg-Id = task id), e.g. a
+        publish that reached the stream although its answer was lost."""
         await self._js.publish(self._subject, _encoder.encode(item), timeout=2.0,
                                stream=SNAPSHOT_WORK_STREAM.name, headers={"Nats-Msg-Id": item.task_id})
 
@@ -61,7 +62,8 @@ class WorkQueue:
 
     async def fetch(self, wait: float) -> list[Msg]:
         """Wait up to `wait` seconds for one item; [] when none came."""
-        assert self._sub is not None, "subscribe() first"
+        if self._sub is None:
+            raise RuntimeError("WorkQueue.fetch before subscribe()")
         try:
             return await self._sub.fetch(1, timeout=wait)
         except TimeoutError:

@@ -1,6 +1,7 @@
 """edgevm's libvirt domains as the snapshotter sees them: power state, root disk, block jobs."""
 
 import asyncio
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,23 @@ class RootDisk:
 
 
 def find_root_disk(domain_xml: str, vm_dir: Path) -> RootDisk | None:
-    """The first file disk whose source is `<vm_dir>/root.qcow2` or a file in `<vm_dir>/snapshots/`."""
-    root_path = str(vm_dir / "root.qcow2")
-    layers = str(vm_dir / "snapshots") + "/"
+    """The first file disk whose source is `<vm_dir>/root.qcow2` or a file in `<vm_dir>/snapshots/`.
+
+    Directories are compared by their real path: the definition may name the VM's directory through a
+    symbolic link (the lifecycle's EDGEVM_STATE_DIR as given) or by its real path (written here).
+    """
+    home = os.path.realpath(vm_dir)
+    layers = os.path.join(home, "snapshots")
     for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
         source, target = disk.find("source"), disk.find("target")
         if disk.get("device", "disk") != "disk" or source is None or target is None:
             continue
         path = source.get("file") or ""
-        if path == root_path or path.startswith(layers):
+        if not os.path.isabs(path):
+            continue
+        folder, base = os.path.split(path)
+        where = os.path.realpath(folder)
+        if (where == home and base == "root.qcow2") or where == layers:
             return RootDisk(target.get("dev") or "", path)
     return None
 
@@ -50,7 +59,8 @@ def with_root_source(domain_xml: str, target: str, path: str) -> str:
         found = disk.find("target")
         if found is not None and found.get("dev") == target:
             source = disk.find("source")
-            assert source is not None
+            if source is None:
+                raise OperationInvalid(f"disk {target} of the domain has no source to point at {path}")
             source.set("file", path)
             # libvirt honours a backingStore in the definition instead of reading the chain from the
             # image headers: after a snapshot it records the old top by the path it was opened with.
@@ -136,11 +146,15 @@ class Domains:
         await self._wait(vm, running=True, timeout=timeout)
 
     async def _wait(self, vm: str, *, running: bool, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while True:
-                if await self.is_running(vm) == running:
-                    return
-                await asyncio.sleep(POLL)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    if await self.is_running(vm) == running:
+                        return
+                    await asyncio.sleep(POLL)
+        except TimeoutError:
+            state = "start" if running else "stop"
+            raise HypervisorTimeout(f"VM {vm} did not {state} within {timeout:g} s") from None
 
     async def wait_idle(self, vm: str, timeout: float = 600) -> None:
         """Wait until no job runs on the domain (a snapshot libvirtd still takes for a dead caller)."""
@@ -156,6 +170,8 @@ class Domains:
                     await asyncio.sleep(POLL)
         except Unsupported:
             return  # the driver keeps no jobs (libvirt's test driver)
+        except OperationInvalid:
+            return  # the domain is not running: no job can run on it
         except TimeoutError:
             raise HypervisorTimeout(f"a job on VM {vm} did not end within {timeout:g} s") from None
 

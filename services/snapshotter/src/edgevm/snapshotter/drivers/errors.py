@@ -8,9 +8,13 @@ class HypervisorError(Exception):
 class DomainNotFound(HypervisorError):
     """The domain does not exist."""
 
+    field = "vm"  # the request field that named it
+
 
 class SnapshotNotFound(HypervisorError):
     """The snapshot does not exist."""
+
+    field = "name"
 
 
 class OperationInvalid(HypervisorError):

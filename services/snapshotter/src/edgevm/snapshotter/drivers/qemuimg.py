@@ -1,6 +1,7 @@
 """qemu-img as a process: overlays, rebases and image headers, each call with a deadline."""
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,13 @@ class QemuImg:
             async with asyncio.timeout(self._timeout):
                 out, err = await process.communicate()
         except TimeoutError:
-            process.kill()
-            await process.wait()
             raise ImageToolError(f"qemu-img {args[0]} did not finish within {self._timeout:g} s") from None
+        finally:
+            # Timed out or cancelled (a shutdown): no qemu-img goes on writing an image behind our back.
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await asyncio.shield(process.wait())
         if process.returncode != 0:
             raise ImageToolError(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()}")
         return out.decode()

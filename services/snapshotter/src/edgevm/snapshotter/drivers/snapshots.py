@@ -26,6 +26,7 @@ class SnapshotInfo:
     parent: str | None
     current: bool
     xml: str
+    overlays: tuple[str, ...] = ()  # the files an external snapshot switched its disks to
 
 
 def parse_snapshot(xml: str, current: bool) -> SnapshotInfo:
@@ -44,7 +45,22 @@ def parse_snapshot(xml: str, current: bool) -> SnapshotInfo:
         parent=root.findtext("parent/name"),
         current=current,
         xml=xml,
+        overlays=tuple(source.get("file") or "" for source in root.iterfind("disks/disk[@snapshot='external']/source")),
     )
+
+
+def oldest_first(snapshots: list[SnapshotInfo]) -> list[SnapshotInfo]:
+    """Snapshots by creation time; within one second (libvirt's resolution) a parent before its children."""
+    parents = {s.name: s.parent for s in snapshots}
+
+    def depth(name: str) -> int:
+        seen: set[str] = set()
+        while (parent := parents.get(name)) is not None and parent not in seen:
+            seen.add(parent)
+            name = parent
+        return len(seen)
+
+    return sorted(snapshots, key=lambda s: (s.created_at, depth(s.name), s.name))
 
 
 def snapshot_xml(name: str, description: str, external_disk: tuple[str, str] | None = None,
@@ -84,8 +100,7 @@ class Snapshots:
                 found.append(parse_snapshot(snap.getXMLDesc(0), bool(snap.isCurrent(0))))
             return found
 
-        snapshots = await self._hv.call(read)
-        return sorted(snapshots, key=lambda s: (s.created_at, s.name))
+        return oldest_first(await self._hv.call(read))
 
     async def get(self, vm: str, name: str) -> SnapshotInfo | None:
         """One snapshot, or None."""
