@@ -216,6 +216,8 @@ async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
     store = TaskStore(buckets[TASKS.name], EventPublisher(js, node.config.node, "lifecycle"), node.config.node)
     stuck, revision = await store.create("vm.stop", "r")
     await store.update(stuck, revision, status="running")
+    # Its lease, as a lifecycle killed mid-task leaves it (renewed no more, but 30 s from expiring).
+    await VmLocks(buckets[LOCKS.name], node.config.node, "lifecycle").acquire("r", "vm.stop", stuck.id)
     await node.shutdown()
     # The restarted service opens a fresh private test driver, which has none of the old domains: it
     # defines them again from the records, and the VM that "ran" is stopped now.
@@ -225,6 +227,7 @@ async def test_restart_reconciles_missing_domains_and_fails_interrupted_tasks(
         assert vm.status.state == "stopped"
         failed = await again.client.call("task.get", {"id": stuck.id}, Task)
         assert failed.status == "failed" and "restarted" in (failed.error or "")
+        # The interrupted task's lease went with it: no 409 naming a task that is over.
         task = await wait_task(again, await again.client.call("vm.start", {"name": "r"}, TaskReply))
         assert task.status == "succeeded", task.error
     finally:

@@ -14,7 +14,7 @@ from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrong
 from nats.js.kv import KV_DEL, KV_OP, KeyValue
 
 from edgevm.shared.clock import now
-from edgevm.shared.errors import Conflict
+from edgevm.shared.errors import Conflict, Unavailable
 
 log = logging.getLogger(__name__)
 # The bucket's TTL is 30 s (bus.LOCKS): a holder renews its lease well within it, so a lease whose holder
@@ -69,11 +69,26 @@ class VmLocks:
         """Return the lease on `vm`, or None when it is free."""
         try:
             entry = await self._kv.get(self._key(vm))
-        except Exception:
+        except (KeyNotFoundError, KeyDeletedError):
             return None
+        except Exception as exc:  # not "free": the bucket cannot say
+            raise Unavailable(f"the lease of VM {vm} cannot be read: {exc}") from None
         if not entry.value:
             return None
         return msgspec.json.decode(entry.value, type=Lease)
+
+    async def clear(self, vm: str, task_id: str) -> bool:
+        """Delete the lease on `vm` if a task `task_id` holds it (one that will never end: its service
+        restarted); return whether it did."""
+        try:
+            entry = await self._kv.get(self._key(vm))
+        except (KeyNotFoundError, KeyDeletedError):
+            return False
+        if not entry.value or msgspec.json.decode(entry.value, type=Lease).task_id != task_id:
+            return False
+        assert entry.revision is not None
+        await self.release(vm, entry.revision)
+        return True
 
     async def release(self, vm: str, revision: int) -> None:
         """Give the lease back (only if it is still ours)."""

@@ -87,7 +87,7 @@ async def setup(ctx: ServiceContext) -> None:
 
     ctx.background(index.follow(), "task index")
     await asyncio.wait_for(index.ready.wait(), 30)
-    interrupted = await tasks.fail_interrupted(OWN_TASK_KINDS)
+    interrupted = await tasks.fail_interrupted(OWN_TASK_KINDS, locks)
     if interrupted:
         log.warning("%d task(s) interrupted by the last restart were marked failed", interrupted)
     # Events first, then the look at every domain: a change between the two is not missed.

@@ -30,7 +30,7 @@ from edgevm.lifecycle.seed import write_seed
 from edgevm.lifecycle.userdata import validate_meta_data, validate_network_config, validate_user_data
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, StopVm, TaskReply, UpdateVm, VmList, VmRef
-from edgevm.shared.errors import Conflict, EdgevmError, InvalidRequest, invalid_from_msgspec
+from edgevm.shared.errors import Conflict, EdgevmError, InvalidRequest, Unavailable, invalid_from_msgspec
 from edgevm.shared.events import VmCrashed, VmCreated, VmDeleted, VmStarted, VmStopped, VmUpdated
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.objects import Vm, VmState, VmStatus
@@ -505,12 +505,17 @@ class VmService:
 
     async def _observe_after_lease(self, name: str) -> None:
         # Leases live in JetStream KV, so there is nothing local to wait on: poll until it is released.
-        while True:
-            if not self.runner.holds(name) and await self.locks.holder(name) is None:
-                break
-            await asyncio.sleep(LEASE_RECHECK)
-        # Gone from the table before looking: a lease taken meanwhile schedules a new look.
-        self._rechecks.pop(name, None)
+        try:
+            while True:
+                try:
+                    if not self.runner.holds(name) and await self.locks.holder(name) is None:
+                        break
+                except Unavailable as exc:
+                    log.warning("VM %s: its lease cannot be read now (%s); looking again", name, exc)
+                await asyncio.sleep(LEASE_RECHECK)
+        finally:
+            # Gone from the table before looking: a lease taken meanwhile schedules a new look.
+            self._rechecks.pop(name, None)
         await self.observe(name, await self._domain_state(name))
 
     async def close(self) -> None:
