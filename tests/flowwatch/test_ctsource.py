@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import socket
 import subprocess
@@ -214,3 +215,35 @@ async def test_lookup_reads_an_entrys_counters_now_and_none_once_it_is_gone(netn
     finally:
         lookup.close()
         pair.close()
+
+
+def test_sockets_are_made_by_pyroute2_in_the_namespace_and_a_missing_one_is_never_created() -> None:
+    with pytest.raises(NamespaceNotFound):
+        ctsource.open_socket("edgevm-t-never-created", ctsource.EVENT_GROUPS)
+    assert not os.path.exists("/run/netns/edgevm-t-never-created")  # pyroute2 would create it by default
+
+
+def test_a_dump_with_no_answer_raises_timeout_error() -> None:
+    mute, _other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with mute, _other, pytest.raises(TimeoutError):
+        ctsource.dump(None, timeout=0.2, sock=mute)
+
+
+async def test_lookup_opens_one_socket_for_concurrent_gets_wraps_its_sequence_and_stays_closed(netns: str) -> None:
+    client, server = udp_exchange(netns)
+    [entry] = [e for e in ctsource.dump(netns) if (e.orig.sport, e.orig.dport) == (client, server)]
+    lookup = ctsource.CtLookup(netns)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        results = await asyncio.gather(*(lookup.get([entry]) for _ in range(5)))
+        assert all(found is not None and found.orig == entry.orig for [found] in results)
+        assert len(os.listdir("/proc/self/fd")) == fds_before + 1  # one socket, however many asked at once
+        lookup._seq = 0xFFFFFFFF - 1  # two requests from wrapping: netlink's sequence numbers are 32 bits
+        assert [e is not None for e in await lookup.get([entry, entry, entry])] == [True, True, True]
+        assert [e is not None for e in await lookup.get([entry])] == [True]
+    finally:
+        lookup.close()
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    with pytest.raises(OSError):
+        await lookup.get([entry])  # a closed lookup (its watch is gone) opens nothing again
+    assert len(os.listdir("/proc/self/fd")) == fds_before

@@ -10,7 +10,7 @@ import pytest
 
 from edgevm.flowwatch.addresses import AddressMap
 from edgevm.flowwatch.ctparse import CtEntry, CtKind, CtTuple
-from edgevm.flowwatch.flowtable import ActiveFlow, Changes, NamespaceFlows, flow_id
+from edgevm.flowwatch.flowtable import ActiveFlow, Changes, NamespaceFlows, flow_id, flow_key
 from edgevm.shared.netstate import NicRecord, VmNetRecord, VnetAttachment
 
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -185,7 +185,8 @@ def test_an_active_flow_takes_well_under_a_kilobyte(amap: AddressMap) -> None:
               t("8.8.8.8", 53, "10.255.1.1", 30000 + n, UDP), tcp_state=None, ct_id=n)
         for n in range(2000)
     ]
-    apply(flows, *batch).opened.clear()
+    for flow in apply(flows, *batch).opened:
+        assert flow.id  # the service makes (and keeps) the id of every flow it announces: it counts too
     del batch  # the entries go; the tuples the flows keep from them stay, and count
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()
@@ -195,3 +196,59 @@ def test_an_active_flow_takes_well_under_a_kilobyte(amap: AddressMap) -> None:
     assert per_flow < 1024, per_flow
     assert sys.getsizeof(next(iter(flows.flows()))) < 200
     assert isinstance(next(iter(flows.flows())), ActiveFlow)
+
+
+def test_a_taken_flows_tuple_opens_no_flow_until_released_even_after_its_destroy(amap: AddressMap) -> None:
+    """The DESTROY that terminating causes must not end the hold: an ICMP echo makes the same tuple again."""
+    flows = table(amap, "ns-a")
+    [flow] = apply(flows, entry(CtKind.NEW, OUT_ORIG, OUT_REPLY)).opened
+    flows.take(flow)
+    assert not apply(flows, entry(CtKind.DESTROY, OUT_ORIG, OUT_REPLY), entry(CtKind.NEW, OUT_ORIG, OUT_REPLY, ct_id=2))
+    assert len(flows) == 0
+    flows.release(flow, restore=False)
+    [again] = apply(flows, entry(CtKind.NEW, OUT_ORIG, OUT_REPLY, ct_id=3)).opened
+    assert again is not flow and again.entry.id == 3
+
+
+def test_counters_of_another_connection_on_the_same_tuple_are_not_taken(amap: AddressMap) -> None:
+    flows = table(amap, "ns-a")
+    [flow] = apply(flows, entry(CtKind.NEW, OUT_ORIG, OUT_REPLY, ct_id=1)).opened
+    assert not flow.count(entry(CtKind.UPDATE, OUT_ORIG, OUT_REPLY, ct_id=2, counters=(1, 99, 1, 99)))
+    assert flow.entry.orig_bytes is None and flow.entry.id == 1
+    assert flow.count(entry(CtKind.UPDATE, OUT_ORIG, OUT_REPLY, ct_id=1, counters=(1, 50, 1, 60)))
+    # a resync that finds the tuple used by another connection ends the old flow and opens the new one
+    changes = Changes()
+    flows.resync([entry(CtKind.UPDATE, OUT_ORIG, OUT_REPLY, ct_id=2, counters=(1, 99, 1, 99))], changes)
+    assert [f for f, _ in changes.closed] == [flow] and flow.entry.orig_bytes == 50
+    assert [f.entry.id for f in changes.opened] == [2]
+
+
+def test_a_resync_for_addresses_keeps_a_flow_missing_from_the_dump_for_its_destroy(amap: AddressMap) -> None:
+    flows = table(amap, "ns-a")
+    [flow] = apply(flows, entry(CtKind.NEW, OUT_ORIG, OUT_REPLY)).opened
+    changes = Changes()
+    flows.resync([], changes, keep_absent=True)
+    assert not changes and len(flows) == 1
+    done = apply(flows, entry(CtKind.DESTROY, OUT_ORIG, OUT_REPLY, counters=(5, 900, 4, 300), stop=7))
+    assert done.closed == [(flow, 7)] and flow.entry.orig_bytes == 900  # its final counters
+    # after a loss (keep_absent False) a missing flow ends at once
+    [other] = apply(flows, entry(CtKind.NEW, DNAT_ORIG, DNAT_REPLY)).opened
+    changes = Changes()
+    flows.resync([], changes, now_ns=11)
+    assert changes.closed == [(other, 11)]
+
+
+def test_the_first_resync_gives_remembered_flows_their_ids_back_and_reports_the_missing(amap: AddressMap) -> None:
+    flows = table(amap, "ns-a")
+    remembered_id = "0000000001a" + "f" * 16
+    flows.remembered = {
+        flow_key("ns-a", 1, OUT_ORIG, True): (remembered_id, 26_000_000),  # the id holds its start (ms)
+        flow_key("ns-a", 1, DNAT_ORIG, False): ("gone", 2_000_000),
+    }
+    changes = Changes()
+    flows.resync([entry(CtKind.UPDATE, OUT_ORIG, OUT_REPLY)], changes)
+    [flow] = flows.flows()
+    assert (flow.id, flow.start_ns) == (remembered_id, 26_000_000)
+    assert changes.opened == []  # announced by the last run already
+    assert changes.forgotten == [flow_key("ns-a", 1, DNAT_ORIG, False)]
+    assert flows.find(remembered_id) is flow and flows.find("nonsense") is None

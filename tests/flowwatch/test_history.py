@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 
 import msgspec
 import pytest
@@ -51,9 +52,27 @@ async def test_recent_reads_the_last_flows_of_one_vm_newest_first(
     assert [f.id for f in await reader.recent(vm, limit)] == expected
 
 
-async def test_count_and_find(history: tuple[FlowHistory, str]) -> None:
+async def test_count(history: tuple[FlowHistory, str]) -> None:
     reader, _ = history
     assert (await reader.count("busy"), await reader.count("rare"), await reader.count("nobody")) == (600, 6, 0)
-    found = await reader.find("rare", "rare-00002")
-    assert found is not None and found.src_port == 2
-    assert await reader.find("rare", "busy-00002") is None
+
+
+async def test_find_reads_from_the_flows_start_so_a_flow_thousands_of_records_back_is_found(nc: NATS) -> None:
+    """terminate answers 409 for any ended flow it finds: the search starts at the start time the id holds."""
+    js = nc.jetstream()
+    await bus.ensure_jetstream(js)
+    node = f"h{secrets.token_hex(3)}"
+    start_ms = int(time.time() * 1000) - 1000
+    old = msgspec.structs.replace(flow(node, "web", 1), id=f"{start_ms:011x}{'a' * 16}")
+    await js.publish(subjects.flow_log(node, "web"), msgspec.json.encode(old))
+    for n in range(3000):  # far more than a look at the last records would cover
+        later = msgspec.structs.replace(flow(node, "web", n), id=f"{start_ms + 500:011x}{n:016x}")
+        await js.publish_async(subjects.flow_log(node, "web"), msgspec.json.encode(later))
+    await js.publish_async_completed()
+    reader = FlowHistory(js, node, timeout=5.0)
+    found = await reader.find("web", old.id)
+    assert found is not None and found.id == old.id
+    assert await reader.find("web", f"{start_ms:011x}{'b' * 16}") is None  # never recorded
+    assert await reader.find("web", f"{start_ms + 3_600_000:011x}{'a' * 16}") is None  # starts after every record
+    assert await reader.find("web", "not-an-id") is None
+    assert await reader.find("nobody", old.id) is None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
 from prometheus_client import REGISTRY
 
+from edgevm.flowwatch.collector import ActiveFlowsCollector
 from edgevm.flowwatch.history import FlowHistory
 from edgevm.flowwatch.outbox import Outbox
-from edgevm.flowwatch.service import ActiveFlowsCollector, FlowWatch
+from edgevm.flowwatch.service import FlowWatch
 from edgevm.shared import bus
 from edgevm.shared.runtime import ServiceContext, Setup
 
@@ -27,7 +29,7 @@ def make_setup(node_netns: str | None = None) -> Setup:
             node, FlowHistory(ctx.js, node), outbox, node_netns=node_netns,
             state_dir=ctx.config.service_dir("flowwatch"),
         )
-        collector = ActiveFlowsCollector(watch)
+        collector = ActiveFlowsCollector(watch.active_counts, asyncio.get_running_loop())
         REGISTRY.register(collector)
         ctx.stack.callback(REGISTRY.unregister, collector)
         ctx.background(outbox.run(), "flow outbox")
@@ -37,6 +39,7 @@ def make_setup(node_netns: str | None = None) -> Setup:
         with contextlib.suppress(TimeoutError):
             await watch.ready(READY_TIMEOUT)
         await ctx.command("flow.list", watch.list_flows)
+        # the steps of a termination have deadlines of their own that add up to less (see terminate.py)
         await ctx.command("flow.terminate", watch.terminate, deadline=5.0)
 
     return setup

@@ -258,8 +258,8 @@ def _learn_layout(length: int, seen: list[tuple[int, int, int]]) -> None:
 
     o, r, pi, co, cr = (where(t) for t in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_PROTOINFO, CTA_COUNTERS_ORIG,
                                            CTA_COUNTERS_REPLY))
-    at = (*o, *r, where(CTA_STATUS)[0], *pi, where(CTA_ID)[0], *co, *cr, tuple(rare))
-    _message_layouts[length] = _MessageLayout(struct.Struct("".join(fmt)).unpack_from, tuple(expected), at)
+    offsets = (*o, *r, where(CTA_STATUS)[0], *pi, where(CTA_ID)[0], *co, *cr, tuple(rare))
+    _message_layouts[length] = _MessageLayout(struct.Struct("".join(fmt)).unpack_from, tuple(expected), offsets)
 
 
 def ends_dump(buf: bytes) -> bool:

@@ -1,18 +1,24 @@
-"""The conntrack table of a network namespace over ctnetlink: dumps, event batches, deletion."""
+"""The conntrack table of a network namespace over ctnetlink: dumps, event batches, lookups, deletion.
+
+Every socket is made by pyroute2 in the namespace (its `NFCTSocket` machinery: the socket is created inside
+the namespace and its buffers set); what the sockets receive is read as raw bytes by ctparse, a struct-based
+parser of the few attributes flowwatch needs, since pyroute2's own decoder costs 6x more per message and
+its object layers 100x (ENVIRONMENT.md). Deletion goes through pyroute2's `entry("del")`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
-import queue
 import socket
 import struct
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+from pyroute2 import config as pyroute2_config
+from pyroute2.netlink import NETLINK_ADD_MEMBERSHIP, SOL_NETLINK
 from pyroute2.netlink.exceptions import NetlinkError as Pyroute2NetlinkError
 from pyroute2.netlink.nfnetlink import (
     NFNLGRP_CONNTRACK_DESTROY,
@@ -41,7 +47,6 @@ from edgevm.flowwatch.ctparse import (
     CTA_TUPLE_REPLY,
     CTA_ZONE,
     NLA_F_NESTED,
-    NLMSG_DONE,
     NLMSG_ERROR,
     CtEntry,
     CtTuple,
@@ -49,7 +54,7 @@ from edgevm.flowwatch.ctparse import (
     ends_dump,
     parse_into,
 )
-from edgevm.flowwatch.netns import call_in_netns, write_sysctl
+from edgevm.flowwatch.netns import NamespaceNotFound, write_sysctl
 
 __all__ = [
     "EVENT_GROUPS",
@@ -64,95 +69,79 @@ __all__ = [
     "open_socket",
 ]
 
-NETLINK_NETFILTER = 12
+# pyroute2 makes a socket in a namespace in a forked child that it ends with SIGTERM. The child inherits
+# asyncio's signal handler and wakeup fd: its SIGTERM would reach our event loop as the service's own (and
+# stop it). With this set the child takes SIGTERM with the default action, and our loop hears nothing.
+pyroute2_config.disable_mp_signal = True
+
 SO_RCVBUFFORCE = 33  # not exported by the socket module
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 IPCTNL_MSG_CT_GET = 1 << 8 | 1
 
-# bind() takes a bit mask in which group n is bit n-1: passing the group numbers ORed together
-# (1 | 2 | 3 == 3) silently leaves DESTROY out.
-EVENT_GROUPS = (
-    1 << (NFNLGRP_CONNTRACK_NEW - 1) | 1 << (NFNLGRP_CONNTRACK_UPDATE - 1) | 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)
-)
+# Joined one by one (NETLINK_ADD_MEMBERSHIP takes a group number; bind() would take a bit mask).
+EVENT_GROUPS = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY)
 EVENT_RCVBUF = 32 << 20
 RECV_SIZE = 65536  # above the kernel's 32 KiB cap on one dump datagram
+_SEQ_MASK = 0xFFFFFFFF
 
 
-def open_socket(netns: str | None, groups: int = 0, rcvbuf: int | None = None) -> socket.socket:
-    """A NETLINK_NETFILTER socket in netns, bound to the multicast groups in the bit mask groups."""
+def open_socket(netns: str | None, groups: Iterable[int] = (), rcvbuf: int | None = None) -> socket.socket:
+    """A NETLINK_NETFILTER socket that pyroute2 makes in netns, subscribed to the multicast groups.
 
-    def create() -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_NETFILTER)
-        try:
-            if rcvbuf is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            sock.bind((0, groups))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    return call_in_netns(netns, create)
+    Blocking (pyroute2 enters the namespace in a short-lived child process, ~10 ms): async callers use a
+    thread. The receive buffer is pyroute2's, then raised to rcvbuf with SO_RCVBUFFORCE (we are root) past
+    net.core.rmem_max, which caps pyroute2's SO_RCVBUF.
+    """
+    maker = AsyncNFCTSocket(netns=netns, flags=0, rcvbuf=rcvbuf or 1 << 20)  # flags=0: never create netns
+    try:
+        sock: socket.socket = maker.setup_socket()
+    except FileNotFoundError:
+        raise NamespaceNotFound(netns) from None
+    try:
+        if rcvbuf is not None:
+            with contextlib.suppress(PermissionError):
+                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+        sock.bind((0, 0))
+        for group in groups:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def enable_accounting(netns: str | None) -> None:
-    """Turn on byte/packet counters and start/stop timestamps for the conntrack entries netns creates next."""
+    """Turn on byte/packet counters, start/stop timestamps and events for the conntrack entries netns creates
+    next. Events: the kernel's default (2) gives an entry events only if a listener existed when it was made,
+    so an entry made while flowwatch was down would never report its end."""
     write_sysctl(netns, "net.netfilter.nf_conntrack_acct", "1")
     write_sysctl(netns, "net.netfilter.nf_conntrack_timestamp", "1")
+    write_sysctl(netns, "net.netfilter.nf_conntrack_events", "1")
 
 
 _DUMP_REQUEST = struct.pack("=IHHIIBBH", 20, IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, 0, 0)
 
 
-def dump(netns: str | None, timeout: float = 30.0) -> list[CtEntry]:
-    """Every conntrack entry (IPv4 and IPv6) in netns; blocking, so async callers use a thread.
+def dump(netns: str | None, timeout: float = 30.0, sock: socket.socket | None = None) -> list[CtEntry]:
+    """Every conntrack entry (IPv4 and IPv6) in netns, on sock (a socket of open_socket kept for dumps; by
+    default one made for this dump); blocking, so async callers use a thread. TimeoutError past timeout s:
+    then sock holds what is left of the answer, so close it.
 
-    The kernel fills each datagram of a dump inside recv(): a second thread receives while this one parses,
-    so the kernel's work and ours overlap (recv releases the GIL).
+    Each datagram is parsed as it comes: the kernel fills the next one inside our recv(). (A receiving thread
+    beside the parsing one was no faster: the two contend for the GIL.)
     """
+    if sock is None:
+        with open_socket(netns) as own:
+            return dump(netns, timeout, own)
     entries: list[CtEntry] = []
-    with open_socket(netns) as sock:
-        next_datagram = _start_dump(sock, timeout)
-        received: queue.SimpleQueue[bytes | BaseException] = queue.SimpleQueue()
-
-        def receive() -> None:
-            try:
-                while True:
-                    datagram = next_datagram()
-                    received.put(datagram)
-                    if _ends_with_done(datagram):
-                        return
-            except BaseException as exc:  # handed to the parsing thread, which raises it
-                received.put(exc)
-
-        receiver = threading.Thread(target=receive, name="conntrack-dump", daemon=True)
-        receiver.start()
-        try:
-            while True:
-                item = received.get(timeout=timeout)
-                if isinstance(item, BaseException):
-                    raise item
-                if parse_into(item, entries):
-                    break
-        finally:
-            if receiver.is_alive():  # we failed first: stop it (a netlink socket may refuse shutdown)
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-            receiver.join(timeout)
+    next_datagram = _start_dump(sock, timeout)
+    try:
+        while not parse_into(next_datagram(), entries):
+            pass
+    except TimeoutError:
+        where = netns or "the node namespace"
+        raise TimeoutError(f"conntrack dump in {where} took over {timeout} s") from None
     return entries
-
-
-_DONE_TYPE_AT = -20 + 4  # NLMSG_DONE is a 20-byte message, the last of the dump's last datagram
-
-
-def _ends_with_done(datagram: bytes) -> bool:
-    """True if the datagram ends with NLMSG_DONE, or carries an error (the parser raises that one)."""
-    if len(datagram) >= 20 and struct.unpack_from("=H", datagram, len(datagram) + _DONE_TYPE_AT)[0] == NLMSG_DONE:
-        return True
-    return ends_dump(datagram) if len(datagram) < 256 else False
 
 
 def dump_raw(netns: str | None, timeout: float = 30.0) -> list[bytes]:
@@ -240,12 +229,28 @@ class CtEventStream:
     async def open(self) -> None:
         """Subscribe to the namespace's NEW, UPDATE and DESTROY events."""
         if self._sock is None and not self._closed:
-            sock = await asyncio.to_thread(open_socket, self.netns, EVENT_GROUPS, self.rcvbuf)
-            sock.setblocking(False)
-            if self._closed:
-                sock.close()
-            else:
-                self._sock = sock
+            self._sock = await self._subscribe()
+
+    async def _subscribe(self) -> socket.socket | None:
+        opening = asyncio.ensure_future(asyncio.to_thread(open_socket, self.netns, EVENT_GROUPS, self.rcvbuf))
+        try:
+            sock = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the socket the thread makes anyway is closed when it comes
+            opening.add_done_callback(_close_when_made)
+            raise
+        sock.setblocking(False)
+        if self._closed:
+            sock.close()
+            return None
+        return sock
+
+    async def _renew(self) -> None:
+        """After an overrun: a new subscription first, then the old socket closed with all it still holds
+        (older than the loss), which is cheaper than reading it out."""
+        fresh = await self._subscribe()
+        old, self._sock = self._sock, fresh
+        if old is not None:
+            old.close()
 
     def close(self) -> None:
         """Unsubscribe; the stream ends, also for a reader waiting on it."""
@@ -272,6 +277,7 @@ class CtEventStream:
         await self.open()
         while True:
             if self._overrun_pending:
+                await self._renew()
                 self._overrun_pending = False
                 return Overrun(self.overruns)
             sock = self._sock
@@ -314,22 +320,26 @@ class CtEventStream:
                     raise
                 self.overruns += 1
                 self._overrun_pending = True
-                _discard_queued(recv)
-                break
+                return []  # what came before the loss is of no use: the resync's dump replaces it
             parse_into(data, batch)
         return batch
 
+    def drain_now(self) -> list[CtEntry]:
+        """The events queued on the socket now, read without waiting (none once events were lost: the next
+        item of the stream is then the Overrun). Not while a read of the stream is pending."""
+        if self._overrun_pending:
+            return []
+        return self._drain()
 
-def _discard_queued(recv: Callable[[int], bytes]) -> None:
-    """Drop what is queued on an event socket after an overrun: all of it predates the lost events."""
-    for _ in range(1 << 20):
-        try:
-            recv(RECV_SIZE)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.ENOBUFS:
-                raise
+    @property
+    def lost(self) -> bool:
+        """True when events were lost and the stream's next item is the Overrun."""
+        return self._overrun_pending
+
+
+def _close_when_made(opening: asyncio.Future[socket.socket]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def events(netns: str | None, rcvbuf: int = EVENT_RCVBUF, max_batch: int = 1024) -> CtEventStream:
@@ -379,27 +389,43 @@ class CtLookup:
     """Looks conntrack entries up by their original tuple in one namespace, many per round trip.
 
     Events carry counters only on DESTROY: this reads them for a TCP flow that is over but whose entry
-    lingers (TIME_WAIT). One socket, opened once; requests are pipelined and matched by sequence number.
+    lingers (TIME_WAIT), and for listed active flows. One socket, opened on first use (and again after
+    `reset`, e.g. for a namespace made anew); requests are pipelined and matched by sequence number, which
+    wraps at 2^32 as netlink's does. Once `close`d it opens nothing again: get() raises OSError.
     """
+
+    CHUNK = 2048  # requests in flight at once: their answers fit the 4 MiB receive buffer
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
         self._sock: socket.socket | None = None
         self._seq = 0
         self._lock = asyncio.Lock()
+        self._closed = False
 
-    async def open(self) -> None:
-        """Open the request socket in the namespace."""
+    async def _open(self) -> socket.socket:
+        """The request socket, opened in the namespace if it is not (under the lock: one socket only)."""
+        if self._closed:
+            raise OSError(errno.EBADF, f"the conntrack lookup of {self.netns or 'the node namespace'} is closed")
         if self._sock is None:
-            sock = await asyncio.to_thread(open_socket, self.netns, 0, 4 << 20)
+            sock = await asyncio.to_thread(open_socket, self.netns, (), 4 << 20)
             sock.setblocking(False)
-            self._sock = sock
+            if self._closed:
+                sock.close()
+                raise OSError(errno.EBADF, "the conntrack lookup was closed meanwhile")
+            self._sock, self._seq = sock, 0
+        return self._sock
 
-    def close(self) -> None:
-        """Close the socket."""
+    def reset(self) -> None:
+        """Close the socket; the next get() opens a new one (in the namespace that has the name then)."""
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+    def close(self) -> None:
+        """Close the socket for good."""
+        self._closed = True
+        self.reset()
 
     async def get(
         self, entries: list[CtEntry], timeout: float = 2.0, by_reply: bool = False
@@ -407,30 +433,34 @@ class CtLookup:
         """The current state of each entry, found by its original (or reply) tuple; None where there is none."""
         if not entries:
             return []
-        await self.open()
-        assert self._sock is not None
+        results: list[CtEntry | None] = []
         async with self._lock, asyncio.timeout(timeout):
-            sock = self._sock
-            loop = asyncio.get_running_loop()
-            first = self._seq + 1
-            self._seq += len(entries)
-            for n, entry in enumerate(entries):
-                await loop.sock_sendall(sock, get_request(entry, first + n, by_reply))
-            results: list[CtEntry | None] = [None] * len(entries)
-            answered = 0
-            while answered < len(entries):
-                data = await loop.sock_recv(sock, RECV_SIZE)
-                off = 0
-                while off + 16 <= len(data):
-                    length, mtype, _flags, seq = struct.unpack_from("=IHHI", data, off)
-                    if length < 16:
-                        break
-                    index = seq - first
-                    if 0 <= index < len(entries):
-                        answered += 1
-                        if mtype != NLMSG_ERROR:
-                            found: list[CtEntry] = []
-                            parse_into(data[off : off + length], found)
-                            results[index] = found[0] if found else None
-                    off = (off + length + 3) & ~3
-            return results
+            sock = await self._open()
+            for at in range(0, len(entries), self.CHUNK):
+                results += await self._round(sock, entries[at : at + self.CHUNK], by_reply)
+        return results
+
+    async def _round(self, sock: socket.socket, entries: list[CtEntry], by_reply: bool) -> list[CtEntry | None]:
+        loop = asyncio.get_running_loop()
+        first = (self._seq + 1) & _SEQ_MASK
+        self._seq = (self._seq + len(entries)) & _SEQ_MASK
+        requests = b"".join(get_request(entry, (first + n) & _SEQ_MASK, by_reply) for n, entry in enumerate(entries))
+        await loop.sock_sendall(sock, requests)
+        results: list[CtEntry | None] = [None] * len(entries)
+        answered = 0
+        while answered < len(entries):
+            data = await loop.sock_recv(sock, RECV_SIZE)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype, _flags, seq = struct.unpack_from("=IHHI", data, off)
+                if length < 16:
+                    break
+                index = (seq - first) & _SEQ_MASK  # answers to an abandoned earlier round fall outside
+                if index < len(entries):
+                    answered += 1
+                    if mtype != NLMSG_ERROR:
+                        found: list[CtEntry] = []
+                        parse_into(data[off : off + length], found)
+                        results[index] = found[0] if found else None
+                off = (off + length + 3) & ~3
+        return results

@@ -18,6 +18,7 @@ from edgevm.flowwatch.probes import PROBE_MARK
 
 __all__ = [
     "TABLE", "CutoffError", "cut", "cut_elements", "ensure_table", "remove_table", "remove_table_unless_cutting",
+    "uncut",
 ]
 
 TABLE = "edgevm_flows"
@@ -128,16 +129,31 @@ def cut_elements(orig: CtTuple, reply: CtTuple) -> set[tuple[int, str, int, str,
     }
 
 
-def _element_script(family: int, elements: Iterable[tuple[int, str, int, str, int]], seconds: int) -> str:
+def _element_script(family: int, elements: Iterable[tuple[int, str, int, str, int]], seconds: int | None) -> str:
     name = "cut4" if family == socket.AF_INET else "cut6"
+    if seconds is None:  # their removal
+        items = ", ".join(f"{p} . {a} . {pa} . {b} . {pb}" for p, a, pa, b, pb in sorted(elements))
+        return f"delete element inet {TABLE} {name} {{ {items} }}\n"
     items = ", ".join(f"{p} . {a} . {pa} . {b} . {pb} timeout {seconds}s" for p, a, pa, b, pb in sorted(elements))
     return f"add element inet {TABLE} {name} {{ {items} }}\n"
 
 
-async def cut(netns: str | None, flow: ActiveFlow, seconds: int = CUT_SECONDS) -> bool:
+async def cut(netns: str | None, flow: ActiveFlow, seconds: int = CUT_SECONDS, timeout: float = 5.0) -> bool:
     """Reject (TCP) or drop (UDP) the flow's packets for `seconds`; False if it has no ports to match."""
     elements = cut_elements(flow.orig, flow.reply)
     if not elements:
         return False
-    await _nft(netns, _element_script(flow.family, elements, seconds))
+    await _nft(netns, _element_script(flow.family, elements, seconds), timeout)
     return True
+
+
+async def uncut(netns: str | None, flow: ActiveFlow, timeout: float = 5.0) -> None:
+    """Let the flow's packets pass again (a cut whose termination failed); nothing to do if it expired."""
+    elements = cut_elements(flow.orig, flow.reply)
+    for element in sorted(elements):  # one by one: deleting one that expired fails its whole command
+        try:
+            await _nft(netns, _element_script(flow.family, [element], None), timeout)
+        except CutoffError as exc:
+            if "No such file or directory" not in str(exc):
+                raise
+

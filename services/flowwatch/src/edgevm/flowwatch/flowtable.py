@@ -58,20 +58,23 @@ def rfc3339(ns: int) -> str:
 class ActiveFlow:
     """A live flow of one VM: the latest conntrack entry seen of it (with counters when one had them), its side.
 
-    It keeps the parser's entry rather than copies of its fields, and makes its id only when asked: a resync
-    of 20,000 entries builds 20,000 of these, and a node may hold 100,000s (about 600 bytes each).
+    It keeps the parser's entry rather than copies of its fields, and makes its id only when asked (then
+    keeps it): a resync of 20,000 entries builds 20,000 of these, and a node may hold 100,000s. With its
+    entry, tuples, table slot and id one takes about 850 bytes (tests/bench/bench_flowwatch.py measures it).
     """
 
     __slots__ = ("_id", "entry", "netns", "outbound", "start_ns", "tcp_state", "vm")
 
-    def __init__(self, vm: str, outbound: bool, entry: CtEntry, netns: str, start_ns: int) -> None:
+    def __init__(
+        self, vm: str, outbound: bool, entry: CtEntry, netns: str, start_ns: int, flow_id: str | None = None
+    ) -> None:
         self.vm = vm
         self.outbound = outbound
         self.entry = entry
         self.netns = netns
         self.start_ns = start_ns
         self.tcp_state = entry.tcp_state
-        self._id: str | None = None
+        self._id = flow_id  # given for a flow a previous run announced; else made when first asked
 
     @property
     def id(self) -> str:
@@ -96,12 +99,20 @@ class ActiveFlow:
         """AF_INET or AF_INET6."""
         return self.entry.family
 
-    def count(self, entry: CtEntry) -> None:
-        """Take the counters and state an entry of this flow carries (events carry counters on DESTROY only)."""
+    def same_connection(self, entry: CtEntry) -> bool:
+        """True unless entry is another connection on the same tuple (its conntrack id differs)."""
+        return entry.id is None or self.entry.id is None or entry.id == self.entry.id
+
+    def count(self, entry: CtEntry) -> bool:
+        """Take the counters and state an entry of this flow carries (events carry counters on DESTROY only);
+        False, taking nothing, if the entry is of another connection that reused the tuple."""
+        if entry.id != self.entry.id and entry.id is not None and self.entry.id is not None:
+            return False
         if entry.orig_bytes is not None:
             self.entry = entry
         if entry.tcp_state is not None:
             self.tcp_state = entry.tcp_state
+        return True
 
     def as_entry(self) -> CtEntry:
         """The conntrack entry to delete or look up for this flow."""
@@ -143,17 +154,19 @@ class ActiveFlow:
 
 
 class Changes:
-    """What applying entries did: flows that opened, ended (with their end time), or are closing."""
+    """What applying entries did: flows that opened, ended (with their end time), or are closing; and the keys
+    of flows a previous run announced that the kernel no longer has (they ended while nobody watched)."""
 
-    __slots__ = ("closed", "closing", "opened")
+    __slots__ = ("closed", "closing", "forgotten", "opened")
 
     def __init__(self) -> None:
         self.opened: list[ActiveFlow] = []
         self.closed: list[tuple[ActiveFlow, int]] = []
         self.closing: list[ActiveFlow] = []  # TCP over but the entry stays: fetch its counters, then close it
+        self.forgotten: list[str] = []
 
     def __bool__(self) -> bool:
-        return bool(self.opened or self.closed or self.closing)
+        return bool(self.opened or self.closed or self.closing or self.forgotten)
 
 
 class NamespaceFlows:
@@ -169,8 +182,11 @@ class NamespaceFlows:
         self.addresses = addresses
         self.outbound: dict[CtTuple, ActiveFlow] = {}
         self.inbound: dict[CtTuple, ActiveFlow] = {}
-        self.ignored: set[CtTuple] = set()  # entries of flows being terminated: no new flow from them
-        # flow_key -> (id, start) of flows a previous run had announced: a resync gives them their ids back
+        # entries of flows being terminated: no new flow from them until the cut ends (`release`), not even
+        # from an entry the kernel makes again (an ICMP echo) after the DESTROY that the termination caused
+        self.ignored: set[CtTuple] = set()
+        # flow_key -> (id, start) of flows a previous run had announced: the first resync gives them their ids
+        # back (and does not announce them again); those it does not find are reported in Changes.forgotten
         self.remembered: dict[str, tuple[str, int]] = {}
 
     def __len__(self) -> int:
@@ -198,8 +214,6 @@ class NamespaceFlows:
                 if flow is not None:
                     flow.count(entry)
                     closed.append((flow, end))
-                if self.ignored:
-                    self.ignored.discard(key)
                 continue
             out_flow = outbound.get(key)
             in_flow = inbound.get(key)
@@ -229,62 +243,139 @@ class NamespaceFlows:
                 flow = inbound[key] = ActiveFlow(vm, False, entry, self.netns, start)
                 opened.append(flow)
 
-    def resync(self, entries: list[CtEntry], changes: Changes, now_ns: int | None = None) -> None:
-        """Make the table what a full dump says: flows gone from it ended, new ones opened, counters taken."""
+    def resync(
+        self, entries: list[CtEntry], changes: Changes, now_ns: int | None = None, keep_absent: bool = False
+    ) -> None:
+        """Make the table what a full dump says: new flows opened, counters taken, flows gone from it ended.
+
+        keep_absent (a resync for changed addresses, with no event lost): a flow missing from the dump is
+        kept, since its DESTROY is on its way and brings its final counters.
+        """
         now_ns = now_ns or time.time_ns()
         old_out, old_in, ignored = self.outbound, self.inbound, self.ignored
+        if not (old_out or old_in or ignored):
+            self._first_resync(entries, changes, now_ns)
+            return
         out: dict[CtTuple, ActiveFlow] = {}
         inb: dict[CtTuple, ActiveFlow] = {}
         addresses, netns = self.addresses, self.netns
         opened, closed, closing_flows = changes.opened, changes.closed, changes.closing
         for entry in entries:
             key = entry.orig
+            if ignored and key in ignored:
+                continue
             closing = entry.tcp_state in CLOSING_TCP_STATES
-            vm_out = addresses.get(key.src)
-            vm_in = addresses.get(entry.reply.src) or addresses.get(key.dst)
-            if old_out or old_in or ignored:
-                if key in ignored:
-                    continue
-                for old, new, vm, outbound in ((old_out, out, vm_out, True), (old_in, inb, vm_in, False)):
-                    flow = old.pop(key, None)
-                    if flow is None:
-                        if vm is not None and not closing:
-                            flow = new[key] = ActiveFlow(vm, outbound, entry, netns, entry.start or now_ns)
-                            opened.append(flow)
-                    elif flow.vm != vm:  # the address changed hands: the old flow ends here
-                        closed.append((flow, now_ns))
-                        if vm is not None and not closing:
-                            flow = new[key] = ActiveFlow(vm, outbound, entry, netns, entry.start or now_ns)
-                            opened.append(flow)
-                    else:
-                        flow.count(entry)
-                        if closing:
-                            closing_flows.append(flow)
-                        else:
-                            new[key] = flow
-            elif not closing:  # the start-up dump: nothing to compare with
-                if vm_out is not None:
-                    flow = out[key] = ActiveFlow(vm_out, True, entry, netns, entry.start or now_ns)
-                    opened.append(flow)
-                if vm_in is not None:
-                    flow = inb[key] = ActiveFlow(vm_in, False, entry, netns, entry.start or now_ns)
-                    opened.append(flow)
-        for flow in self.flows():  # not in the dump: ended while events were lost
-            closed.append((flow, now_ns))
+            # the two sides, written out: this loop runs for every entry of every resync of a full table
+            vm = addresses.get(key.src)
+            flow = old_out.pop(key, None)
+            if flow is not None and (flow.vm != vm or not flow.count(entry)):
+                closed.append((flow, now_ns))  # the address changed hands, or the tuple is another connection's
+                flow = None
+            if flow is not None:
+                if closing:
+                    closing_flows.append(flow)
+                else:
+                    out[key] = flow
+            elif vm is not None and not closing:
+                flow = out[key] = ActiveFlow(vm, True, entry, netns, entry.start or now_ns)
+                opened.append(flow)
+            vm = addresses.get(entry.reply.src) or addresses.get(key.dst)
+            flow = old_in.pop(key, None)
+            if flow is not None and (flow.vm != vm or not flow.count(entry)):
+                closed.append((flow, now_ns))
+                flow = None
+            if flow is not None:
+                if closing:
+                    closing_flows.append(flow)
+                else:
+                    inb[key] = flow
+            elif vm is not None and not closing:
+                flow = inb[key] = ActiveFlow(vm, False, entry, netns, entry.start or now_ns)
+                opened.append(flow)
+        if keep_absent:
+            for old, new in ((old_out, out), (old_in, inb)):
+                for key, flow in old.items():
+                    new.setdefault(key, flow)
+        else:
+            for flow in self.flows():  # not in the dump: ended while events were lost
+                closed.append((flow, now_ns))
         self.outbound, self.inbound = out, inb
-        if self.remembered:
-            remembered, self.remembered = self.remembered, {}
-            for flow in opened:
-                known = remembered.get(flow_key(netns, flow.entry.id, flow.entry.orig, flow.outbound))
-                if known is not None:
-                    flow._id, flow.start_ns = known
+
+    def _first_resync(self, entries: list[CtEntry], changes: Changes, now_ns: int) -> None:
+        """The start-up dump into an empty table: every entry of a VM is a flow, announced unless remembered."""
+        out, inb = self.outbound, self.inbound
+        addresses, netns, remembered = self.addresses, self.netns, self.remembered
+        if remembered:
+            for entry in entries:
+                closing = entry.tcp_state in CLOSING_TCP_STATES
+                vm = addresses.get(entry.orig.src)
+                if vm is not None:
+                    self._resume(vm, True, entry, closing, changes, now_ns)
+                vm = addresses.get(entry.reply.src) or addresses.get(entry.orig.dst)
+                if vm is not None:
+                    self._resume(vm, False, entry, closing, changes, now_ns)
+            changes.forgotten.extend(remembered)
+            self.remembered = {}
+            return
+        opened = changes.opened
+        new_flow, closing_states, get = ActiveFlow, CLOSING_TCP_STATES, addresses.get
+        for entry in entries:  # the hot loop of a start-up: 20,000 entries in a few ms
+            if entry.tcp_state in closing_states:
+                continue
+            key = entry.orig
+            start = entry.start or now_ns
+            vm = get(key.src)
+            if vm is not None:
+                flow = out[key] = new_flow(vm, True, entry, netns, start)
+                opened.append(flow)
+            vm = get(entry.reply.src) or get(key.dst)
+            if vm is not None:
+                flow = inb[key] = new_flow(vm, False, entry, netns, start)
+                opened.append(flow)
+
+    def _resume(
+        self, vm: str, outbound: bool, entry: CtEntry, closing: bool, changes: Changes, now_ns: int
+    ) -> None:
+        """A flow of the first dump when a previous run left flows: its own again if it is one of them."""
+        known = self.remembered.pop(flow_key(self.netns, entry.id, entry.orig, outbound), None)
+        if known is None:
+            if not closing:
+                flow = ActiveFlow(vm, outbound, entry, self.netns, entry.start or now_ns)
+                (self.outbound if outbound else self.inbound)[entry.orig] = flow
+                changes.opened.append(flow)
+            return
+        flow_id, start_ns = known
+        flow = ActiveFlow(vm, outbound, entry, self.netns, start_ns, flow_id)
+        if closing:
+            changes.closing.append(flow)  # over while nobody watched: its counters are read, then it closes
+        else:
+            (self.outbound if outbound else self.inbound)[entry.orig] = flow
 
     def find(self, flow_id: str) -> ActiveFlow | None:
-        """The active flow with this id (a linear scan: terminate is rare)."""
+        """The active flow with this id: a scan of the flows that started in the id's millisecond, whose id
+        alone is made (terminate is rare; making every flow's id would keep 100,000s of strings)."""
+        try:
+            start_ms = int(flow_id[:11], 16)
+        except ValueError:
+            return None
         for flow in self.flows():
-            if flow.id == flow_id:
+            if flow.start_ns // 1_000_000 == start_ms and flow.id == flow_id:
                 return flow
         return None
+
+    def remove(self, flow: ActiveFlow) -> bool:
+        """Take a flow out of the table (it ended); False if it was not there (ended or taken already)."""
+        table = self.outbound if flow.outbound else self.inbound
+        if table.get(flow.orig) is flow:
+            del table[flow.orig]
+            return True
+        return False
+
+    def clear(self) -> list[ActiveFlow]:
+        """Empty the table (the namespace is gone); the flows it held."""
+        flows = list(self.flows())
+        self.outbound, self.inbound = {}, {}
+        return flows
 
     def take(self, flow: ActiveFlow) -> None:
         """Take a flow out to terminate it: until `release`, its entry opens no new flow."""

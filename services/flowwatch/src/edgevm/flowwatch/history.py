@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from datetime import UTC, datetime
 
 import msgspec
 from nats.js import JetStreamContext
@@ -83,9 +85,33 @@ class FlowHistory:
             await sub.unsubscribe()
         return flows
 
-    async def find(self, vm: str, flow_id: str, depth: int = 2000) -> Flow | None:
-        """A completed flow of the VM by id, among its last `depth` (terminate asks, to answer 409)."""
-        for flow in await self.recent(vm, depth):
-            if flow.id == flow_id:
-                return flow
+    async def find(self, vm: str, flow_id: str, depth: int = 5000) -> Flow | None:
+        """A completed flow of the VM by id (terminate asks, to answer 409): read from the flow's start, which
+        its id holds (a flow is recorded when it ends, after it starts), among the VM's first `depth` records
+        from then on. None if it is not there, or the id is not one of ours."""
+        try:
+            start_ms = int(flow_id[:11], 16)
+        except ValueError:
+            return None
+        if start_ms > time.time() * 1000 + 60_000:
+            return None
+        since = datetime.fromtimestamp(start_ms / 1000, UTC)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        async with asyncio.timeout(self._timeout):
+            sub = await self._js.subscribe(self.subject(vm), stream=STREAM, ordered_consumer=True, config=config)
+            try:
+                info = await sub.consumer_info()  # some may have been delivered already: they count
+                delivered = (info.delivered.consumer_seq or 0) if info.delivered else 0
+                left = min(depth, (info.num_pending or 0) + delivered)
+                while left > 0:
+                    msg = await sub.next_msg(timeout=self._timeout)
+                    left -= 1
+                    with contextlib.suppress(msgspec.DecodeError):
+                        flow = _decoder.decode(msg.data)
+                        if flow.id == flow_id:
+                            return flow
+                    if msg.metadata.num_pending == 0:
+                        break
+            finally:
+                await sub.unsubscribe()
         return None

@@ -19,5 +19,9 @@ DUMP_DURATION = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 WATCHED = Gauge("edgevm_flowwatch_namespaces", "Namespaces watched.")
-DROPPED = Counter("edgevm_flowwatch_dropped_events_total", "flow.opened events dropped because the outbox was full.")
+DROPPED = Counter(
+    "edgevm_flowwatch_dropped_events_total",
+    "Flow messages dropped because the outbox was full, by type (flow.opened first; history when past its cap).",
+    ["type"],
+)
 PUBLISH_FAILURES = Counter("edgevm_flowwatch_publish_failures_total", "Flow messages JetStream did not acknowledge.")

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["NamespaceNotFound", "call_in_netns", "write_sysctl"]
+__all__ = ["NamespaceNotFound", "call_in_netns", "namespace_id", "write_sysctl"]
 
 T = TypeVar("T")
 
@@ -20,6 +20,18 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 class NamespaceNotFound(LookupError):
     """No network namespace of that name exists."""
+
+
+def namespace_id(netns: str | None) -> tuple[int, int] | None:
+    """What tells a named namespace from one made later under the same name: its file's (st_dev, st_ino);
+    None if there is none of that name. The node's own namespace (None) is (0, 0): it never goes."""
+    if netns is None:
+        return (0, 0)
+    try:
+        st = os.stat(os.path.join(NETNS_RUN_DIR, netns))
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def call_in_netns(netns: str | None, fn: Callable[[], T]) -> T:

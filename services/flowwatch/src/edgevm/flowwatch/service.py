@@ -1,4 +1,4 @@
-"""Flowwatch: VM address map from netplumb's records, one watch per namespace, and the flow.* commands."""
+"""Flowwatch: the address map from netplumb's records, one watch per namespace, and the flow.* commands."""
 
 from __future__ import annotations
 
@@ -6,22 +6,18 @@ import asyncio
 import collections
 import contextlib
 import logging
-import socket
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 from nats.js.kv import KeyValue
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from edgevm.flowwatch import ctsource, cutoff, metrics, probes
+from edgevm.flowwatch import ctsource, cutoff, metrics, saved
 from edgevm.flowwatch.addresses import AddressMap, Netns
-from edgevm.flowwatch.ctparse import CtTuple
 from edgevm.flowwatch.flowtable import ActiveFlow, Changes, NamespaceFlows, flow_key
 from edgevm.flowwatch.history import FlowHistory
 from edgevm.flowwatch.outbox import Outbox
+from edgevm.flowwatch.recorder import FlowRecorder
+from edgevm.flowwatch.terminate import DeleteEntry, TerminateFailed, Terminator
 from edgevm.flowwatch.watcher import NamespaceWatch
 from edgevm.shared.commands import FlowList, FlowListRequest, FlowTerminate
 from edgevm.shared.errors import Conflict, NotFound, Unavailable
@@ -31,11 +27,9 @@ from edgevm.shared.objects import Flow
 __all__ = ["FlowWatch"]
 
 log = logging.getLogger(__name__)
-RECENTLY_ENDED = 50_000  # ids of flows that ended lately, to answer a late terminate with 409 from memory
 
 _vm_decoder = msgspec.json.Decoder(VmNetRecord)
 _vrf_decoder = msgspec.json.Decoder(VrfRecord)
-_ids_decoder = msgspec.json.Decoder(dict[str, dict[str, tuple[str, int]]])
 
 
 class FlowWatch:
@@ -53,20 +47,27 @@ class FlowWatch:
         node_netns: str | None = None,
         cut_seconds: int = cutoff.CUT_SECONDS,
         state_dir: Path | None = None,
+        delete_entry: DeleteEntry = ctsource.delete,
     ) -> None:
         self.node = node
         self.history = history
-        self.outbox = outbox
         self.node_netns = node_netns
-        self.cut_seconds = cut_seconds
         self.addresses = AddressMap()
         self.watches: dict[Netns, NamespaceWatch] = {}
-        self._tasks: dict[Netns, asyncio.Task[None]] = {}
-        self._ended: collections.OrderedDict[str, str] = collections.OrderedDict()  # flow id -> vm
+        self.recorder = FlowRecorder(node, outbox)
+        self.terminator = Terminator(self.recorder, self.watches, self.kernel_netns, cut_seconds, delete_entry)
         self.records_loaded = asyncio.Event()
-        # ids of the flows active when the last run stopped, by namespace, handed to each first resync
-        self._ids_file = state_dir / "active-ids.json" if state_dir is not None else None
-        self._remembered = self._load_ids()
+        self._retiring: set[asyncio.Task[None]] = set()
+        # what the last run left: its active flows by namespace, handed to each first resync
+        self._state_file = state_dir / "flows.json" if state_dir is not None else None
+        state = saved.load(self._state_file)
+        self._left: dict[str, dict[str, Flow]] = {}
+        self._remembered: dict[str, dict[str, tuple[str, int]]] = {}
+        for netns, flows in state.active.items():
+            self._left[netns] = {f.key: f.flow for f in flows}
+            self._remembered[netns] = {f.key: (f.flow.id, f.start_ns) for f in flows}
+        for flow_id, vm in state.ended:
+            self.recorder.remember_ended(flow_id, vm)
 
     # -- namespaces ---------------------------------------------------------------------------------
     def kernel_netns(self, netns: Netns) -> str | None:
@@ -79,17 +80,24 @@ class FlowWatch:
             flows = NamespaceFlows(netns or "", self.addresses.addresses(netns))
             flows.remembered = self._remembered.pop(netns or "", {})
             watch = self.watches[netns] = NamespaceWatch(flows, self.kernel_netns(netns), self._report)
-            self._tasks[netns] = asyncio.create_task(watch.run(), name=f"conntrack {watch.label}")
+            watch.start()
             log.info("watching conntrack in %s", watch.label)
         for netns in self.watches.keys() - wanted:
-            watch = self.watches.pop(netns)
-            self._tasks.pop(netns).cancel()
-            changes = Changes()
-            now_ns = time.time_ns()
-            changes.closed.extend((flow, now_ns) for flow in watch.flows.flows())
-            self._report(watch.flows, changes)
-            log.info("no longer watching %s", watch.label)
+            task = asyncio.create_task(self._retire(netns, self.watches.pop(netns)))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
         metrics.WATCHED.set(len(self.watches))
+
+    async def _retire(self, netns: Netns, watch: NamespaceWatch) -> None:
+        """A namespace left the records: its flows end (with their final counters) and our table goes."""
+        await watch.retire()
+        log.info("no longer watching %s", watch.label)
+        if netns in self.watches:  # wanted again meanwhile: the new watch keeps the table
+            return
+        try:
+            await cutoff.remove_table_unless_cutting(self.kernel_netns(netns))
+        except (OSError, cutoff.CutoffError) as exc:
+            log.info("table %s left in %s: %s", cutoff.TABLE, watch.label, exc)
 
     async def ready(self, timeout: float = 30.0) -> None:
         """Wait until the records are read and every namespace that exists has had its first dump."""
@@ -97,6 +105,14 @@ class FlowWatch:
             await self.records_loaded.wait()
             for watch in list(self.watches.values()):
                 await watch.settled.wait()
+
+    def active_counts(self) -> dict[str, int]:
+        """Active flows by VM (on the event loop: the tables change there)."""
+        counts: collections.Counter[str] = collections.Counter()
+        for watch in self.watches.values():
+            for flow in watch.flows.flows():
+                counts[flow.vm] += 1
+        return dict(counts)
 
     # -- netplumb's records -------------------------------------------------------------------------
     def apply_record(self, key: str, value: bytes | None) -> None:
@@ -132,13 +148,12 @@ class FlowWatch:
                 watcher = await kv.watch(f"{self.node}.>")
                 try:
                     async for entry in watcher:
-                        if entry is None:
+                        if entry is not None:
+                            deleted = entry.operation in ("DEL", "PURGE")
+                            self.apply_record(entry.key, None if deleted else entry.value)
+                        if (entry is None or entry.delta == 0) and not self.records_loaded.is_set():
                             self.records_loaded.set()
-                            continue
-                        deleted = entry.operation in ("DEL", "PURGE")
-                        self.apply_record(entry.key, None if deleted else entry.value)
-                        if entry.delta == 0:
-                            self.records_loaded.set()
+                            self._forget_unwatched()
                 finally:
                     with contextlib.suppress(Exception):
                         await watcher.stop()  # type: ignore[no-untyped-call]
@@ -149,66 +164,48 @@ class FlowWatch:
             await asyncio.sleep(1)
 
     async def stop(self) -> None:
-        """Stop every namespace watch; remember the active flows' ids for the next run."""
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._tasks.clear()
-        self._save_ids()
-        for netns in self.watches:
+        """Stop every namespace watch; leave the active flows and the ended ids to the next run."""
+        await asyncio.gather(*(watch.stop() for watch in self.watches.values()))
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self.terminator.stop()
+        self._save()
+        for netns, watch in self.watches.items():
             try:
                 await cutoff.remove_table_unless_cutting(self.kernel_netns(netns))
             except (OSError, cutoff.CutoffError) as exc:
-                log.info("table %s left in %s: %s", cutoff.TABLE, netns or "the node namespace", exc)
+                log.info("table %s left in %s: %s", cutoff.TABLE, watch.label, exc)
 
-    def _load_ids(self) -> dict[str, dict[str, tuple[str, int]]]:
-        if self._ids_file is None or not self._ids_file.exists():
-            return {}
-        try:
-            saved = _ids_decoder.decode(self._ids_file.read_bytes())
-        except (OSError, msgspec.DecodeError) as exc:
-            log.warning("ids of the last run's active flows not read: %s", exc)
-            saved = {}
-        with contextlib.suppress(OSError):
-            self._ids_file.unlink()  # good for one start only
-        return saved
-
-    def _save_ids(self) -> None:
-        if self._ids_file is None:
-            return
-        saved: dict[str, dict[str, tuple[str, int]]] = {}
+    def _save(self) -> None:
+        state = saved.SavedState(ended=self.recorder.recently_ended())
         for watch in self.watches.values():
             flows = watch.flows
-            saved[flows.netns] = {
-                flow_key(flows.netns, f.entry.id, f.entry.orig, f.outbound): (f.id, f.start_ns) for f in flows.flows()
-            }
-        try:
-            partial = self._ids_file.with_suffix(".partial")
-            partial.write_bytes(msgspec.json.encode(saved))
-            partial.replace(self._ids_file)
-        except OSError as exc:
-            log.warning("ids of the active flows not saved: %s", exc)
+            netns, node = flows.netns, self.node
+            left = [
+                saved.SavedFlow(flow_key(netns, f.entry.id, f.orig, f.outbound), f.start_ns, f.to_flow(node, "active"))
+                for f in flows.flows()
+            ]
+            # flows of a namespace whose first dump never came are still the last run's
+            left += [
+                saved.SavedFlow(key, flows.remembered[key][1], flow)
+                for key, flow in self._left.get(flows.netns, {}).items()
+                if key in flows.remembered
+            ]
+            state.active[flows.netns] = left
+        saved.save(self._state_file, state)
 
     # -- changes --------------------------------------------------------------------------------------
     def _report(self, flows: NamespaceFlows, changes: Changes) -> None:
-        node, outbox = self.node, self.outbox
-        counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        for flow in changes.opened:
-            outbox.opened(flow.to_flow(node, "active"))
-            counts[(flow.vm, "opened")] += 1
-        for flow, end_ns in changes.closed:
-            self._ended_now(flow, "completed", end_ns)
-            counts[(flow.vm, "closed")] += 1
-        for (vm, event), n in counts.items():
-            metrics.FLOWS.labels(vm, event).inc(n)
+        if flows.netns in self._left and not flows.remembered:  # the namespace's first dump came (or never will)
+            left = self._left.pop(flows.netns)
+            self.recorder.forgotten([left[key] for key in changes.forgotten if key in left])
+        self.recorder.report(flows, changes)
 
-    def _ended_now(self, flow: ActiveFlow, status: str, end_ns: int) -> Flow:
-        record = flow.to_flow(self.node, status, end_ns)
-        self.outbox.ended(record)
-        self._ended[flow.id] = flow.vm
-        if len(self._ended) > RECENTLY_ENDED:
-            self._ended.popitem(last=False)
-        return record
+    def _forget_unwatched(self) -> None:
+        """Flows the last run left in namespaces no record names any more: they ended while nobody watched."""
+        for netns in list(self._remembered):
+            left = self._left.pop(netns, {})
+            del self._remembered[netns]
+            self.recorder.forgotten(list(left.values()))
 
     # -- commands -------------------------------------------------------------------------------------
     def _check_vm(self, vm: str) -> None:
@@ -245,7 +242,8 @@ class FlowWatch:
         """Read the live byte and packet counters of `flows` (events carry them only when a flow ends).
 
         One pipelined conntrack GET per flow on the namespace's lookup socket; when the kernel does not
-        answer in time the counters stay those last seen (the last dump or event), logged.
+        answer in time the counters stay those last seen (the last dump or event), logged. An answer for
+        another connection on the same tuple (a different conntrack id) is not taken.
         """
         if not flows:
             return
@@ -254,7 +252,7 @@ class FlowWatch:
             return
         try:
             current = await watch.lookup.get([flow.as_entry() for flow in flows])
-        except (TimeoutError, OSError) as exc:
+        except (TimeoutError, OSError, LookupError) as exc:
             log.warning("live counters of %d flows of %s not read: %s", len(flows), vm, exc)
             return
         for flow, entry in zip(flows, current, strict=True):
@@ -279,72 +277,17 @@ class FlowWatch:
         netns = self.addresses.netns_of(req.vm)
         watch = self.watches.get(netns)
         flow = watch.flows.find(req.id) if watch is not None else None
-        if flow is None or flow.vm != req.vm:
-            if self._ended.get(req.id) == req.vm or await self.history.find(req.vm, req.id) is not None:
+        if watch is None or flow is None or flow.vm != req.vm:
+            if self.recorder.ended_vm(req.id) == req.vm:
+                raise Conflict(f"flow {req.id} of VM {req.vm!r} has already ended", "id")
+            try:
+                found = await self.history.find(req.vm, req.id)
+            except TimeoutError:
+                raise Unavailable("the flow history (JetStream) did not answer in time") from None
+            if found is not None:
                 raise Conflict(f"flow {req.id} of VM {req.vm!r} has already ended", "id")
             raise NotFound(f"VM {req.vm!r} has no flow {req.id}", "id")
-        assert watch is not None
-        flows = watch.flows
-        flows.take(flow)  # ours now: events about its entry are ignored until the cut ends
-        kernel_netns = self.kernel_netns(netns)
         try:
-            await cutoff.cut(kernel_netns, flow, self.cut_seconds)
-            [current] = await watch.lookup.get([flow.as_entry()])
-            if current is not None:
-                flow.count(current)
-            await ctsource.delete(kernel_netns, flow.as_entry())
-        except (OSError, TimeoutError) as exc:
-            flows.release(flow, restore=True)
-            raise Unavailable(f"the flow could not be cut: {exc}") from None
-        try:
-            await self._probe(netns, flow)
-        except (OSError, TimeoutError) as exc:  # the cut holds; the ends learn at their next packet
-            log.warning("flow %s cut, but its ends not probed: %s", flow.id, exc)
-        asyncio.get_running_loop().call_later(self.cut_seconds, flows.release, flow, False)
-        metrics.FLOWS.labels(flow.vm, "terminated").inc()
-        return self._ended_now(flow, "terminated", time.time_ns())
-
-
-    async def _probe(self, netns: Netns, flow: ActiveFlow) -> None:
-        """Make both ends of a cut TCP flow learn of it now (see probes.py).
-
-        The ends in the flow's own namespace are probed from there. A flow of a VRF also passes the node
-        namespace (a host port mapping in, or the masquerade out): its end out there is probed from the node
-        namespace, as the node's own conntrack entry of the connection shows it.
-        """
-        kernel_netns = self.kernel_netns(netns)
-        await asyncio.to_thread(probes.send_probes, kernel_netns, flow.orig, flow.reply)
-        node = self.watches.get(None)
-        if netns is None or node is None or flow.orig.proto != socket.IPPROTO_TCP:
-            return
-        came_in = flow.as_entry()._replace(reply=_reversed(flow.orig))  # the node entry's reply is our orig
-        went_out = flow.as_entry()._replace(orig=_reversed(flow.reply))  # its orig is our reply, reversed
-        [inside] = await node.lookup.get([came_in], by_reply=True)
-        [outside] = await node.lookup.get([went_out])
-        node_netns = self.kernel_netns(None)
-        if inside is not None:
-            await asyncio.to_thread(probes.send_probes, node_netns, inside.orig, inside.reply, True, False)
-        if outside is not None:
-            await asyncio.to_thread(probes.send_probes, node_netns, outside.orig, outside.reply, False, True)
-
-
-def _reversed(t: CtTuple) -> CtTuple:
-    return t._replace(src=t.dst, dst=t.src, sport=t.dport, dport=t.sport)
-
-
-class ActiveFlowsCollector(Collector):
-    """Active flows per VM, counted at scrape time (nothing to keep up on the event path)."""
-
-    def __init__(self, watch: FlowWatch) -> None:
-        self._watch = watch
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield the gauge."""
-        gauge = GaugeMetricFamily("edgevm_flowwatch_active_flows", "Active flows, by VM.", labels=["vm"])
-        counts: collections.Counter[str] = collections.Counter()
-        for watch in list(self._watch.watches.values()):
-            for flow in list(watch.flows.flows()):
-                counts[flow.vm] += 1
-        for vm, count in sorted(counts.items()):
-            gauge.add_metric([vm], count)
-        yield gauge
+            return await self.terminator.terminate(netns, watch, flow)
+        except TerminateFailed as exc:
+            raise Unavailable(f"the flow could not be cut ({exc}); it is still active") from None
