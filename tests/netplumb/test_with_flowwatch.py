@@ -6,7 +6,11 @@ connection to the VM, inbound, with the LAN host and the VM's address as its end
 """
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from pyroute2 import netns as pyroute2_netns
@@ -109,3 +113,33 @@ async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node
     finally:
         client.close()
         server.close()
+
+
+async def edgevm_cli(nats_url, node, *args):
+    cmd = [str(Path(sys.executable).parent / "edgevm"), "--nats", nats_url, "--node", node, *args]
+    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60)
+
+
+async def test_net_and_flow_verbs_of_the_cli(lab, node, netplumb, flowwatch, nats_server):
+    async def cli(*args):
+        return await edgevm_cli(nats_server.url, netplumb.node, *args)
+
+    made = await cli("net", "vrf", "create", "blue", "10.62.0.0/24")
+    assert made.returncode == 0 and json.loads(made.stdout)["gateway"] == "10.62.0.1", made.stderr
+    vrfs = await cli("net", "vrf", "list")
+    assert vrfs.stdout.splitlines()[0].split() == ["NAME", "SUBNET", "GATEWAY"] and "blue" in vrfs.stdout
+    bad = await cli("net", "vrf", "create", "red", "10.62.0.0/33")
+    assert bad.returncode == 1 and "400 [subnet]" in bad.stderr
+    # The lab node has no route to any peer: netplumb says so, naming the field.
+    vnet = await cli("net", "vnet", "create", "over", "172.31.0.0/24", "4242", "--peer", "192.0.2.7")
+    assert vnet.returncode == 1 and "422 [peers]" in vnet.stderr, vnet.stderr
+    assert (await cli("net", "vnet", "list")).stdout.split() == ["NAME", "CIDR", "VNI", "PEERS"]
+
+    await netplumb.call("net.vm.prepare", {"vm": "app", "network": {"vrf": "blue"}})
+    status = json.loads((await cli("net", "status", "app")).stdout)
+    assert status["vrf"] == "blue" and status["ip_addresses"][0].startswith("10.62.0.")
+    flows = await cli("flow", "list", "app", "--status", "active")
+    assert flows.returncode == 0 and flows.stdout.split() == ["ID", "STATUS", "PROTO", "DIRECTION", "SOURCE",
+                                                              "DESTINATION", "STATE", "BYTES", "IN/OUT", "STARTED"]
+    gone = await cli("flow", "terminate", "app", "1a21edc93f4e1c07a9b25d38f60")
+    assert gone.returncode == 1 and "404" in gone.stderr
