@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -9,12 +10,13 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from edgevm.shared.clock import now
-from edgevm.shared.errors import Conflict, NotFound
+from edgevm.shared.errors import Conflict, NotFound, to_edgevm_error
 from edgevm.shared.events import TaskUpdated
 from edgevm.shared.ids import new_id
 from edgevm.shared.objects import Task
 from edgevm.shared.publisher import EventPublisher
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Task)
 
@@ -77,3 +79,19 @@ class TaskStore:
         # The event goes out after the write succeeded: a subscriber never sees a status the bucket lacks.
         await self._publisher.publish(TaskUpdated(at=now(), task=updated))
         return updated, revision
+
+
+def failure_text(exc: BaseException, service: str) -> str:
+    """Why a task of `service` failed, as a whole sentence without Python internals; never empty."""
+    error = to_edgevm_error(exc)
+    if error is not None:
+        text = error.message
+    elif isinstance(exc, OSError | ValueError):
+        text = str(exc)
+    else:
+        log.error("%s task failed unexpectedly", service, exc_info=exc)
+        return f"internal error ({type(exc).__name__}); the {service} log has the details"
+    if text.strip():
+        return text
+    summary = (type(exc).__doc__ or "").strip().splitlines()
+    return f"{type(exc).__name__}: {summary[0]}" if summary else f"{type(exc).__name__} (no details)"

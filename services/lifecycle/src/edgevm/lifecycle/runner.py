@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from edgevm.lifecycle.taskindex import TaskIndex
-from edgevm.shared.errors import EdgevmError, to_edgevm_error
 from edgevm.shared.ids import new_id
 from edgevm.shared.locks import HeldLease, VmLocks
 from edgevm.shared.objects import Task
-from edgevm.shared.tasks import TaskStore
+from edgevm.shared.runtime import drain
+from edgevm.shared.tasks import TaskStore, failure_text
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +142,9 @@ class TaskRunner:
 
     async def drain(self, timeout: float = 30) -> None:
         """Wait for the running tasks to end (at shutdown); cancel what is still running after `timeout`."""
-        if not self._running:
-            return
-        _, late = await asyncio.wait(self._running, timeout=timeout)
-        for job in late:
-            job.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        await drain(self._running, timeout)
 
 
 def describe(exc: BaseException) -> str:
     """Return why a task failed as a whole sentence, without Python internals."""
-    error = to_edgevm_error(exc)
-    if error is not None:
-        return error.message
-    if isinstance(exc, EdgevmError | OSError | ValueError):
-        return str(exc)
-    log.error("task failed unexpectedly", exc_info=exc)
-    return f"internal error ({type(exc).__name__}); the lifecycle log has the details"
+    return failure_text(exc, "lifecycle")

@@ -10,10 +10,11 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
-from edgevm.shared.errors import Conflict, EdgevmError, NotFound, to_edgevm_error
+from edgevm.shared.errors import Conflict, EdgevmError, NotFound
 from edgevm.shared.locks import HeldLease
 from edgevm.shared.objects import Task
-from edgevm.shared.tasks import TaskStore
+from edgevm.shared.runtime import drain
+from edgevm.shared.tasks import TaskStore, failure_text
 from edgevm.snapshotter.leases import TaskLeases
 from edgevm.snapshotter.operations import Progress, SnapshotOperations
 from edgevm.snapshotter.records import VmRecords
@@ -36,18 +37,7 @@ class LeaseLost(EdgevmError):
 
 def describe(exc: BaseException) -> str:
     """Why a task failed, as a whole sentence without Python internals; never empty."""
-    error = to_edgevm_error(exc)
-    if error is not None:
-        text = error.message
-    elif isinstance(exc, OSError | ValueError):
-        text = str(exc)
-    else:
-        log.error("snapshot task failed unexpectedly", exc_info=exc)
-        return f"internal error ({type(exc).__name__}); the snapshotter's log has the details"
-    if text.strip():
-        return text
-    summary = (type(exc).__doc__ or "").strip().splitlines()
-    return f"{type(exc).__name__}: {summary[0]}" if summary else f"{type(exc).__name__} (no details)"
+    return failure_text(exc, "snapshotter")
 
 
 def _deliveries(message: Msg) -> int:
@@ -106,12 +96,7 @@ class Workers:
         """Wait for the running tasks to end (at shutdown); cancel what still runs after `timeout`: their
         messages stay unacknowledged and their leases are left to lapse (libvirt may still be at work), so
         a worker of the next start resumes them."""
-        if not self._running:
-            return
-        _, late = await asyncio.wait(self._running, timeout=timeout)
-        for job in late:
-            job.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        await drain(self._running, timeout)
 
     async def _handle_then_free(self, message: Msg) -> None:
         try:
