@@ -6,11 +6,9 @@ import asyncio
 import ipaddress
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +16,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from edgevm.cli.natsserver import free_port, wait_for_port
+from edgevm.cli.natsserver import free_port
 from edgevm.cli.supervisor import installed_services
 from edgevm.shared.client import Client
+from tests.e2e.conftest import World, start_node_up
 from tests.helpers import ServiceProcess, eventually
 
 
@@ -55,40 +54,14 @@ def port_open(port: int) -> bool:
 
 
 @pytest.fixture
-def node_world() -> Iterator[tuple[str, str]]:
-    """A namespace of its own for the node's network (netplumb and flowwatch plumb and watch it, not the host's)."""
-    tag = secrets.token_hex(3)
-    world, prefix = f"edgevm-t-e2e-{tag}", f"edgevm-t-e2e{tag}-"
-    subprocess.run(["ip", "netns", "add", world], check=True)
+def node_up(tmp_path: Path, node_world: World) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
+    node = start_node_up(tmp_path / "state", tmp_path / "node.log", node_world)
     try:
-        yield world, prefix
+        yield node.process, node.nats_port, node.metrics_base, node.log
     finally:
-        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
-            if name == world or name.startswith(prefix):
-                subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
-def node_up(tmp_path: Path, node_world: tuple[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], int, int, Path]]:
-    nats_port, metrics_base = free_port(), free_port()
-    log = tmp_path / "node.log"
-    world, prefix = node_world
-    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world,
-           "EDGEVM_NETNS_PREFIX": prefix}
-    env.pop("EDGEVM_METRICS_PORT", None)
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "edgevm"), "--node", "e2e", "node", "up",
-         "--state-dir", str(tmp_path / "state"), "--nats-port", str(nats_port),
-         "--metrics-base-port", str(metrics_base)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-    )
-    try:
-        wait_for_port("127.0.0.1", nats_port, 20)
-        yield process, nats_port, metrics_base, log
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if node.process.poll() is None:
+            node.process.kill()
+            node.process.wait()
 
 
 async def ping_names(url: str) -> set[str]:
@@ -111,7 +84,7 @@ async def ping_names(url: str) -> set[str]:
         await nc.close()
 
 
-async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple, node_world: tuple[str, str],
+async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple, node_world: World,
                                                        tmp_path: Path) -> None:
     process, nats_port, metrics_base, log = node_up
     state = tmp_path / "state"
@@ -127,7 +100,7 @@ async def test_node_up_runs_restarts_and_stops_cleanly(node_up: tuple, node_worl
     nc = await nats.connect(url)
     try:
         client = Client(nc, "e2e", timeout=15)
-        _, prefix = node_world
+        prefix = node_world.prefix
         await client.call("net.vrf.create", {"name": "blue", "subnet": "10.44.0.0/24"})
         namespaces = await asyncio.to_thread(subprocess.run, ["ip", "netns", "list"], capture_output=True, text=True)
         assert f"{prefix}blue" in namespaces.stdout

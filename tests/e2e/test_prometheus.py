@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-import os
 import pkgutil
 import re
-import secrets
 import signal
-import socket
 import subprocess
-import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -25,10 +21,11 @@ import yaml
 from prometheus_client import REGISTRY, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgevm.cli.natsserver import free_port, wait_for_port
+from edgevm.cli.natsserver import free_port
 from edgevm.shared.client import Client
 from edgevm.shared.config import DEFAULT_METRICS_BASE, SERVICES
 from edgevm.shared.errors import RemoteError
+from tests.e2e.conftest import World, start_node_up
 from tests.helpers import eventually
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -146,23 +143,6 @@ def test_promtool_accepts_the_scrape_config() -> None:
 # --- a node scraped by the real Prometheus -----------------------------------------------------------------
 
 
-def free_port_run(count: int) -> int:
-    """Return the first of `count` consecutive ports free on 127.0.0.1 right now."""
-    for _ in range(50):
-        base = free_port()
-        sockets = [socket.socket() for _ in range(count)]
-        try:
-            for offset, sock in enumerate(sockets):
-                sock.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError(f"no {count} consecutive free ports found")
-
-
 def http_json(url: str) -> Any:
     """GET `url` and decode its JSON body (Prometheus answers errors with JSON too)."""
     try:
@@ -236,48 +216,19 @@ class Prometheus:
 
 
 @pytest.fixture
-def node_world() -> Iterator[tuple[str, str]]:
-    """A namespace of its own for the node's network (netplumb and flowwatch plumb and watch it, not the host's)."""
-    tag = secrets.token_hex(3)
-    world, prefix = f"edgevm-t-prom-{tag}", f"edgevm-t-prom{tag}-"
-    subprocess.run(["ip", "netns", "add", world], check=True)
-    try:
-        yield world, prefix
-    finally:
-        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
-            if name == world or name.startswith(prefix):
-                subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
-def scraped_node(tmp_path: Path, node_world: tuple[str, str]) -> Iterator[tuple[str, int, Path]]:
+def scraped_node(tmp_path: Path, node_world: World) -> Iterator[tuple[str, int, Path]]:
     """`edgevm node up` on libvirt's test driver: (NATS URL, metrics base port, log)."""
-    metrics_base = free_port_run(len(SERVICES))
-    nats_port = free_port()
-    while metrics_base <= nats_port < metrics_base + len(SERVICES):
-        nats_port = free_port()
-    log = tmp_path / "node.log"
-    world, prefix = node_world
-    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world,
-           "EDGEVM_NETNS_PREFIX": prefix}
-    env.pop("EDGEVM_METRICS_PORT", None)
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "edgevm"), "--node", "e2e", "node", "up",
-         "--state-dir", str(tmp_path / "state"), "--nats-port", str(nats_port),
-         "--metrics-base-port", str(metrics_base)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-    )
+    node = start_node_up(tmp_path / "state", tmp_path / "node.log", node_world)
     try:
-        wait_for_port("127.0.0.1", nats_port, 20)
-        yield f"nats://127.0.0.1:{nats_port}", metrics_base, log
+        yield node.url, node.metrics_base, node.log
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+        if node.process.poll() is None:
+            node.process.send_signal(signal.SIGTERM)
             try:
-                process.wait(20)
+                node.process.wait(20)
             except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                node.process.kill()
+                node.process.wait()
 
 
 @pytest.mark.root

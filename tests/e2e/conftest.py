@@ -1,0 +1,93 @@
+"""`edgevm node up` as a user starts it, in a network namespace of its own, for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from edgevm.cli.natsserver import free_port, wait_for_port
+from edgevm.shared.config import SERVICES
+
+
+@dataclass(frozen=True)
+class World:
+    """The node's network namespace and the prefix of its VRF namespaces."""
+
+    netns: str
+    prefix: str
+
+
+@pytest.fixture
+def node_world() -> Iterator[World]:
+    """A namespace of its own for the node's network (netplumb and flowwatch plumb and watch it, not the host's)."""
+    tag = secrets.token_hex(3)
+    world = World(f"edgevm-t-e2e-{tag}", f"edgevm-t-e2e{tag}-")
+    subprocess.run(["ip", "netns", "add", world.netns], check=True)
+    try:
+        yield world
+    finally:
+        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+            if name == world.netns or name.startswith(world.prefix):
+                subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def free_port_run(count: int) -> int:
+    """Return the first of `count` consecutive ports free on 127.0.0.1 right now."""
+    for _ in range(50):
+        base = free_port()
+        sockets = [socket.socket() for _ in range(count)]
+        try:
+            for offset, sock in enumerate(sockets):
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+@dataclass
+class NodeUp:
+    """A running `edgevm node up` of node `e2e`: its process, NATS port, metrics base port and log."""
+
+    process: subprocess.Popen[bytes]
+    nats_port: int
+    metrics_base: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+
+def start_node_up(state: Path, log: Path, world: World) -> NodeUp:
+    """Start `edgevm node up` (libvirt's test driver, the node's network in `world`) until NATS listens."""
+    metrics_base = free_port_run(len(SERVICES))
+    nats_port = free_port()
+    while metrics_base <= nats_port < metrics_base + len(SERVICES):
+        nats_port = free_port()
+    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world.netns,
+           "EDGEVM_NETNS_PREFIX": world.prefix}
+    env.pop("EDGEVM_METRICS_PORT", None)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "edgevm"), "--node", "e2e", "node", "up", "--state-dir", str(state),
+         "--nats-port", str(nats_port), "--metrics-base-port", str(metrics_base)],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )
+    try:
+        wait_for_port("127.0.0.1", nats_port, 20)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return NodeUp(process, nats_port, metrics_base, log)
