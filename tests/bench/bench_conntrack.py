@@ -69,8 +69,9 @@ def in_netns(netns: str, *argv: str, stdin: str | None = None) -> None:
     )
 
 
-def make_netns() -> str:
-    name = f"edgevm-t-{secrets.token_hex(3)}-bench"
+def make_netns(role: str = "bench") -> str:
+    """A namespace where conntrack tracks (a `ct` hook), with accounting on and long UDP timeouts."""
+    name = f"edgevm-t-{secrets.token_hex(3)}-{role}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
     in_netns(name, "nft", "-f", "-", stdin=HOOK_RULES)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import secrets
 import shutil
 import subprocess
 import sys
@@ -35,10 +34,12 @@ import nats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+# The namespace, the generator of entries and the report line are bench_conntrack's (same directory).
+from bench_conntrack import GENERATOR, in_netns, make_netns, report
+
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.flowwatch import ctsource
 from edgevm.flowwatch.flowtable import Changes, NamespaceFlows
-from edgevm.flowwatch.netns import write_sysctl
 from edgevm.flowwatch.outbox import Outbox
 from edgevm.flowwatch.recorder import FlowRecorder
 from edgevm.flowwatch.watcher import NamespaceWatch
@@ -53,18 +54,6 @@ STREAM_SECONDS = 10.0
 STREAM_FLOWS_PER_SECOND = 11_000  # each a NEW and a DESTROY: 22,000 events/s offered
 FLUSH_EVERY = 0.5
 
-HOOK_RULES = """
-table inet edgevm_bench {
-    chain out { type filter hook output priority 0; ct state new counter; }
-}
-"""
-GENERATOR = """
-import socket, sys
-count = int(sys.argv[1])
-sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for n in range(count):
-    sock.sendto(b"x", (f"127.1.{n // 250}.{n % 250 + 1}", 9))
-"""
 # New flows at a steady rate (each to its own address and port), the table flushed every FLUSH_EVERY s:
 # every flow brings a NEW and a DESTROY event. Prints how many flows it made.
 PACED = """
@@ -91,29 +80,9 @@ print(n)
 """
 
 
-def report(name: str, value: str, note: str = "") -> None:
-    print(f"{name:<52} {value:>16}  {note}", flush=True)
-
-
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
-
-def in_netns(netns: str, *argv: str, stdin: str | None = None) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", netns, *argv], input=stdin, text=True, check=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
-def make_netns() -> str:
-    name = f"edgevm-t-{secrets.token_hex(3)}-fwbench"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    in_netns(name, "nft", "-f", "-", stdin=HOOK_RULES)
-    ctsource.enable_accounting(name)
-    write_sysctl(name, "net.netfilter.nf_conntrack_udp_timeout", "600")  # outlive the whole run
-    return name
 
 
 def vm_addresses() -> dict[str, str]:
@@ -311,7 +280,7 @@ def bytes_per_flow(netns: str) -> None:
 
 
 async def main() -> None:
-    netns = make_netns()
+    netns = make_netns("fwbench")
     try:
         print(f"namespace {netns}, {ENTRIES:,} UDP flows", flush=True)
         async with Nats() as nc:

@@ -5,6 +5,7 @@ is named `edgevm-t-<random>-...` and removed afterwards; nothing touches the hos
 """
 
 import asyncio
+import json
 import os
 import secrets
 import socket
@@ -330,3 +331,20 @@ def vm_nic(lab: Lab, node: str, vm: str, address: str, gateway: str, index: int 
     Not put on any bridge: net.vm.activate does that, as libvirt would have.
     """
     return lab.wire(node, vm, vm_tap(vm, index), address, gateway)
+
+
+def ruleset(netns: str) -> Any:
+    """`nft -j list ruleset` of a namespace with counter values zeroed (traffic changes them, nothing else
+    may); rule handles kept, so a table that was re-applied (even with the same rules) shows."""
+    listing = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
+                                        capture_output=True, text=True, check=True).stdout)
+
+    def zero(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: ({"packets": 0, "bytes": 0} if k == "counter" and isinstance(v, dict) else zero(v))
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [zero(v) for v in value]
+        return value
+
+    return zero(listing)

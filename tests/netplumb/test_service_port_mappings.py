@@ -5,13 +5,12 @@ only while the VM is active; every rule comes from `net.vm.prepare` + `net.vm.ac
 """
 
 import asyncio
-import json
 import subprocess
 
 import pytest
 from tests.helpers import EventCollector, eventually
 
-from conftest import vm_nic
+from conftest import ruleset, vm_nic
 
 pytestmark = pytest.mark.root
 
@@ -33,20 +32,6 @@ async def start_vm(lab, node, netplumb, vm, network):
 
 
 
-def normalized_ruleset(netns):
-    """The namespace's ruleset with counter values zeroed (traffic changes them, nothing else may)."""
-    listing = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
-                                        capture_output=True, text=True, check=True).stdout)
-
-    def zero(value):
-        if isinstance(value, dict):
-            return {k: ({"packets": 0, "bytes": 0} if k == "counter" and isinstance(v, dict) else zero(v))
-                    for k, v in value.items()}
-        if isinstance(value, list):
-            return [zero(v) for v in value]
-        return value
-
-    return zero(listing)
 
 
 @pytest.fixture
@@ -133,7 +118,7 @@ async def test_bad_input_is_refused_naming_the_field_and_nothing_is_applied(lab,
     await start_vm(lab, node, netplumb, "holder", {
         "port_mappings": [mapping(2222, 22), mapping(5353, 53, "udp")],
         "virtual_networks": [{"network": "overlay", "virtual_ip": "172.16.0.10"}]})
-    before = await asyncio.to_thread(normalized_ruleset, node)
+    before = await asyncio.to_thread(ruleset, node)
 
     for what, network, code, field in BAD_INPUT:
         error = await netplumb.error("net.vm.prepare", {"vm": "bad", "network": network})
@@ -141,7 +126,7 @@ async def test_bad_input_is_refused_naming_the_field_and_nothing_is_applied(lab,
         assert field in error.message, what
 
     assert (await netplumb.error("net.status", {"vm": "bad"})).code == "404"
-    assert await asyncio.to_thread(normalized_ruleset, node) == before
+    assert await asyncio.to_thread(ruleset, node) == before
     assert (await netplumb.error("net.vm.activate", {"vm": "bad"})).code == "404"
 
 

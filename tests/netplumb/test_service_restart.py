@@ -1,13 +1,12 @@
 """`python -m edgevm.netplumb` as its own process: killed and restarted, it loses no mapping and adds no rule."""
 
 import asyncio
-import json
 import signal
 import subprocess
 
 import pytest
 
-from conftest import start_netplumb_process, vm_nic, wait_ready
+from conftest import ruleset, start_netplumb_process, vm_nic, wait_ready
 
 pytestmark = pytest.mark.root
 
@@ -15,21 +14,6 @@ NODE_LAN = "192.168.100.1"
 LAN_HOST = "192.168.100.2"
 
 
-def ruleset(netns):
-    """`nft -j list ruleset` of a namespace with counter values zeroed; rule handles kept, so a table that
-    was re-applied (even with the same rules) shows."""
-    listing = json.loads(subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "list", "ruleset"],
-                                        capture_output=True, text=True, check=True).stdout)
-
-    def zero(value):
-        if isinstance(value, dict):
-            return {k: ({"packets": 0, "bytes": 0} if k == "counter" and isinstance(v, dict) else zero(v))
-                    for k, v in value.items()}
-        if isinstance(value, list):
-            return [zero(v) for v in value]
-        return value
-
-    return zero(listing)
 
 
 async def test_kill_and_restart_loses_no_mapping_and_duplicates_no_rule(lab, node, nats_server, nc, tmp_path):
