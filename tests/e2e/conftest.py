@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -25,9 +26,9 @@ class World:
     prefix: str
 
 
-@pytest.fixture
-def node_world() -> Iterator[World]:
-    """A namespace of its own for the node's network (netplumb and flowwatch plumb and watch it, not the host's)."""
+@contextlib.contextmanager
+def node_world_made() -> Iterator[World]:
+    """A namespace of its own for a node's network, removed afterwards with every VRF namespace under its prefix."""
     tag = secrets.token_hex(3)
     world = World(f"edgevm-t-e2e-{tag}", f"edgevm-t-e2e{tag}-")
     subprocess.run(["ip", "netns", "add", world.netns], check=True)
@@ -37,6 +38,13 @@ def node_world() -> Iterator[World]:
         for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
             if name == world.netns or name.startswith(world.prefix):
                 subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def node_world() -> Iterator[World]:
+    """A namespace of its own for the node's network (netplumb and flowwatch plumb and watch it, not the host's)."""
+    with node_world_made() as world:
+        yield world
 
 
 def free_port_run(count: int) -> int:
@@ -70,19 +78,29 @@ class NodeUp:
         return f"nats://127.0.0.1:{self.nats_port}"
 
 
-def start_node_up(state: Path, log: Path, world: World) -> NodeUp:
-    """Start `edgevm node up` (libvirt's test driver, the node's network in `world`) until NATS listens."""
-    metrics_base = free_port_run(len(SERVICES))
+def start_node_up(state: Path, log: Path, world: World, env: dict[str, str] | None = None,
+                  node: str = "e2e") -> NodeUp:
+    """Start `edgevm node up` (libvirt's test driver, the node's network in `world`) until NATS listens.
+
+    `env` overrides the environment; when it sets EDGEVM_METRICS_BASE_PORT, no --metrics-base-port flag is given.
+    The launcher leads a process group of its own, as a shell's foreground job does (Ctrl-C is `killpg`).
+    """
+    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world.netns,
+           "EDGEVM_NETNS_PREFIX": world.prefix, **(env or {})}
+    env.pop("EDGEVM_METRICS_PORT", None)
+    flags = []
+    if "EDGEVM_METRICS_BASE_PORT" in env:
+        metrics_base = int(env["EDGEVM_METRICS_BASE_PORT"])
+    else:
+        metrics_base = free_port_run(len(SERVICES))
+        flags = ["--metrics-base-port", str(metrics_base)]
     nats_port = free_port()
     while metrics_base <= nats_port < metrics_base + len(SERVICES):
         nats_port = free_port()
-    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world.netns,
-           "EDGEVM_NETNS_PREFIX": world.prefix}
-    env.pop("EDGEVM_METRICS_PORT", None)
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "edgevm"), "--node", "e2e", "node", "up", "--state-dir", str(state),
-         "--nats-port", str(nats_port), "--metrics-base-port", str(metrics_base)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        [str(Path(sys.executable).parent / "edgevm"), "--node", node, "node", "up", "--state-dir", str(state),
+         "--nats-port", str(nats_port), *flags],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     try:
         wait_for_port("127.0.0.1", nats_port, 20)

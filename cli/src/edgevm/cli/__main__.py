@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,20 @@ from edgevm.shared.objects import Task
 from edgevm.shared.units import format_size
 
 
+def env_default(variable: str, fallback: str | None) -> str | None:
+    """Return the value of environment variable `variable` when set and not empty, else `fallback`."""
+    return os.environ.get(variable) or fallback
+
+
+def port_number(variable: str) -> Callable[[str], int]:
+    """Return a parser of a TCP port given by a flag or (argparse parses a string default too) by `variable`."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise argparse.ArgumentTypeError(f"{text!r} (the flag, or ${variable}) is not a port: 1..65535")
+        return int(text)
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every verb."""
     parser = argparse.ArgumentParser(prog="edgevm", description="Run and drive an edgevm node over NATS.")
@@ -37,12 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     node = areas.add_parser("node", help="run this host as an edgevm node").add_subparsers(dest="verb", required=True)
     up = node.add_parser("up", help="start NATS (embedded) and every service; Ctrl-C stops all")
-    up.add_argument("--nats", dest="external_nats", default=None, help="use this NATS server instead of embedding one")
-    up.add_argument("--state-dir", type=Path, default=Path(os.environ.get("EDGEVM_STATE_DIR", "/var/lib/edgevm")))
-    up.add_argument("--listen", default="127.0.0.1", help="address of the embedded NATS (default loopback)")
-    up.add_argument("--nats-port", type=int, default=4222)
-    up.add_argument("--metrics-base-port", type=int, default=DEFAULT_METRICS_BASE)
-    up.add_argument("--libvirt-uri", default=os.environ.get("EDGEVM_LIBVIRT_URI"))
+    # Every flag defaults to its environment variable, so a node's settings can live in its environment.
+    up.add_argument("--nats", dest="external_nats", default=env_default("EDGEVM_EXTERNAL_NATS", None),
+                    help="use this NATS server instead of embedding one (default: $EDGEVM_EXTERNAL_NATS)")
+    up.add_argument("--state-dir", type=Path, default=env_default("EDGEVM_STATE_DIR", "/var/lib/edgevm"),
+                    help="images, VM disks, the embedded NATS store (default: $EDGEVM_STATE_DIR or /var/lib/edgevm)")
+    up.add_argument("--listen", default=env_default("EDGEVM_NATS_LISTEN", "127.0.0.1"),
+                    help="address of the embedded NATS (default: $EDGEVM_NATS_LISTEN or 127.0.0.1)")
+    up.add_argument("--nats-port", type=port_number("EDGEVM_NATS_PORT"),
+                    default=env_default("EDGEVM_NATS_PORT", "4222"),
+                    help="port of the embedded NATS (default: $EDGEVM_NATS_PORT or 4222)")
+    up.add_argument("--metrics-base-port", type=port_number("EDGEVM_METRICS_BASE_PORT"),
+                    default=env_default("EDGEVM_METRICS_BASE_PORT", str(DEFAULT_METRICS_BASE)),
+                    help=f"lifecycle's metrics port; the others follow (default: $EDGEVM_METRICS_BASE_PORT or "
+                         f"{DEFAULT_METRICS_BASE})")
+    up.add_argument("--libvirt-uri", default=env_default("EDGEVM_LIBVIRT_URI", None),
+                    help="libvirt connection (default: $EDGEVM_LIBVIRT_URI or qemu:///system)")
 
     image = areas.add_parser("image", help="images in the node's store").add_subparsers(dest="verb", required=True)
     imp = image.add_parser("import", help="import a file on the node as an image")

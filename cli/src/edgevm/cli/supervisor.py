@@ -128,8 +128,12 @@ class Supervisor:
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         finally:
+            # Services first, so they drain (answer what is in flight, publish their last events) while
+            # NATS still runs; NATS last.
+            print(f"edgevm node {self.options.node}: stopping the services", flush=True)
             await self._stop_children()
             if self.nats is not None:
+                print(f"edgevm node {self.options.node}: services stopped; stopping NATS", flush=True)
                 await asyncio.to_thread(self.nats.stop)
             print(f"edgevm node {self.options.node}: stopped", flush=True)
 

@@ -76,7 +76,11 @@ BUCKETS = (VMS, IMAGES, NET, TASKS, LOCKS)
 async def connect(url: str, name: str) -> NATS:
     """Connect to NATS, reconnecting forever, with bounded timeouts for every step."""
 
+    client: NATS | None = None
+
     async def on_disconnect() -> None:
+        if client is not None and client.is_closed:
+            return  # nats-py calls this on our own close and drain too: nothing was lost
         log.warning("%s: disconnected from NATS; reconnecting", name)
 
     async def on_reconnect() -> None:
@@ -85,7 +89,7 @@ async def connect(url: str, name: str) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("%s: NATS error: %s", name, exc)
 
-    return await nats.connect(
+    client = await nats.connect(
         url,
         name=name,
         connect_timeout=2,
@@ -98,6 +102,7 @@ async def connect(url: str, name: str) -> NATS:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+    return client
 
 
 async def ensure_jetstream(js: JetStreamContext) -> dict[str, KeyValue]:

@@ -12,9 +12,8 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.micro import add_service
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
-from nats.micro.service import Service
+from nats.micro.service import Service, ServiceConfig
 
 from edgevm.shared.errors import (
     EdgevmError,
@@ -64,22 +63,23 @@ def request_type_of(handler: Handler) -> type[Any]:
 
 
 class CommandService:
-    """A nats.micro service of typed command handlers, one per `edgevm.<node>.<verb>` subject."""
+    """A nats.micro service of typed command handlers, one per `edgevm.<node>.<verb>` subject.
+
+    Listed means serving: commands answer as soon as `add` returns, but the service appears in discovery
+    (`$SRV.PING|INFO|STATS`) only from `start`, which the runtime calls once set-up has added every command.
+    A client that waits for the service's name and then sends any of its commands never gets "no responders".
+    """
 
     def __init__(self, nc: NATS, name: str, version: str = "1.0.0", description: str = "") -> None:
         self._nc = nc
         self.name = name
-        self._version = version
-        self._description = description
-        self._service: Service | None = None
+        self._service = Service(nc, ServiceConfig(name=name, version=version, description=description))
         self._inflight: set[asyncio.Task[None]] = set()
         self._accepting = True
 
     async def start(self) -> None:
-        """Register the micro service (PING/INFO/STATS) on the connection."""
-        self._service = await add_service(
-            self._nc, name=self.name, version=self._version, description=self._description
-        )
+        """Announce the service in discovery (PING/INFO/STATS): call it once every command is added."""
+        await self._service.start()
 
     async def add(
         self,
@@ -95,7 +95,6 @@ class CommandService:
         An `inline` handler answers from memory and never waits on a backend: it runs in the subscription's
         own callback, without a task of its own or a deadline, which saves a task switch per request.
         """
-        assert self._service is not None, "start() first"
         verb = verb or subject.split(".", 2)[-1]
         request_type = request_type_of(handler)
         decoder = msgspec.json.Decoder(request_type)
@@ -175,8 +174,6 @@ class CommandService:
 
     async def stop(self) -> None:
         """Stop taking requests and wait for the ones in flight to be answered."""
-        if self._service is not None:
-            await self._service.stop()
-            self._service = None
+        await self._service.stop()
         if self._inflight:
             await asyncio.wait(self._inflight, timeout=10)

@@ -128,8 +128,8 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
         commands = CommandService(nc, f"edgevm-{name}", description=f"edgevm {name} on {config.node}")
         ctx = ServiceContext(name, config, nc, js, buckets, publisher, commands, stack)
         ctx.metrics_port = serve_metrics(config.metrics_host, config.metrics_port_for(name))
-        await commands.start()
         await setup(ctx)
+        await commands.start()  # only now does $SRV.PING list the service: every command answers
         ctx.background(beat_forever(publisher, config.node, name), "heartbeat")
         log.info(
             "edgevm-%s serving node %s on %s; metrics on http://%s:%d/metrics",
@@ -142,6 +142,7 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
     await publisher.flush()  # after the stack: its callbacks (e.g. draining tasks) publish too
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 5)
+    log.info("edgevm-%s stopped", name)
 
 
 def main(name: str, setup: Setup) -> None:
