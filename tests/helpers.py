@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from nats.aio.client import Client as NATS
 
 from edgevm.shared.events import AnyEvent, decode_event
@@ -91,3 +92,10 @@ class EventCollector:
     def of_type(self, type_: str) -> list[AnyEvent]:
         """Return the events whose `type` is `type_`, in arrival order."""
         return [e for _, e in self.events if e.__struct_config__.tag == type_]
+
+
+def mark_needing_root(items: list[pytest.Item], folder: Path) -> None:
+    """Mark the collected tests under `folder` `root`: tests/conftest.py refuses a non-root run that selects them."""
+    for item in items:
+        if item.path.is_relative_to(folder):
+            item.add_marker(pytest.mark.root)

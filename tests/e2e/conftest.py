@@ -16,6 +16,7 @@ import pytest
 
 from edgevm.cli.natsserver import free_port, wait_for_port
 from edgevm.shared.config import SERVICES
+from tests.helpers import mark_needing_root
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class World:
 
     netns: str
     prefix: str
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test needs root: the node's namespaces, nftables, libvirt (tests/conftest.py checks it)."""
+    mark_needing_root(items, Path(__file__).parent)
 
 
 @contextlib.contextmanager

@@ -5,17 +5,18 @@ Each namespace is named `edgevm-t-<random>-ct` and removed after its test; nothi
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from edgevm.flowwatch import ctsource
 from edgevm.flowwatch.netns import call_in_netns, write_sysctl
+from tests.helpers import mark_needing_root
 
 # conntrack only tracks in a namespace once a rule there uses it.
 HOOK_RULES = """
@@ -26,11 +27,8 @@ table inet edgevm_t {
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every flowwatch test needs root for namespaces, nftables and ctnetlink."""
-    if os.geteuid() != 0:
-        skip = pytest.mark.skip(reason="needs root for namespaces, nftables and conntrack")
-        for item in items:
-            item.add_marker(skip)
+    """Every flowwatch test needs root for namespaces, nftables and ctnetlink (tests/conftest.py checks it)."""
+    mark_needing_root(items, Path(__file__).parent)
 
 
 def make_netns(role: str = "ct") -> str:

@@ -42,15 +42,6 @@ from edgevm.shared.runtime import serve
 REPLY_TIMEOUT = 1.5
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Kernel tests (marked root) are skipped when not running as root."""
-    if os.geteuid() != 0:
-        skip = pytest.mark.skip(reason="needs root for namespaces, links and nftables")
-        for item in items:
-            if "root" in item.keywords:
-                item.add_marker(skip)
-
-
 def wait_up(netns: str, *ifnames: str, timeout: float = 5.0) -> None:
     """Waits until links have carrier: a fresh veth drops what it is given for up to a second."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,7 @@ from edgevm.shared.commands import SnapshotList, TaskList, TaskReply
 from edgevm.shared.errors import RemoteError
 from edgevm.shared.events import TaskUpdated, decode_event
 from edgevm.shared.ids import new_id
-from edgevm.shared.locks import Lease
+from edgevm.shared.locks import VmLocks
 from edgevm.shared.objects import Task
 from edgevm.snapshotter.app import MAX_WORKERS, workers_from_env
 from edgevm.snapshotter.workqueue import WorkItem, WorkQueue
@@ -190,11 +190,8 @@ async def test_a_queued_task_holds_the_vm_and_a_cancelled_one_never_runs(
         try:
             async def vm_free() -> bool:
                 locks = (await ensure_jetstream(nc.jetstream()))[LOCKS.name]
-                try:
-                    entry = await locks.get(f"{node.config.node}.{vm}")
-                except Exception:
-                    return True
-                return not entry.value or msgspec.json.decode(entry.value, type=Lease).task_id != task_id
+                holder = await VmLocks(locks, node.config.node, "snapshotter").holder(vm)  # None: no lease
+                return holder is None or holder.task_id != task_id
 
             await eventually(vm_free, timeout=20, what="the cancelled task's lease released")
             stopped = await wait_task(node, await other.client.call("vm.stop", {"name": vm, "force": True}, TaskReply))

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyWrongLastSequenceError
@@ -97,11 +96,8 @@ class Node:
         return (await self.store.get(task_id))[0]
 
     async def lease(self, vm: str) -> Lease | None:
-        try:
-            entry = await self.buckets[LOCKS.name].get(f"{self.name}.{vm}")
-        except Exception:
-            return None
-        return msgspec.json.decode(entry.value, type=Lease) if entry.value else None
+        """The lease on `vm` as the services read it: None only when there is none (any other error raises)."""
+        return await VmLocks(self.buckets[LOCKS.name], self.name, "snapshotter").holder(vm)
 
 
 @pytest.fixture
