@@ -24,6 +24,9 @@ async def test_cli_image_vm_and_task_verbs(node: Node, nats_server: NatsServer, 
     assert "image.import" in out.stdout and "succeeded" in out.stdout
     images = await edgevm(node, nats_server, "image", "list")
     assert images.stdout.splitlines()[0].split()[:2] == ["NAME", "FORMAT"] and "base" in images.stdout
+    image = await edgevm(node, nats_server, "image", "get", "base")  # a table of fields, JSON only with --json
+    assert [line.split()[:2] for line in image.stdout.splitlines()[:3]] == [["FIELD", "VALUE"], ["name", "base"],
+                                                                            ["format", "qcow2"]], image.stdout
 
     spec = tmp_path / "web.yaml"
     spec.write_text("name: web\nimage: base\nmemory: 256MB\ncpu: 1\nhostname: web1\n")
@@ -44,6 +47,8 @@ async def test_cli_image_vm_and_task_verbs(node: Node, nats_server: NatsServer, 
     assert [line.split()[1] for line in tasks.stdout.splitlines()[1:]] == ["vm.stop", "vm.start"]
     assert "[####################] 100% succeeded" in stopped.stderr  # the live progress line
     stop_id = tasks.stdout.splitlines()[1].split()[0]
+    got_task = await edgevm(node, nats_server, "task", "get", stop_id)
+    assert ["status", "succeeded"] in [line.split() for line in got_task.stdout.splitlines()], got_task.stdout
     watched = await edgevm(node, nats_server, "task", "watch", stop_id)
     assert watched.returncode == 0 and f"vm.stop {stop_id}: succeeded" in watched.stdout, watched.stderr
 

@@ -72,7 +72,7 @@ def reset_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
-async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node, netplumb, flowwatch, nc):
+async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node, netplumb, flowwatch, nc, nats_server):
     events = await EventCollector().start(nc, f"edgevm.evt.{netplumb.node}.flow.web")
     lan = await asyncio.to_thread(lab.host, node, "lan", "lan0", f"{NODE_LAN}/24", f"{LAN_HOST}/24")
     await netplumb.call("net.vrf.create", {"name": "red", "subnet": "10.61.0.0/24"})
@@ -82,6 +82,8 @@ async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node
     vm_ns = await asyncio.to_thread(vm_nic, lab, node, "web", nic["address"], nic["gateway"])
     await netplumb.call("net.vm.activate", {"vm": "web"})
     vm_address = nic["address"].split("/")[0]
+    shown = await edgevm_cli(nats_server.url, netplumb.node, "net", "status", "web")
+    assert "port mappings       tcp lan0:8080 -> 80\n" in shown.stdout, shown.stdout + shown.stderr
 
     server = pyroute2_netns.create_socket(vm_ns, socket.AF_INET, socket.SOCK_STREAM, flags=0)
     server.bind(("0.0.0.0", 80))
@@ -103,8 +105,10 @@ async def test_a_port_mapped_connection_is_the_vms_flow_and_can_be_cut(lab, node
         assert (flow["direction"], flow["protocol"], flow["src_ip"]) == ("inbound", "tcp", LAN_HOST)
         assert (flow["dst_ip"], flow["dst_port"]) == (vm_address, 80)
 
-        cut = await flowwatch.call("flow.terminate", {"vm": "web", "id": flow["id"]})
-        assert cut["status"] == "terminated"
+        cut = await edgevm_cli(nats_server.url, netplumb.node, "flow", "terminate", "web", flow["id"])  # as a user
+        assert cut.returncode == 0, cut.stderr
+        header, row = cut.stdout.splitlines()  # the terminated flow as a table row, as `flow list` shows it
+        assert header.split()[:3] == ["ID", "STATUS", "PROTO"] and row.split()[:3] == [flow["id"], "terminated", "tcp"]
         assert await asyncio.to_thread(reset_within, client, 1.0), "the client got no reset within 1 s"
         # The same flow on the event stream, as the gateway reads it.
         await eventually(lambda: _ended(events, flow["id"]), timeout=5, what="flow.terminated event")
@@ -125,7 +129,13 @@ async def test_net_and_flow_verbs_of_the_cli(lab, node, netplumb, flowwatch, nat
         return await edgevm_cli(nats_server.url, netplumb.node, *args)
 
     made = await cli("net", "vrf", "create", "blue", "10.62.0.0/24")
-    assert made.returncode == 0 and json.loads(made.stdout)["gateway"] == "10.62.0.1", made.stderr
+    assert made.returncode == 0, made.stderr
+    assert [line.split() for line in made.stdout.splitlines()] == [["NAME", "SUBNET", "GATEWAY"],
+                                                                    ["blue", "10.62.0.0/24", "10.62.0.1"]]
+    made = await cli("--json", "net", "vrf", "create", "green", "10.63.0.0/24")
+    assert made.returncode == 0 and json.loads(made.stdout)["gateway"] == "10.63.0.1", made.stderr
+    dropped = await cli("net", "vrf", "delete", "green")
+    assert dropped.returncode == 0 and dropped.stdout == "vrf green deleted\n", dropped.stderr
     vrfs = await cli("net", "vrf", "list")
     assert vrfs.stdout.splitlines()[0].split() == ["NAME", "SUBNET", "GATEWAY"] and "blue" in vrfs.stdout
     bad = await cli("net", "vrf", "create", "red", "10.62.0.0/33")
@@ -136,8 +146,12 @@ async def test_net_and_flow_verbs_of_the_cli(lab, node, netplumb, flowwatch, nat
     assert (await cli("net", "vnet", "list")).stdout.split() == ["NAME", "CIDR", "VNI", "PEERS"]
 
     await netplumb.call("net.vm.prepare", {"vm": "app", "network": {"vrf": "blue"}})
-    status = json.loads((await cli("net", "status", "app")).stdout)
+    status = json.loads((await cli("--json", "net", "status", "app")).stdout)
     assert status["vrf"] == "blue" and status["ip_addresses"][0].startswith("10.62.0.")
+    shown = await cli("net", "status", "app")
+    fields = {line[:20].strip(): line[20:].strip() for line in shown.stdout.splitlines()[1:]}
+    assert fields["vrf"] == "blue" and fields["ip addresses"] == status["ip_addresses"][0], shown.stdout
+    assert fields["port mappings"] == "" and shown.stdout.split()[:2] == ["FIELD", "VALUE"], shown.stdout
     flows = await cli("flow", "list", "app", "--status", "active")
     assert flows.returncode == 0 and flows.stdout.split() == ["ID", "STATUS", "PROTO", "DIRECTION", "SOURCE",
                                                               "DESTINATION", "STATE", "BYTES", "IN/OUT", "STARTED"]

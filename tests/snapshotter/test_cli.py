@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nats.aio.client import Client as NATS
+
 from edgevm.cli.natsserver import NatsServer
+from edgevm.snapshotter.dedupe import BUCKET
 from tests.snapshotter.conftest import Pair
 from tests.snapshotter.test_snapshot_tasks import make_vm
 
@@ -43,3 +46,26 @@ async def test_snapshot_verbs_follow_their_tasks_and_list_the_tree(pair: Pair, n
     assert deleted.returncode == 0 and "succeeded" in deleted.stdout, deleted.stderr
     missing = await edgevm(pair, nats_server, "snapshot", "restore", vm, "after")
     assert missing.returncode == 1 and "404" in missing.stderr
+
+
+async def test_snapshot_verbs_send_a_request_id_so_a_retry_makes_no_second_snapshot(
+    pair: Pair, nats_server: NatsServer, nc: NATS
+) -> None:
+    vm = await make_vm(pair, start=True)
+    tries = [await edgevm(pair, nats_server, "--json", "snapshot", "create", vm, "once", "--request-id", "try-7f3")
+             for _ in range(2)]
+    assert [t.returncode for t in tries] == [0, 0], [t.stderr for t in tries]
+    first, again = (json.loads(t.stdout) for t in tries)
+    assert again["id"] == first["id"] and again["status"] == "succeeded"  # the same task, not a second one
+    listed = json.loads((await edgevm(pair, nats_server, "--json", "snapshot", "list", vm)).stdout)["snapshots"]
+    assert [s["name"] for s in listed] == ["once"]
+
+    # Without --request-id the CLI makes one up: the snapshotter recorded which task it started.
+    plain = await edgevm(pair, nats_server, "--json", "snapshot", "create", vm, "plain", "--no-wait")
+    assert plain.returncode == 0, plain.stderr
+    requests = await nc.jetstream().key_value(BUCKET)
+    prefix = f"{pair.node.config.node}.{vm}.snapshot.create."
+    ids = {key.removeprefix(prefix) for key in await requests.keys() if key.startswith(prefix)}
+    assert len(ids) == 2 and "try-7f3" in ids, ids
+    other = await edgevm(pair, nats_server, "snapshot", "delete", vm, "once", "--request-id", "bad id!")
+    assert other.returncode == 1 and "400 [request_id]" in other.stderr, other.stderr

@@ -1,4 +1,4 @@
-"""The `edgevm` command: `node up`, and a thin client of the protocol for images, VMs and tasks."""
+"""The `edgevm` command: its verbs and flags. `node up` runs the node; every other verb is a client of the protocol."""
 
 from __future__ import annotations
 
@@ -6,23 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import msgspec
-import nats
-import yaml
-
-from edgevm.cli.output import fail, print_json, print_table
-from edgevm.cli.supervisor import NodeOptions, Supervisor
-from edgevm.shared import subjects
-from edgevm.shared.client import Client
 from edgevm.shared.config import DEFAULT_METRICS_BASE, default_node_id
-from edgevm.shared.errors import EdgevmError
-from edgevm.shared.objects import Task
-from edgevm.shared.units import format_size
 
 
 def env_default(variable: str, fallback: str | None) -> str | None:
@@ -117,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("vm")
         p.add_argument("name")
         p.add_argument("--no-wait", action="store_true")
+    for verb in ("create", "restore", "delete"):
+        snap.choices[verb].add_argument(
+            "--request-id", help="send the request with this id (default: a new one); the same id within 15 min "
+                                 "answers the same task instead of starting another")
     snap.add_parser("list", help="a VM's snapshots as a tree").add_argument("vm")
 
     net = areas.add_parser("net", help="VRFs, virtual networks, VM network status").add_subparsers(
@@ -148,280 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class DocumentError(Exception):
-    """A spec file that cannot be read, is not YAML or JSON, or is not a mapping; the message names it."""
-
-
-def load_document(path: str) -> dict[str, Any] | None:
-    """Read a YAML or JSON mapping (or nothing: None) from a file or stdin (`-`); DocumentError if not one."""
-    name = "stdin" if path == "-" else path
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DocumentError(f"{name}: cannot be read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise DocumentError(f"{name}: is not UTF-8 text (byte {exc.start})") from None
-    try:
-        document = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = exc.problem or exc.context or "cannot be parsed"
-        raise DocumentError(f"{name}: is not valid YAML or JSON: {problem}{where}") from None
-    except yaml.YAMLError as exc:
-        raise DocumentError(f"{name}: is not valid YAML or JSON: {exc}") from None
-    if document is not None and not isinstance(document, dict):
-        kind = "list" if isinstance(document, list) else type(document).__name__
-        raise DocumentError(f"{name}: must be a mapping of fields (name: web, ...), not a {kind}")
-    return document
-
-
-async def follow_task(client: Client, task: Task, quiet: bool = False) -> Task:
-    """Follow a task on its events until it ends, showing its progress live; return it.
-
-    Subscribes first, then reads the task once, so no update falls between the two; a read every few
-    seconds covers a lost event (e.g. a reconnect).
-    """
-    updates: asyncio.Queue[Task] = asyncio.Queue()
-
-    async def on_event(msg: Any) -> None:
-        event = msgspec.json.decode(msg.data)
-        updates.put_nowait(msgspec.convert(event["task"], Task))
-
-    sub = await client.nc.subscribe(subjects.event(client.node, f"task.{task.id}"), cb=on_event)
-    try:
-        task = await client.call("task.get", {"id": task.id}, Task)
-        shown = ""
-        live = sys.stderr.isatty()
-        while True:
-            line = progress_line(task)
-            if line != shown and not quiet:
-                print(("\r\033[K" if live else "") + line, end="" if live else "\n", file=sys.stderr, flush=True)
-                shown = line
-            if task.finished:
-                break
-            try:
-                newer = await asyncio.wait_for(updates.get(), 3.0)
-            except TimeoutError:
-                newer = await client.call("task.get", {"id": task.id}, Task)
-            if STATUS_RANK.get(newer.status, 2) >= STATUS_RANK.get(task.status, 2):  # events may predate the read
-                task = newer
-        if live and not quiet:
-            print(file=sys.stderr)
-        return task
-    finally:
-        await sub.unsubscribe()
-
-
-STATUS_RANK = {"queued": 0, "running": 1}  # then an end
-
-
-def progress_line(task: Task) -> str:
-    """Return one line that shows where a task is: status, a bar, the message."""
-    percent = 100 if task.status == "succeeded" else task.progress or 0
-    bar = "#" * (percent // 5) + "." * (20 - percent // 5)
-    return f"{task.kind} {task.id} [{bar}] {percent:3d}% {task.status}: {task.message}"
-
-
-async def run_command(args: argparse.Namespace) -> int:
-    """Connect, send the command `args` stand for, print the reply; return the exit code."""
-    async def quiet(error: Exception) -> None:
-        # nats-py logs each failed connection attempt with a traceback; main says it in one line instead.
-        pass
-
-    nc = await nats.connect(args.nats, connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet)
-    client = Client(nc, args.node, timeout=args.timeout)
-    try:
-        return await dispatch(client, args)
-    finally:
-        await nc.drain()
-
-
-async def finish(client: Client, args: argparse.Namespace, reply: dict[str, Any]) -> int:
-    """Print a `{task}` reply, following the task unless --no-wait."""
-    task = msgspec.convert(reply["task"], Task)
-    if not getattr(args, "no_wait", False):
-        task = await follow_task(client, task, quiet=args.json)
-    if args.json:
-        print_json(task)
-    else:
-        print(f"{task.kind} {task.id}: {task.status}{' - ' + task.error if task.error else ''}")
-    return 0 if task.status in ("succeeded", "queued", "running") else 1
-
-
-async def dispatch(client: Client, args: argparse.Namespace) -> int:
-    """Run one verb."""
-    area, verb = args.area, args.verb
-    if area == "image":
-        if verb == "import":
-            # The path is the node's: absolute, or relative to its import directory (<state>/import).
-            body = {"name": args.name, "path": args.path, "guest_os": args.guest_os}
-            if args.format:
-                body["format"] = args.format
-            return await finish(client, args, await client.call("image.import", body))
-        if verb == "list":
-            reply = await client.call("image.list")
-            if args.json:
-                print_json(reply)
-            else:
-                print_table(["name", "format", "size", "guest os", "created"],
-                            [[i["name"], i["format"], format_size(i["size_bytes"]), i["guest_os"], i["created_at"]]
-                             for i in reply["images"]])
-            return 0
-        reply = await client.call(f"image.{verb}", {"name": args.name})
-        print_json(reply)
-        return 0
-    if area == "vm":
-        if verb == "create":
-            print_vm(await client.call("vm.create", args.document), args.json)
-            return 0
-        if verb == "list":
-            reply = await client.call("vm.list")
-            if args.json:
-                print_json(reply)
-            else:
-                print_table(["name", "state", "cpu", "memory", "image", "firmware", "revision"],
-                            [[v["spec"]["name"], v["status"]["state"], v["spec"]["cpu"],
-                              format_size(v["spec"]["memory"]), v["spec"]["image"], v["spec"]["firmware"],
-                              v["status"]["revision"]] for v in reply["vms"]])
-            return 0
-        if verb == "get":
-            print_vm(await client.call("vm.get", {"name": args.name}), args.json)
-            return 0
-        if verb == "update":
-            changes = args.document or {}
-            revision = args.revision
-            if revision is None:
-                revision = (await client.call("vm.get", {"name": args.name}))["status"]["revision"]
-            print_vm(await client.call("vm.update", {**changes, "name": args.name, "revision": revision}), args.json)
-            return 0
-        body: dict[str, Any] = {"name": args.name}
-        if verb == "stop" and args.force:
-            body["force"] = True
-        return await finish(client, args, await client.call(f"vm.{verb}", body))
-    if area == "task":
-        if verb == "list":
-            body = {"limit": args.limit, **({"vm": args.vm} if args.vm else {})}
-            reply = await client.call("task.list", body)
-            if args.json:
-                print_json(reply)
-            else:
-                print_table(["id", "kind", "vm", "status", "progress", "created", "message"],
-                            [[t["id"], t["kind"], t["vm"], t["status"], t["progress"], t["created_at"], t["message"]]
-                             for t in reply["tasks"]])
-            return 0
-        if verb == "watch":
-            task = await client.call("task.get", {"id": args.id}, Task)
-            return await finish(client, args, {"task": msgspec.to_builtins(task)})
-        print_json(await client.call(f"task.{verb}", {"id": args.id}))
-        return 0
-    if area == "snapshot":
-        return await snapshot_verb(client, args)
-    if area == "net":
-        return await net_verb(client, args)
-    if area == "flow":
-        return await flow_verb(client, args)
-    raise AssertionError(f"unknown verb {area} {verb}")
-
-
-async def snapshot_verb(client: Client, args: argparse.Namespace) -> int:
-    """edgevm snapshot create|list|restore|delete."""
-    if args.verb == "list":
-        reply = await client.call("snapshot.list", {"vm": args.vm})
-        if args.json:
-            print_json(reply)
-            return 0
-        rows = []
-        for depth, snap in snapshot_tree(reply["snapshots"]):
-            rows.append(["  " * depth + snap["name"] + (" *" if snap["current"] else ""), snap["mode"],
-                         snap["vm_state"], snap["created_at"], snap["description"]])
-        print_table(["name (* current)", "mode", "vm state", "created", "description"], rows)
-        return 0
-    body: dict[str, Any] = {"vm": args.vm, "name": args.name}
-    if args.verb == "create" and args.description:
-        body["description"] = args.description
-    return await finish(client, args, await client.call(f"snapshot.{args.verb}", body))
-
-
-def snapshot_tree(snapshots: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
-    """Return snapshots depth-first from the roots, each with its depth in the tree."""
-    children: dict[str | None, list[dict[str, Any]]] = {}
-    names = {s["name"] for s in snapshots}
-    for snap in sorted(snapshots, key=lambda s: s["created_at"]):
-        parent = snap["parent"] if snap["parent"] in names else None
-        children.setdefault(parent, []).append(snap)
-    out: list[tuple[int, dict[str, Any]]] = []
-
-    def walk(parent: str | None, depth: int) -> None:
-        for snap in children.get(parent, []):
-            out.append((depth, snap))
-            walk(snap["name"], depth + 1)
-
-    walk(None, 0)
-    return out
-
-
-async def net_verb(client: Client, args: argparse.Namespace) -> int:
-    """edgevm net vrf|vnet create|list|delete, net status."""
-    if args.verb == "status":
-        print_json(await client.call("net.status", {"vm": args.vm}))
-        return 0
-    what = args.what
-    if what == "list":
-        reply = await client.call(f"net.{args.verb}.list")
-        if args.json:
-            print_json(reply)
-        elif args.verb == "vrf":
-            print_table(["name", "subnet", "gateway"], [[v["name"], v["subnet"], v["gateway"]] for v in reply["vrfs"]])
-        else:
-            print_table(["name", "cidr", "vni", "peers"],
-                        [[v["name"], v["cidr"], v["vni"], ", ".join(v["peers"])] for v in reply["vnets"]])
-        return 0
-    if what == "delete":
-        await client.call(f"net.{args.verb}.delete", {"name": args.name})
-        return 0
-    if args.verb == "vrf":
-        body: dict[str, Any] = {"name": args.name, "subnet": args.subnet}
-    else:
-        body = {"name": args.name, "cidr": args.cidr, "vni": args.vni, "peers": args.peer}
-    print_json(await client.call(f"net.{args.verb}.create", body))
-    return 0
-
-
-async def flow_verb(client: Client, args: argparse.Namespace) -> int:
-    """edgevm flow list|terminate."""
-    if args.verb == "terminate":
-        print_json(await client.call("flow.terminate", {"vm": args.vm, "id": args.id}))
-        return 0
-    reply = await client.call("flow.list", {"vm": args.vm, "status": args.status, "limit": args.limit})
-    if args.json:
-        print_json(reply)
-        return 0
-    print_table(["id", "status", "proto", "direction", "source", "destination", "state", "bytes in/out", "started"],
-                [[f["id"], f["status"], f["protocol"], f["direction"], f"{f['src_ip']}:{f['src_port']}",
-                  f"{f['dst_ip']}:{f['dst_port']}", f["state"], f"{f['bytes_in']}/{f['bytes_out']}", f["started_at"]]
-                 for f in reply["flows"]])
-    return 0
-
-
-def print_vm(vm: dict[str, Any], as_json: bool) -> None:
-    """Print one VM."""
-    if as_json:
-        print_json(vm)
-        return
-    spec, status = vm["spec"], vm["status"]
-    print_table(["field", "value"], [
-        ["name", spec["name"]], ["state", status["state"]], ["revision", status["revision"]],
-        ["image", spec["image"]], ["firmware", spec["firmware"]], ["device bus", spec["device_bus"]],
-        ["cpu", spec["cpu"]], ["memory", format_size(spec["memory"])], ["vrf", spec["network"]["vrf"]],
-        ["ip addresses", ", ".join(status["ip_addresses"])], ["last error", status["last_error"]],
-    ])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `edgevm`."""
     args = build_parser().parse_args(argv)
+    # Each side imports only what it uses: the launcher of `node up` lives as long as the node, and the
+    # client's stack (nats-py, msgspec, YAML) would stay in its memory all that time.
     if args.area == "node":
+        from edgevm.cli.supervisor import NodeOptions, Supervisor
+
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
         options = NodeOptions(
             node=args.node,
@@ -434,18 +159,9 @@ def main(argv: list[str] | None = None) -> None:
         )
         asyncio.run(Supervisor(options).run())
         return
-    try:
-        # The spec file is read before connecting: a bad file is reported as such, NATS up or not.
-        args.document = load_document(args.file) if getattr(args, "file", None) is not None else None
-    except DocumentError as exc:
-        fail(str(exc))
-    try:
-        raise SystemExit(asyncio.run(run_command(args)))
-    except EdgevmError as exc:
-        field = f" [{exc.field}]" if exc.field else ""
-        fail(f"{exc.code}{field}: {exc.message}")
-    except (OSError, nats.errors.NoServersError) as exc:
-        fail(f"cannot reach NATS at {args.nats}: {exc}")
+    from edgevm.cli.verbs import run_verb
+
+    run_verb(args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def print_reply(reply: Any, as_json: bool, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a reply: as JSON with --json, else as `rows` under `headers`."""
+    if as_json:
+        print_json(reply)
+    else:
+        print_table(headers, rows)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print an error and exit."""
     print(f"edgevm: {message}", file=sys.stderr)
