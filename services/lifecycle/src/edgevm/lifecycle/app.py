@@ -12,7 +12,7 @@ from edgevm.lifecycle import errormap
 from edgevm.lifecycle.drivers.connection import HypervisorConnection
 from edgevm.lifecycle.drivers.domains import Domains
 from edgevm.lifecycle.drivers.events import LifecycleEvents
-from edgevm.lifecycle.drivers.host import detect_domain_type
+from edgevm.lifecycle.drivers.host import detect_domain_type, guest_user
 from edgevm.lifecycle.drivers.states import EventKind
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import ImageStore
@@ -20,6 +20,7 @@ from edgevm.lifecycle.layout import Layout
 from edgevm.lifecycle.network import NetplumbNetwork, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
+from edgevm.lifecycle.reach import make_reachable
 from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.runner import TaskRunner
 from edgevm.lifecycle.taskcommands import TaskCommands
@@ -64,6 +65,9 @@ async def setup(ctx: ServiceContext) -> None:
     domains = Domains(connection)
     domain_type = await detect_domain_type(connection) if config.libvirt_uri.startswith("qemu") else "qemu"
     log.info("libvirt %s: guests run as domain type %s", config.libvirt_uri, domain_type)
+    guest = await guest_user(connection, domain_type) if config.libvirt_uri.startswith("qemu") else None
+    if guest is not None:
+        make_reachable(config.state_dir, *guest)  # or StateDirUnreachable, naming the directory and the fix
 
     store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)

@@ -72,3 +72,21 @@ async def detect_domain_type(
     flags = cpu_flags(await asyncio.to_thread(cpuinfo.read_text))
     capabilities = await connection.call(libvirt.virConnect.getCapabilities)
     return choose_domain_type(kvm_device_usable=usable, cpu_flags=flags, hypervisor_offers_kvm=offers_kvm(capabilities))
+
+
+def guest_process_ids(capabilities_xml: str, domain_type: DomainType) -> tuple[int, int] | None:
+    """The uid and gid QEMU runs `domain_type` guests as (libvirt's DAC label), or None when libvirt has none."""
+    root = ET.fromstring(capabilities_xml)
+    for model in root.iterfind("host/secmodel"):
+        if model.findtext("model") != "dac":
+            continue
+        for label in model.iterfind("baselabel"):
+            if label.get("type") == domain_type and label.text:
+                uid, _, gid = label.text.partition(":")  # "+64055:+64055"
+                return int(uid.lstrip("+")), int(gid.lstrip("+"))
+    return None
+
+
+async def guest_user(connection: HypervisorConnection, domain_type: DomainType) -> tuple[int, int] | None:
+    """The uid and gid this host's QEMU guests run as, from libvirt's capabilities."""
+    return guest_process_ids(await connection.call(libvirt.virConnect.getCapabilities), domain_type)
