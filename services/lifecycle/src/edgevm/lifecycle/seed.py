@@ -22,11 +22,13 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pycdlib
 import yaml
-from pycdlib import dates
+
+if TYPE_CHECKING:
+    import pycdlib
+    from pycdlib import dates
 
 from edgevm.lifecycle.layout import fsync_dir
 
@@ -89,6 +91,8 @@ class SeedContent:
 
 def build_seed_iso(content: SeedContent) -> bytes:
     """Return the bytes of the seed ISO (ISO9660 + Joliet + Rock Ridge, label `cidata`) for `content`."""
+    import pycdlib  # only here: an idle lifecycle would hold pycdlib's 2 MB for nothing
+
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=2, vol_ident=VOLUME_LABEL, joliet=3, rock_ridge="1.09")
     for name, data in sorted(content.files().items()):
@@ -152,6 +156,8 @@ def _pin_record_dates(iso: pycdlib.PyCdlib) -> None:
 
 
 def _dr_epoch() -> dates.DirectoryRecordDate:
+    from pycdlib import dates
+
     date = dates.DirectoryRecordDate()
     date.parse(_DR_EPOCH)
     return date
