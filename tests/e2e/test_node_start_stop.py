@@ -20,6 +20,8 @@ from edgevm.cli.supervisor import installed_services
 from edgevm.shared import subjects
 from edgevm.shared.config import SERVICES
 from tests.e2e.conftest import NodeUp, World, free_port_run, node_world_made, start_node_up
+from tests.e2e.test_node_up import alive, children_of
+from tests.helpers import eventually
 
 # One read-only command per service, sent the moment $SRV.PING lists the service. A 404 is an answer too.
 PROBES = {
@@ -150,3 +152,26 @@ async def test_two_nodes_on_one_host_take_their_metrics_ports_from_the_environme
         finally:
             for node in nodes.values():
                 stop_node(node)
+
+
+async def test_a_second_ctrl_c_kills_a_service_that_does_not_stop(tmp_path: Path, node_world: World) -> None:
+    names = {f"edgevm-{s}" for s in installed_services()}
+    node = start_node_up(tmp_path / "state", tmp_path / "node.log", node_world)
+    try:
+        assert await command_each_when_listed(node.url, "e2e", names) == dict.fromkeys(names, "answered")
+        stuck = next(pid for pid, cmd in children_of(node.process.pid).items() if "edgevm.gateway" in cmd)
+        os.kill(stuck, signal.SIGSTOP)  # it cannot act on SIGTERM: the launcher waits for it
+        os.killpg(node.process.pid, signal.SIGINT)
+
+        async def waiting() -> bool:
+            return "Ctrl-C again kills them now" in node.log.read_text()
+
+        await eventually(waiting, timeout=20, what="the launcher waits for the services")
+        assert node.process.poll() is None, node.log.read_text()  # still waiting (up to STOP_GRACE)
+        os.killpg(node.process.pid, signal.SIGINT)
+        code = await asyncio.to_thread(node.process.wait, 20)
+    finally:
+        stop_node(node, signal.SIGKILL)
+    text = node.log.read_text()
+    assert code == 0 and "services stopped; stopping NATS" in text and text.rstrip().endswith("stopped"), text
+    assert not alive(stuck)

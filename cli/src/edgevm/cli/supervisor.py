@@ -21,6 +21,9 @@ log = logging.getLogger("edgevm.node")
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
 # A child that ran this long before dying is considered healthy again: its backoff starts over.
 HEALTHY_AFTER = 60.0
+# How long the services get to stop before they are killed: their drains (lifecycle's tasks 30 s, snapshot
+# tasks 60 s, then NATS 5 s) fit in it. A second Ctrl-C kills them at once.
+STOP_GRACE = 75.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -76,6 +79,7 @@ class Supervisor:
         self.nats: NatsServer | None = None
         self.children: list[Child] = []
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()
 
     def child_env(self, nats_url: str) -> dict[str, str]:
         """Return the environment every service process gets."""
@@ -95,7 +99,7 @@ class Supervisor:
         """Start everything, supervise until SIGTERM/SIGINT, then stop everything."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
+            loop.add_signal_handler(sig, self._on_signal)
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.options.nats_url
         if nats_url is None:
@@ -153,17 +157,27 @@ class Supervisor:
             child.restarts += 1
             await child.spawn()
 
-    async def _stop_children(self, timeout: float = 15) -> None:
+    def _on_signal(self) -> None:
+        if self._stopping.is_set():
+            self._hurry.set()  # a second Ctrl-C: do not wait for the drains
+        self._stopping.set()
+
+    async def _stop_children(self, timeout: float = STOP_GRACE) -> None:
         running = [c.process for c in self.children if c.process is not None and c.process.returncode is None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.terminate()
         if not running:
             return
-        _, late = await asyncio.wait([asyncio.create_task(p.wait()) for p in running], timeout=timeout)
-        if late:
+        print(f"edgevm node {self.options.node}: the services finish what they are doing (up to {timeout:g} s; "
+              "Ctrl-C again kills them now)", flush=True)
+        ended = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in running)))
+        hurry = asyncio.create_task(self._hurry.wait())
+        await asyncio.wait({ended, hurry}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not ended.done():
             for process in running:
                 if process.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
-            await asyncio.gather(*(p.wait() for p in running))
+            await ended
