@@ -148,3 +148,60 @@ async def test_a_reply_over_max_payload_is_422_naming_the_size_and_the_limit(
 
 async def test_the_embedded_server_takes_8_mb_messages(nc: NATS) -> None:
     assert nc.max_payload == MAX_PAYLOAD == 8 * 1024 * 1024  # conftest's server is `edgevm node up`'s
+
+
+async def _error_of(client: Client, verb: str, data: bytes) -> tuple[dict, dict[str, str]]:
+    msg = await client.nc.request(subjects.command(client.node, verb), data, timeout=2)
+    assert msg.headers is not None, msg.data[:200]
+    return json.loads(msg.data)["error"], msg.headers
+
+
+MEGA = 1024 * 1024
+BIG = MEGA - 4096  # under the request limit, so the value itself reaches validation
+# Each bad value is almost 1 MiB: repeated whole in the body and the header, the reply would be 2 MB.
+HUGE_VALUES = [
+    ("unknown-field", {"name": "a", "image": "i", "x" * BIG: 1}, "x" * 64),
+    ("enum", {"name": "a", "image": "i", "firmware": "e" * BIG}, "firmware"),
+    ("memory", {"name": "a", "image": "i", "memory": "m" * BIG}, "memory"),
+    ("volume-size", {"name": "a", "image": "i", "volumes": [{"name": "d", "size": "9" * BIG}]}, "volumes[0].size"),
+    ("virtual-ip", {"name": "a", "image": "i", "network": {"virtual_networks": [
+        {"network": "n", "virtual_ip": "1" * BIG}]}}, "network.virtual_networks[0].virtual_ip"),
+]
+
+
+@pytest.mark.parametrize(("doc", "field"), [(d, f) for _, d, f in HUGE_VALUES], ids=[i for i, _, _ in HUGE_VALUES])
+async def test_an_error_quotes_a_bounded_excerpt_of_a_huge_value(
+    service: tuple[Client, CommandService], doc: dict, field: str
+) -> None:
+    client, _ = service
+    error, headers = await _error_of(client, "vm.create", json.dumps(doc).encode())
+    assert error["code"] == "400" and field in error["message"]
+    assert len(error["message"]) <= 1024 and len(headers["Nats-Service-Error"]) <= 1024
+    assert len(error["field"]) <= 256
+
+
+async def test_a_request_over_the_limit_is_413_before_it_is_decoded(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    doc = {"name": "a", "image": "i", "description": "d" * (MEGA + 1)}
+    error, headers = await _error_of(client, "vm.create", json.dumps(doc).encode())
+    assert error["code"] == headers["Nats-Service-Error-Code"] == "413"
+    assert str(MEGA) in error["message"]
+    vm = await client.call("vm.create", {"name": "e", "image": "img"}, Vm)
+    assert vm.spec.name == "e"
+
+
+@pytest.mark.parametrize("data", [b'{"name": "a\xff"}', b'{"na\xffme": "a"}'], ids=["in-a-value", "in-a-key"])
+async def test_a_body_that_is_not_utf8_is_400(service: tuple[Client, CommandService], data: bytes) -> None:
+    client, _ = service
+    error, headers = await _error_of(client, "vm.busy", data)
+    assert error["code"] == headers["Nats-Service-Error-Code"] == "400"
+    assert "UTF-8" in error["message"] and "Error" not in headers["Nats-Service-Error"]
+
+
+async def test_nesting_past_msgspec_is_400_naming_the_field(service: tuple[Client, CommandService]) -> None:
+    client, _ = service
+    deep = b"[" * 100_000 + b"]" * 100_000
+    data = b'{"name": "a", "image": "i", "cloud_init": {"meta_data": {"k": ' + deep + b"}}}"
+    error, _ = await _error_of(client, "vm.create", data)
+    assert error["code"] == "400" and error["field"].startswith("cloud_init.meta_data.k[0]")
+    assert "deeper than 32 levels" in error["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -73,8 +74,12 @@ STREAMS = (EVENTS_STREAM, FLOWS_STREAM, SNAPSHOT_WORK_STREAM)
 BUCKETS = (VMS, IMAGES, NET, TASKS, LOCKS)
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connect to NATS, reconnecting forever, with bounded timeouts for every step."""
+async def connect(url: str, name: str, closed: asyncio.Event | None = None) -> NATS:
+    """Connect to NATS, reconnecting forever, with bounded timeouts for every step.
+
+    The connection can still close for good (e.g. the server drops it for a protocol violation, and nats-py
+    does not reconnect then); `closed` is set when it does, so the service can exit and be restarted.
+    """
 
     client: NATS | None = None
 
@@ -89,6 +94,10 @@ async def connect(url: str, name: str) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("%s: NATS error: %s", name, exc)
 
+    async def on_closed() -> None:
+        if closed is not None:
+            closed.set()
+
     client = await nats.connect(
         url,
         name=name,
@@ -101,6 +110,7 @@ async def connect(url: str, name: str) -> NATS:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         error_cb=on_error,
+        closed_cb=on_closed,
     )
     return client
 

@@ -8,11 +8,14 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from edgevm.shared.errors import FieldError
+from edgevm.shared.limits import excerpt
 from edgevm.shared.objects import Flow, Image, Snapshot, Task, Vm, VmStatus, Vnet, Vrf
 from edgevm.shared.spec import (
     Bus,
     CloudInit,
     Firmware,
+    Ipv4Address,
+    Ipv4Network,
     Name,
     Network,
     Size,
@@ -164,7 +167,7 @@ class VrfCreate(Spec):
     """net.vrf.create."""
 
     name: Name
-    subnet: str
+    subnet: Ipv4Network
 
     def __post_init__(self) -> None:
         try:
@@ -191,9 +194,9 @@ class VnetCreate(Spec):
     """net.vnet.create."""
 
     name: Name
-    cidr: str
+    cidr: Ipv4Network
     vni: Annotated[int, Meta(ge=1, le=16777215)]
-    peers: list[str] = []
+    peers: list[Ipv4Address] = []
 
     def __post_init__(self) -> None:
         try:
@@ -204,7 +207,7 @@ class VnetCreate(Spec):
             try:
                 ipaddress.IPv4Address(peer)
             except ValueError:
-                raise FieldError(f"peers[{i}]", f"must be an IPv4 address, got {peer!r}") from None
+                raise FieldError(f"peers[{i}]", f"must be an IPv4 address, got {excerpt(peer)}") from None
 
 
 class VnetList(Struct):

@@ -18,11 +18,14 @@ from nats.micro.service import Service, ServiceConfig
 from edgevm.shared.errors import (
     EdgevmError,
     Internal,
+    InvalidRequest,
+    TooLarge,
     Unavailable,
     Unprocessable,
     invalid_from_msgspec,
     to_edgevm_error,
 )
+from edgevm.shared.limits import MAX_DEPTH, MAX_ERROR_FIELD, MAX_ERROR_MESSAGE, MAX_REQUEST_BYTES, clip, too_deep_at
 from edgevm.shared.metrics import COMMAND_DURATION, COMMANDS
 
 log = logging.getLogger(__name__)
@@ -48,10 +51,38 @@ class ErrorReply(msgspec.Struct):
 
 def error_reply(error: EdgevmError) -> tuple[bytes, dict[str, str]]:
     """Return the body and the nats micro headers that report `error`."""
-    body = _encoder.encode(ErrorReply(ErrorBody(error.code, error.message, error.field)))
+    # Bounded whatever raised it, so an error reply always fits in a NATS message.
+    message = clip(error.message, MAX_ERROR_MESSAGE)
+    field = None if error.field is None else clip(error.field, MAX_ERROR_FIELD)
+    body = _encoder.encode(ErrorReply(ErrorBody(error.code, message, field)))
     # Headers are single lines: a multi-line message would break the header block.
-    headers = {ERROR_CODE_HEADER: error.code, ERROR_HEADER: " ".join(error.message.split())}
+    headers = {ERROR_CODE_HEADER: error.code, ERROR_HEADER: " ".join(message.split())}
     return body, headers
+
+
+def message_size(body: bytes, headers: dict[str, str] | None) -> int:
+    """Return the bytes a reply takes against the server's max_payload: the body and the header block."""
+    if not headers:
+        return len(body)
+    # nats-py sends "NATS/1.0\r\n", then "key: value\r\n" per header, then "\r\n".
+    return len(body) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def decode_request(decoder: msgspec.json.Decoder[Any], root: Any, data: bytes) -> Any:
+    """Decode a request body into its struct, or raise an EdgevmError (400, 413) that says what is wrong."""
+    if len(data) > MAX_REQUEST_BYTES:
+        raise TooLarge(f"request: the body is {len(data)} bytes; a command takes at most {MAX_REQUEST_BYTES} bytes")
+    try:
+        return decoder.decode(data or b"{}")
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        raise invalid_from_msgspec(exc, root) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request: the body is not valid UTF-8 JSON (byte {exc.start} is not UTF-8)") from None
+    except RecursionError:
+        field = too_deep_at(data, MAX_DEPTH)
+        where = field if field else "request"
+        raise InvalidRequest(f"{where}: nests deeper than {MAX_DEPTH} levels of objects and arrays",
+                             field or None) from None
 
 
 def request_type_of(handler: Handler) -> type[Any]:
@@ -109,7 +140,13 @@ class CommandService:
 
         async def answer(request: Request) -> None:
             started = time.perf_counter()
-            body, headers = await self._call(verb, handler, decoder, deadline, root, request.data)
+            try:
+                body, headers = await self._call(verb, handler, decoder, deadline, root, request.data)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let an exception reach nats.micro: it would answer with its repr
+                log.exception("%s failed unexpectedly", verb)
+                body, headers = error_reply(Internal(f"{verb} failed because of an internal error"))
             code = headers[ERROR_CODE_HEADER] if headers else "200"
             try:
                 await request.respond(body, headers=headers)
@@ -140,9 +177,9 @@ class CommandService:
         data: bytes,
     ) -> tuple[bytes, dict[str, str] | None]:
         try:
-            request = decoder.decode(data or b"{}")
-        except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-            return error_reply(invalid_from_msgspec(exc, root))
+            request = decode_request(decoder, root, data)
+        except EdgevmError as exc:
+            return self._fitting(verb, *error_reply(exc))
         try:
             if deadline is None:
                 reply = await handler(request)
@@ -160,17 +197,25 @@ class CommandService:
             if error is None:
                 log.exception("%s failed unexpectedly", verb)
                 error = Internal(f"{verb} failed because of an internal error; the node's log has the details")
-            return error_reply(error)
-        # NATS refuses a message over the server's max_payload: the reply would be lost and the caller would
-        # wait for its timeout. Answer why instead.
+            return self._fitting(verb, *error_reply(error))
+        return self._fitting(verb, body, None)
+
+    def _fitting(self, verb: str, body: bytes, headers: dict[str, str] | None) -> tuple[bytes, dict[str, str] | None]:
+        """Return the reply, or a short 422 in its place when it is over the server's max_payload.
+
+        nats-server closes the connection of a client that publishes more than max_payload (body and
+        headers); nats-py then closes for good. The reply would be lost, the caller would wait for its
+        timeout, and the service would be off NATS: answer why instead.
+        """
         limit = self._nc.max_payload
-        if limit and len(body) > limit:
-            log.warning("%s: the reply is %d bytes, over the NATS max_payload of %d bytes", verb, len(body), limit)
-            return error_reply(Unprocessable(
-                f"{verb}: the reply would be {len(body)} bytes, more than the {limit} bytes NATS carries in one "
-                "message (the server's max_payload)"
-            ))
-        return body, None
+        size = message_size(body, headers)
+        if not limit or size <= limit:
+            return body, headers
+        log.warning("%s: the reply is %d bytes, over the NATS max_payload of %d bytes", verb, size, limit)
+        return error_reply(Unprocessable(
+            f"{verb}: the reply would be {size} bytes, more than the {limit} bytes NATS carries in one "
+            "message (the server's max_payload)"
+        ))
 
     async def stop(self) -> None:
         """Stop taking requests and wait for the ones in flight to be answered."""

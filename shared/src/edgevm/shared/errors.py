@@ -9,6 +9,8 @@ import msgspec
 import msgspec.inspect
 import nats.errors
 
+from edgevm.shared.limits import EXCERPT_CHARS, MAX_ERROR_FIELD, clip, excerpt
+
 
 class EdgevmError(Exception):
     """An error a command reports to its caller: a code from PROTOCOL.md, a sentence, and maybe a field."""
@@ -37,6 +39,12 @@ class Conflict(EdgevmError):
     """The request conflicts with the current state: a taken name, a stale revision, a busy VM."""
 
     code = "409"
+
+
+class TooLarge(EdgevmError):
+    """The request body is larger than a command takes (docs/protocol.md, Limits)."""
+
+    code = "413"
 
 
 class Unprocessable(EdgevmError):
@@ -86,6 +94,7 @@ def to_edgevm_error(error: BaseException) -> EdgevmError | None:
 
 _AT = re.compile(r"^(?P<rule>.*?)(?: - at `(?P<path>\$[^`]*)`)?$", re.S)
 _NAMED_FIELD = re.compile(r"^(?:Object (?:missing required|contains unknown) field `(?P<key>[^`]+)`)$")
+_ENUM_VALUE = re.compile(r"^Invalid enum value '(?P<value>.*)'$", re.S)
 _KEY = r"[a-z_][a-z0-9_]*(?:\[\d+\])?"
 _FIELD_PREFIX = re.compile(rf"^(?P<key>{_KEY}(?:\.{_KEY})*): (?P<rule>.+)$", re.S)
 
@@ -106,6 +115,8 @@ def invalid_from_msgspec(
     if named := _NAMED_FIELD.match(rule):
         parts.append(named.group("key"))
         rule = "is required" if "missing" in rule else "is not a known field"
+    elif enum := _ENUM_VALUE.match(rule):
+        rule = f"invalid enum value {excerpt(enum.group('value'))}"
     elif prefixed := _FIELD_PREFIX.match(rule):
         parts.append(prefixed.group("key"))
         rule = prefixed.group("rule")
@@ -118,7 +129,9 @@ def invalid_from_msgspec(
             rule += ": must be one of " + ", ".join(repr(v) for v in allowed)
     if field is None:
         return InvalidRequest(f"request: {rule}", None)
-    return InvalidRequest(f"{field}: {rule}", field)
+    # An unknown field's name is the caller's text: quote a long one as an excerpt.
+    shown = field if len(field) <= EXCERPT_CHARS else excerpt(field)
+    return InvalidRequest(f"{shown}: {rule}", clip(field, MAX_ERROR_FIELD))
 
 
 def _literal_values(root: Any, field: str) -> list[Any]:

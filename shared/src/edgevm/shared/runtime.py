@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -64,6 +66,9 @@ async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
         return await coro
     except asyncio.CancelledError:
         raise
+    except nats.errors.ConnectionClosedError:
+        log.warning("background task %s ended: the NATS connection is closed", name)
+        raise
     except Exception:
         log.exception("background task %s failed", name)
         raise
@@ -86,13 +91,20 @@ class ServiceStopped(Exception):
     """The service was asked to stop before it was up."""
 
 
-async def connect_when_ready(url: str, name: str, stop: asyncio.Event) -> NATS:
-    """Connect to NATS, retrying with backoff while the server is not up yet (e.g. during node start)."""
+class ConnectionLost(Exception):
+    """The service's NATS connection closed for good: the process must exit (non-zero) to be restarted."""
+
+
+async def connect_when_ready(url: str, name: str, stop: asyncio.Event, closed: asyncio.Event | None = None) -> NATS:
+    """Connect to NATS, retrying with backoff while the server is not up yet (e.g. during node start).
+
+    `closed` is set if the connection later closes for good (see bus.connect).
+    """
     delay = 0.2
     while True:
         # A connect attempt can itself retry for long (nats-py keeps trying an unreachable server):
         # race it with `stop`, so SIGTERM ends a service that never reached NATS.
-        attempt = asyncio.ensure_future(connect(url, name))
+        attempt = asyncio.ensure_future(connect(url, name, closed))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({attempt, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -113,11 +125,15 @@ async def connect_when_ready(url: str, name: str, stop: asyncio.Event) -> NATS:
 
 
 async def serve(name: str, setup: Setup, config: Config | None = None, stop: asyncio.Event | None = None) -> None:
-    """Run service `name` until `stop` is set (or SIGTERM/SIGINT when run as a process)."""
+    """Run service `name` until `stop` is set (or SIGTERM/SIGINT when run as a process).
+
+    Raise ConnectionLost when the NATS connection closes for good while serving.
+    """
     config = config or Config.from_env()
     stop = stop or asyncio.Event()
+    closed = asyncio.Event()
     try:
-        nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop)
+        nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop, closed)
     except ServiceStopped as exc:
         log.info("%s", exc)
         return
@@ -135,7 +151,14 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
             "edgevm-%s serving node %s on %s; metrics on http://%s:%d/metrics",
             name, config.node, config.nats_url, config.metrics_host, ctx.metrics_port,
         )
-        await stop.wait()
+        await _first(stop, closed)
+        if closed.is_set() and not stop.is_set():
+            log.error("edgevm-%s: the NATS connection closed for good (%s); exiting", name, nc.last_error)
+            # The stack's callbacks would undo subscriptions of a closed connection (and fail): the process ends.
+            stack.pop_all()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stop_background(), 10)
+            raise ConnectionLost(f"edgevm-{name}: the NATS connection closed for good")
         log.info("edgevm-%s stopping", name)
         await commands.stop()
         await ctx.stop_background()
@@ -143,6 +166,15 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
     with contextlib.suppress(Exception):
         await asyncio.wait_for(nc.drain(), 5)
     log.info("edgevm-%s stopped", name)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def main(name: str, setup: Setup) -> None:
@@ -157,6 +189,13 @@ def main(name: str, setup: Setup) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(name, setup, config, stop)
+        try:
+            await serve(name, setup, config, stop)
+        except ConnectionLost:
+            # Exit non-zero, so `edgevm node up` or systemd starts the service again on a fresh connection. At
+            # once: asyncio.run would wait for every task to end, and a task waiting on the closed connection
+            # may never see its cancellation (nats-py turns it into ConnectionClosedError).
+            logging.shutdown()
+            os._exit(1)
 
     asyncio.run(run())

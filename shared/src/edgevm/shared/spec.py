@@ -10,6 +10,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from edgevm.shared.errors import FieldError
+from edgevm.shared.limits import excerpt
 from edgevm.shared.units import parse_size
 
 NAME_PATTERN = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -17,6 +18,10 @@ Name = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=63)]
 # Interface names on Linux: at most 15 bytes, no '/', no whitespace, not '.' or '..'.
 InterfaceName = Annotated[str, Meta(pattern=r"^(?!\.\.?$)[^/\s:]{1,15}$")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
+# Checked by ipaddress after decoding; the lengths bound what an error message can quote
+# ("255.255.255.255", "255.255.255.255/255.255.255.255").
+Ipv4Address = Annotated[str, Meta(max_length=15)]
+Ipv4Network = Annotated[str, Meta(max_length=31)]
 Size = int | str
 Firmware = Literal["bios", "uefi"]
 Bus = Literal["virtio", "ide", "sata"]
@@ -76,14 +81,14 @@ class VnetAttachment(Spec):
     """The VM's membership of a virtual network, answering on `virtual_ip`."""
 
     network: Name
-    virtual_ip: str
+    virtual_ip: Ipv4Address
     allow_outbound: bool = False
 
     def __post_init__(self) -> None:
         try:
             ipaddress.IPv4Address(self.virtual_ip)
         except ValueError:
-            raise FieldError("virtual_ip", f"must be an IPv4 address, got {self.virtual_ip!r}") from None
+            raise FieldError("virtual_ip", f"must be an IPv4 address, got {excerpt(self.virtual_ip)}") from None
 
 
 class VirtualInterface(Spec):
@@ -164,7 +169,7 @@ def _unique(field: str, names: list[str], key: str) -> None:
     seen: set[str] = set()
     for i, name in enumerate(names):
         if name in seen:
-            raise FieldError(f"{field}[{i}].{key}", f"{name!r} is used twice")
+            raise FieldError(f"{field}[{i}].{key}", f"{excerpt(name)} is used twice")
         seen.add(name)
 
 

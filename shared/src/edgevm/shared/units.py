@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from decimal import Context, Decimal
+
+from edgevm.shared.limits import MAX_SIZE_BYTES, excerpt
 
 _UNITS = {
     "": 1,
@@ -20,7 +23,8 @@ _UNITS = {
     "tb": 1024**4,
     "tib": 1024**4,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+# Digits, spaces and letters are disjoint, so this never backtracks (the value is stripped first).
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
 
 SIZE_RULE = (
     "must be a number of bytes or a string '<n><unit>' with unit B, KB, MB, GB, TB (binary) or KiB, MiB, GiB, TiB"
@@ -34,15 +38,26 @@ def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("must not be negative")
-        return value
-    match = _SIZE.match(value)
+        return _bounded(value)
+    match = _SIZE.fullmatch(value.strip())
     if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{SIZE_RULE}, got {value!r}")
+        raise ValueError(f"{SIZE_RULE}, got {excerpt(value)}")
     number, unit = match.groups()
-    size = float(number) * _UNITS[unit.lower()]
+    if len(number.split(".")[0].lstrip("0")) > 20:  # far over the maximum, whatever the unit
+        return _bounded(MAX_SIZE_BYTES + 1)
+    # Decimal, not float: "9" * 60 + "GB" must be refused as too large, not overflow or lose digits.
+    size = Context(prec=len(number) + 20).multiply(Decimal(number), _UNITS[unit.lower()])  # exact
+    if size > MAX_SIZE_BYTES:
+        return _bounded(MAX_SIZE_BYTES + 1)
     if size != int(size):
-        raise ValueError(f"{value!r} is not a whole number of bytes")
+        raise ValueError(f"{excerpt(value)} is not a whole number of bytes")
     return int(size)
+
+
+def _bounded(size: int) -> int:
+    if size > MAX_SIZE_BYTES:
+        raise ValueError(f"must be at most {format_size(MAX_SIZE_BYTES)} ({MAX_SIZE_BYTES} bytes)")
+    return size
 
 
 def format_size(size: int) -> str:

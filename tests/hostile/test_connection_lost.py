@@ -1,0 +1,65 @@
+"""A service whose NATS connection the server closes for good exits non-zero (so it is restarted), not lingers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from edgevm.cli.natsserver import find_nats_server, free_port, wait_for_port
+from tests.helpers import ServiceProcess, eventually
+
+
+def _config(port: int, store: Path, max_payload: int) -> str:
+    return f"port: {port}\nhost: 127.0.0.1\nmax_payload: {max_payload}\njetstream {{ store_dir: {str(store)!r} }}\n"
+
+
+@pytest.fixture
+def auth_server(tmp_path: Path) -> Iterator[tuple[int, Path, subprocess.Popen[bytes]]]:
+    """A nats-server of its own whose max_payload the test can change (and reload)."""
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(_config(port, tmp_path / "js", 1024 * 1024))
+    process = subprocess.Popen([find_nats_server(), "--config", str(config)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, 15, process)
+        yield port, config, process
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_a_service_exits_non_zero_when_the_server_closes_its_connection_for_good(
+    auth_server: tuple[int, Path, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    port, config, server = auth_server
+    url = f"nats://127.0.0.1:{port}"
+    service = ServiceProcess("gateway", {"EDGEVM_NATS_URL": url, "EDGEVM_NODE": "lost",
+                                         "EDGEVM_STATE_DIR": str(tmp_path / "state")}, tmp_path / "gw.log").start()
+    try:
+        nc = await nats.connect(url)
+        try:
+            await eventually(lambda: nc.request("$SRV.PING.edgevm-gateway", b"", timeout=0.5), timeout=30,
+                             what="the gateway answers")
+            # The service still believes in the max_payload it connected with; its next larger message (the
+            # $SRV.INFO reply) is a violation: the server closes the connection with an error, and nats-py
+            # closes for good then (the issue's 2 MB error reply did the same).
+            config.write_text(_config(port, tmp_path / "js", 128))
+            os.kill(server.pid, signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            await nc.publish("$SRV.INFO.edgevm-gateway", b"", reply=nc.new_inbox())
+        finally:
+            await nc.close()
+        assert service.process is not None
+        code = await asyncio.to_thread(service.process.wait, 20)
+        assert code == 1, service.log()
+        assert "closed for good" in service.log()
+    finally:
+        service.stop()
