@@ -47,7 +47,7 @@ VALID_USER_DATA = [
 ]
 
 INVALID_USER_DATA = [
-    pytest.param("#cloud-config\nfoo: [1\nbar: 2\n", "is not valid YAML: expected ',' or ']'", id="bad-yaml"),
+    pytest.param("#cloud-config\nfoo: [1\nbar: 2\n", "is not valid YAML: did not find expected ',' or ']'", id="bad-yaml"),
     pytest.param("#cloud-config\na: b: c\n", "at line 2, column 5", id="bad-yaml-position"),
     pytest.param("#cloud-config\n- a\n- b\n", "must be a YAML mapping (key: value), not a list", id="yaml-list"),
     pytest.param("#cloud-config\njust text\n", "not a string", id="yaml-scalar"),

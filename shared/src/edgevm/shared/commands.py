@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from edgevm.shared.errors import FieldError
-from edgevm.shared.limits import excerpt
+from edgevm.shared.limits import MAX_PEERS, excerpt
 from edgevm.shared.objects import Flow, Image, Snapshot, Task, Vm, VmStatus, Vnet, Vrf
 from edgevm.shared.spec import (
     Bus,
@@ -21,12 +21,12 @@ from edgevm.shared.spec import (
     Size,
     Spec,
     VmSpec,
-    Volume,
+    Volumes,
     _size,
 )
 
-ImageName = Annotated[str, Meta(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$", max_length=63)]
-TaskId = Annotated[str, Meta(pattern=r"^[0-9A-Z]{26}$")]
+ImageName = Annotated[str, Meta(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?\Z", max_length=63)]
+TaskId = Annotated[str, Meta(pattern=r"^[0-9A-Z]{26}\Z")]
 Limit = Annotated[int, Meta(ge=1, le=500)]
 
 
@@ -84,7 +84,7 @@ class UpdateVm(Spec):
     auto_start: bool | UnsetType = UNSET
     cpu: Annotated[int, Meta(ge=1, le=512)] | UnsetType = UNSET
     memory: Size | UnsetType = UNSET
-    volumes: list[Volume] | UnsetType = UNSET
+    volumes: Volumes | UnsetType = UNSET
     network: Network | UnsetType = UNSET
     cloud_init: CloudInit | UnsetType | None = UNSET
 
@@ -196,7 +196,7 @@ class VnetCreate(Spec):
     name: Name
     cidr: Ipv4Network
     vni: Annotated[int, Meta(ge=1, le=16777215)]
-    peers: list[Ipv4Address] = []
+    peers: Annotated[list[Ipv4Address], Meta(max_length=MAX_PEERS)] = []
 
     def __post_init__(self) -> None:
         try:

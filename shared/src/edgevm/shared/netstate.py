@@ -17,7 +17,7 @@ from typing import Literal
 
 from msgspec import Struct
 
-from edgevm.shared.spec import Network, PortMapping, VirtualInterface, VnetAttachment
+from edgevm.shared.spec import Name, Network, PortMapping, Spec, VirtualInterface, VnetAttachment, check_hostname
 
 
 def vrf_key(node: str, name: str) -> str:
@@ -96,13 +96,16 @@ class VmNetRecord(Struct, kw_only=True):
     passthrough_nics: list[NicRecord] = []
 
 
-# Node-internal requests: lifecycle -> netplumb.
-class NetPrepare(Struct, kw_only=True):
+# Node-internal requests: lifecycle -> netplumb. Checked as strictly as the public ones (unknown fields refused).
+class NetPrepare(Spec, kw_only=True):
     """`net.vm.prepare`: allocate (or re-check) the VM's NICs for `network`; changes nothing on failure."""
 
-    vm: str
+    vm: Name
     network: Network
     hostname: str | None = None
+
+    def __post_init__(self) -> None:
+        check_hostname(self.hostname)
 
 
 class NetPrepared(Struct, kw_only=True):
@@ -115,10 +118,10 @@ class NetPrepared(Struct, kw_only=True):
     network_config: str
 
 
-class NetVmRef(Struct, kw_only=True):
+class NetVmRef(Spec, kw_only=True):
     """`net.vm.activate` / `net.vm.deactivate` / `net.vm.release`: the VM started / stopped / is gone."""
 
-    vm: str
+    vm: Name
 
 
 __all__ = [

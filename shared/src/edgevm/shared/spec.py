@@ -10,13 +10,22 @@ import msgspec
 from msgspec import Meta, Struct
 
 from edgevm.shared.errors import FieldError
-from edgevm.shared.limits import excerpt
+from edgevm.shared.limits import (
+    MAX_DEPTH,
+    MAX_PORT_MAPPINGS,
+    MAX_VIRTUAL_INTERFACES,
+    MAX_VIRTUAL_NETWORKS,
+    MAX_VOLUMES,
+    depth_of,
+    excerpt,
+)
 from edgevm.shared.units import parse_size
 
-NAME_PATTERN = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# Patterns end in \Z, not $: msgspec matches with re.search, where $ also matches before a final newline.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z"
 Name = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=63)]
 # Interface names on Linux: at most 15 bytes, no '/', no whitespace, not '.' or '..'.
-InterfaceName = Annotated[str, Meta(pattern=r"^(?!\.\.?$)[^/\s:]{1,15}$")]
+InterfaceName = Annotated[str, Meta(pattern=r"^(?!\.\.?\Z)[^/\s:]{1,15}\Z")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 # Checked by ipaddress after decoding; the lengths bound what an error message can quote
 # ("255.255.255.255", "255.255.255.255/255.255.255.255").
@@ -28,7 +37,7 @@ Bus = Literal["virtio", "ide", "sata"]
 
 USER_DATA_MAX = 64 * 1024
 _LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")
 
 
 class Spec(Struct, forbid_unknown_fields=True, omit_defaults=False):
@@ -102,9 +111,9 @@ class Network(Spec):
     """Where a VM is plugged: its VRF, host port mappings, virtual networks and virtual interfaces."""
 
     vrf: Name = "default"
-    port_mappings: list[PortMapping] = []
-    virtual_networks: list[VnetAttachment] = []
-    virtual_interfaces: list[VirtualInterface] = []
+    port_mappings: Annotated[list[PortMapping], Meta(max_length=MAX_PORT_MAPPINGS)] = []
+    virtual_networks: Annotated[list[VnetAttachment], Meta(max_length=MAX_VIRTUAL_NETWORKS)] = []
+    virtual_interfaces: Annotated[list[VirtualInterface], Meta(max_length=MAX_VIRTUAL_INTERFACES)] = []
 
     def __post_init__(self) -> None:
         seen: set[tuple[str, str, int]] = set()
@@ -131,6 +140,11 @@ class CloudInit(Spec):
     def __post_init__(self) -> None:
         if len(self.user_data.encode()) > USER_DATA_MAX:
             raise FieldError("user_data", f"must be at most {USER_DATA_MAX} bytes")
+        if self.meta_data is not None and depth_of(self.meta_data) > MAX_DEPTH:
+            raise FieldError("meta_data", f"nests deeper than {MAX_DEPTH} levels of objects and arrays")
+
+
+Volumes = Annotated[list[Volume], Meta(max_length=MAX_VOLUMES)]
 
 
 class VmSpec(Spec):
@@ -146,7 +160,7 @@ class VmSpec(Spec):
     auto_start: bool = False
     cpu: Annotated[int, Meta(ge=1, le=512)] = 1
     memory: Size = "512MB"
-    volumes: list[Volume] = []
+    volumes: Volumes = []
     network: Network = msgspec.field(default_factory=Network)
     cloud_init: CloudInit | None = None
 
@@ -154,8 +168,7 @@ class VmSpec(Spec):
         self.memory = _size("memory", self.memory)
         if self.memory < 16 * 1024**2:
             raise FieldError("memory", f"must be at least 16MiB (16777216 bytes), got {self.memory} bytes")
-        if self.hostname is not None and not _HOSTNAME.match(self.hostname):
-            raise FieldError("hostname", "must be an RFC 1123 host name (letters, digits, '-', dots between labels)")
+        check_hostname(self.hostname)
         _unique("volumes", [v.name for v in self.volumes], "name")
 
     @property
@@ -163,6 +176,12 @@ class VmSpec(Spec):
         """Return memory in bytes (always an int after decoding)."""
         assert isinstance(self.memory, int)
         return self.memory
+
+
+def check_hostname(hostname: str | None) -> None:
+    """Raise FieldError unless `hostname` is None or an RFC 1123 host name."""
+    if hostname is not None and not _HOSTNAME.match(hostname):
+        raise FieldError("hostname", "must be an RFC 1123 host name (letters, digits, '-', dots between labels)")
 
 
 def _unique(field: str, names: list[str], key: str) -> None:

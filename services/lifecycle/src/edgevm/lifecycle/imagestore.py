@@ -34,7 +34,7 @@ from edgevm.shared.errors import FieldError
 
 ImageFormat = Literal["qcow2", "raw", "iso"]
 FORMATS: tuple[ImageFormat, ...] = ("qcow2", "raw", "iso")
-IMAGE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+IMAGE_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?\Z")
 
 _CHUNK = 1024 * 1024
 _ISO_MAGIC_OFFSET = 0x8001

@@ -8,6 +8,24 @@ from edgevm.netplumb.errors import ExhaustedError
 
 MAC_PREFIX = "52:54:00"  # QEMU's range: locally administered, unicast
 DEFAULT_UPLINK_POOL = IPv4Network("169.254.64.0/18")  # link-local, clear of 169.254.169.254
+# Ranges no VRF subnet or virtual network may overlap: they are never a network of VMs.
+SPECIAL_RANGES = (
+    (IPv4Network("0.0.0.0/8"), "'this network' 0.0.0.0/8"),
+    (IPv4Network("127.0.0.0/8"), "loopback 127.0.0.0/8"),
+    (IPv4Network("169.254.0.0/16"), f"link-local 169.254.0.0/16 (edgevm's VRF uplinks use {DEFAULT_UPLINK_POOL})"),
+    (IPv4Network("224.0.0.0/4"), "multicast 224.0.0.0/4"),
+    (IPv4Network("240.0.0.0/4"), "reserved 240.0.0.0/4 (and the broadcast address)"),
+)
+
+
+def unusable_because(net: IPv4Network, own: Iterable[tuple[IPv4Network, str]] = ()) -> str | None:
+    """Why `net` cannot be a network of VMs on this node (a special range, or one of the node's `own`), or None."""
+    if net.prefixlen == 0:
+        return "is the whole IPv4 space (the default route)"
+    for reserved, what in (*SPECIAL_RANGES, *own):
+        if net.overlaps(reserved):
+            return f"overlaps {what}"
+    return None
 
 
 def gateway_address(subnet: IPv4Network) -> IPv4Address:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from edgevm.netplumb.core import NetCore
 from edgevm.netplumb.desired import vnet_plan
+from edgevm.netplumb.vrfs import check_usable
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NameRef, VnetCreate, VnetList
 from edgevm.shared.errors import Conflict, NotFound, Unprocessable
@@ -32,6 +33,7 @@ class VnetCommands:
         records = self._core.records.vnets
         if cmd.name in records:
             raise Conflict(f"a virtual network named {cmd.name} exists already", "name")
+        check_usable("cidr", IPv4Network(cmd.cidr), self._core)
         for other in records.all():
             if other.vni == cmd.vni:
                 raise Conflict(f"VXLAN id {cmd.vni} is used by virtual network {other.name}", "vni")

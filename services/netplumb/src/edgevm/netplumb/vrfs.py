@@ -10,11 +10,25 @@ from edgevm.netplumb.core import NetCore
 from edgevm.netplumb.desired import vrf_plan
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NameRef, VrfCreate, VrfList
-from edgevm.shared.errors import Conflict, NotFound
+from edgevm.shared.errors import Conflict, InvalidRequest, NotFound
 from edgevm.shared.netstate import VrfRecord
 from edgevm.shared.objects import Vrf
 
 log = logging.getLogger(__name__)
+
+
+def node_ranges(core: NetCore) -> list[tuple[IPv4Network, str]]:
+    """The node's own networks, which no other VRF or virtual network may overlap: its default VRF's subnet."""
+    default = core.records.vrfs.get(names.DEFAULT_VRF)
+    subnets = {core.settings.default_subnet, *([IPv4Network(default.subnet)] if default is not None else [])}
+    return [(subnet, f"the node's default VRF {subnet}") for subnet in sorted(subnets)]
+
+
+def check_usable(field: str, net: IPv4Network, core: NetCore) -> None:
+    """Raise a 400 naming `field` when `net` cannot be a network of VMs on this node."""
+    reason = ipam.unusable_because(net, node_ranges(core))
+    if reason is not None:
+        raise InvalidRequest(f"{field}: {net} {reason}", field)
 
 
 def public(record: VrfRecord) -> Vrf:
@@ -51,6 +65,7 @@ class VrfCommands:
         if cmd.name in records:
             raise Conflict(f"a VRF named {cmd.name} exists already", "name")
         subnet = IPv4Network(cmd.subnet)
+        check_usable("subnet", subnet, self._core)
         taken = [IPv4Network(r.uplink) for r in records.all() if r.uplink]
         uplink = ipam.allocate_uplink(ipam.DEFAULT_UPLINK_POOL, taken)
         record = VrfRecord(

@@ -23,7 +23,7 @@ from edgevm.snapshotter.workqueue import WorkItem, WorkQueue
 log = logging.getLogger(__name__)
 # A client's id of one request: sent again with the same id (a retry after a lost reply), it gets the
 # same task instead of a second one.
-RequestId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+RequestId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}\Z")]
 COMPENSATION_DEADLINE = 2.0  # for undoing a submit that failed half-way
 
 

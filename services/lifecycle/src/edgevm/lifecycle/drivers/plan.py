@@ -13,8 +13,8 @@ DiskDevice = Literal["disk", "cdrom"]
 DiskBus = Literal["virtio", "ide", "sata"]
 NicModel = Literal["virtio", "e1000"]
 
-VM_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+VM_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
 IDE_SLOTS = 4  # one IDE controller: two buses of two units each (hda..hdd)
 
 
