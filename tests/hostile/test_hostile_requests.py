@@ -270,10 +270,29 @@ async def test_hostile_requests_get_a_4xx_naming_the_field(hostile_node: Hostile
     assert case.says in error["message"], error
 
 
-async def test_after_the_attack_the_node_answers_and_is_unchanged(hostile_node: HostileNode,
-                                                                 before: dict[str, Any]) -> None:
+# 4 MB bodies whose bad value (or field name) an error used to repeat whole, in the body and the header: over
+# the embedded server's 8 MB max_payload, the reply took the service off NATS for good.
+FOUR_MB = 4 * MEGA + 300 * 1024
+ECHOED = [
+    ("lifecycle", "vm.create", json.dumps(vm(memory="9" * FOUR_MB)).encode()),
+    ("netplumb", "net.vrf.create", json.dumps({"name": "hx", "subnet": "1" * FOUR_MB}).encode()),
+    ("snapshotter", "snapshot.create", json.dumps({"vm": "web", "name": "s", "k" * FOUR_MB: 1}).encode()),
+    ("flowwatch", "flow.list", json.dumps({"vm": "web", "k" * FOUR_MB: 1}).encode()),
+    ("gateway", "gw.vm.list", json.dumps({"k" * FOUR_MB: 1}).encode()),
+]
+
+
+async def test_a_4mb_request_to_each_service_then_a_normal_command_to_each(hostile_node: HostileNode,
+                                                                          before: dict[str, Any]) -> None:
+    for _, verb, data in ECHOED:
+        error, _ = await send(hostile_node, verb, data)
+        assert error["code"] == "413", error
+    await assert_every_service_answers(hostile_node)
+
+
+async def assert_every_service_answers(hostile_node: HostileNode) -> None:
+    """Every service answers $SRV.PING and a normal command of its own."""
     assert {f"edgevm-{s}" for s in hostile_node.services} <= await ping_names(hostile_node.node.url)
-    # A normal command to each service still works.
     client = hostile_node.client
     assert (await client.call("vm.get", {"name": "web"}))["spec"]["name"] == "web"
     assert (await client.call("net.status", {"vm": "web"}))["vrf"] == "blue"
@@ -284,6 +303,11 @@ async def test_after_the_attack_the_node_answers_and_is_unchanged(hostile_node: 
     assert info.value.code == "404"
     assert (await client.call("flow.list", {"vm": "web"}))["flows"] == []
     assert "nodes" in await client.gateway("node.list")
+
+
+async def test_after_the_attack_the_node_answers_and_is_unchanged(hostile_node: HostileNode,
+                                                                 before: dict[str, Any]) -> None:
+    await assert_every_service_answers(hostile_node)
     assert await node_state(hostile_node) == before
     log = hostile_node.log()
     assert "Traceback" not in log, log[log.index("Traceback") - 2000: log.index("Traceback") + 3000]
