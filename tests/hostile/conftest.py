@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,20 +47,38 @@ async def _task_succeeded(client: Client, task_id: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-async def hostile_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[HostileNode]:
-    """The node, with image `base`, VRF `blue` and VM `web` (and the import's task) in place."""
+def hostile_node_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeUp, Path]]:
+    """`edgevm node up` with the node's network in a namespace of its own; its state directory."""
     tag = secrets.token_hex(3)
     world = World(f"edgevm-t-hx-{tag}", f"edgevm-t-hx{tag}-")
     subprocess.run(["ip", "netns", "add", world.netns], check=True)
     root = tmp_path_factory.mktemp("hostile")
-    state = root / "state"
-    node = start_node_up(state, root / "node.log", world)
-    nc: NATS | None = None
     try:
-        services = installed_services()
-        await eventually(lambda: _answers(node.url, {f"edgevm-{s}" for s in services}), timeout=60,
-                         what="every service answers $SRV.PING")
-        nc = await nats.connect(node.url)
+        node = start_node_up(root / "state", root / "node.log", world)
+        try:
+            yield node, root / "state"
+        finally:
+            node.process.terminate()
+            try:
+                node.process.wait(30)
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+    finally:
+        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+            if name == world.netns or name.startswith(world.prefix):
+                subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="module")
+async def hostile_node(hostile_node_up: tuple[NodeUp, Path]) -> AsyncIterator[HostileNode]:
+    """The node, with image `base`, VRF `blue` and VM `web` (and the import's task) in place."""
+    node, state = hostile_node_up
+    services = installed_services()
+    await eventually(lambda: _answers(node.url, {f"edgevm-{s}" for s in services}), timeout=60,
+                     what="every service answers $SRV.PING")
+    nc = await nats.connect(node.url)
+    try:
         client = Client(nc, "e2e", timeout=15)
         (state / "import").mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(subprocess.run, ["qemu-img", "create", "-q", "-f", "qcow2",
@@ -71,14 +89,4 @@ async def hostile_node(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
         await client.call("vm.create", {"name": "web", "image": "base", "network": {"vrf": "blue"}})
         yield HostileNode(node, nc, client, state, services)
     finally:
-        if nc is not None:
-            await nc.close()
-        node.process.terminate()
-        try:
-            await asyncio.to_thread(node.process.wait, 30)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
-            if name == world.netns or name.startswith(world.prefix):
-                subprocess.run(["ip", "netns", "del", name], check=False)
+        await nc.close()

@@ -15,7 +15,17 @@ import pytest
 
 from edgevm.shared import subjects
 from edgevm.shared.errors import RemoteError
-from edgevm.shared.limits import MAX_DEPTH, MAX_ERROR_FIELD, MAX_ERROR_MESSAGE, MAX_REQUEST_BYTES
+from edgevm.shared.limits import (
+    MAX_DEPTH,
+    MAX_ERROR_FIELD,
+    MAX_ERROR_MESSAGE,
+    MAX_PEERS,
+    MAX_PORT_MAPPINGS,
+    MAX_REQUEST_BYTES,
+    MAX_VIRTUAL_INTERFACES,
+    MAX_VIRTUAL_NETWORKS,
+    MAX_VOLUMES,
+)
 from tests.e2e.test_node_up import ping_names
 from tests.hostile.conftest import HostileNode
 
@@ -157,22 +167,22 @@ CASES = [
     Case("vnet-cidr-loopback", "net.vnet.create", {"name": "hx", "cidr": "127.0.0.0/24", "vni": 9},
          field="cidr", says="loopback"),
     # 7: lists past their maximum.
-    Case("volumes-65", "vm.create", vm(volumes=[{"name": f"d{i}", "size": "1MB"} for i in range(65)]),
+    Case("volumes-max+1", "vm.create", vm(volumes=[{"name": f"d{i}", "size": "1MB"} for i in range(MAX_VOLUMES + 1)]),
          field="volumes"),
     Case("volumes-10000", "vm.create", vm(volumes=[{"name": f"d{i}", "size": "1MB"} for i in range(10_000)]),
          field="volumes"),
-    Case("port-mappings-257", "vm.create", vm(network={"port_mappings": [
-        {"host_interface": "eth0", "host_port": 1000 + i, "vm_port": 80} for i in range(257)]}),
+    Case("port-mappings-max+1", "vm.create", vm(network={"port_mappings": [
+        {"host_interface": "eth0", "host_port": 1000 + i, "vm_port": 80} for i in range(MAX_PORT_MAPPINGS + 1)]}),
         field="network.port_mappings"),
-    Case("virtual-networks-17", "vm.create", vm(network={"virtual_networks": [
-        {"network": f"n{i}", "virtual_ip": f"172.16.0.{i + 1}"} for i in range(17)]}),
+    Case("virtual-networks-max+1", "vm.create", vm(network={"virtual_networks": [
+        {"network": f"n{i}", "virtual_ip": f"172.16.0.{i + 1}"} for i in range(MAX_VIRTUAL_NETWORKS + 1)]}),
         field="network.virtual_networks"),
-    Case("virtual-interfaces-17", "vm.create", vm(network={"virtual_interfaces": [
-        {"name": f"eth{i}", "destination": "eth0"} for i in range(17)]}), field="network.virtual_interfaces"),
-    Case("peers-257", "net.vnet.create", {"name": "hx", "cidr": "172.16.9.0/24", "vni": 9,
-                                          "peers": [f"192.0.2.{i % 250 + 1}" for i in range(257)]}, field="peers"),
-    Case("update-volumes-65", "vm.update", {"name": "web", "revision": 1, "volumes": [
-        {"name": f"d{i}", "size": "1MB"} for i in range(65)]}, field="volumes"),
+    Case("virtual-interfaces-max+1", "vm.create", vm(network={"virtual_interfaces": [
+        {"name": f"eth{i}", "destination": "eth0"} for i in range(MAX_VIRTUAL_INTERFACES + 1)]}), field="network.virtual_interfaces"),
+    Case("peers-max+1", "net.vnet.create", {"name": "hx", "cidr": "172.16.9.0/24", "vni": 9,
+                                          "peers": [f"192.0.2.{i % 250 + 1}" for i in range(MAX_PEERS + 1)]}, field="peers"),
+    Case("update-volumes-max+1", "vm.update", {"name": "web", "revision": 1, "volumes": [
+        {"name": f"d{i}", "size": "1MB"} for i in range(MAX_VOLUMES + 1)]}, field="volumes"),
     # 8: the node-internal net.vm.* requests are as strict as the public ones.
     Case("net-vm-deactivate-unknown-field", "net.vm.deactivate", {"vm": "web", "zz": 1}, field="zz"),
     Case("net-vm-release-unknown-field", "net.vm.release", {"vm": "web", "zz": 1}, field="zz"),

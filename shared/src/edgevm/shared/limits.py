@@ -21,8 +21,8 @@ MAX_ERROR_FIELD = 256
 # The most entries of each list in a VmSpec or a command.
 MAX_VOLUMES = 64
 MAX_PORT_MAPPINGS = 256
-MAX_VIRTUAL_NETWORKS = 16
-MAX_VIRTUAL_INTERFACES = 16
+MAX_VIRTUAL_NETWORKS = 32
+MAX_VIRTUAL_INTERFACES = 32
 MAX_PEERS = 256
 # The largest size (memory, a volume) a request may give: 1 PiB.
 MAX_SIZE_BYTES = 1024**5
