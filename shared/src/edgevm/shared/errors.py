@@ -122,6 +122,8 @@ def invalid_from_msgspec(
         rule = prefixed.group("rule")
     else:
         rule = rule[0].lower() + rule[1:] if rule else "is invalid"
+    if "matching regex '" in rule:  # msgspec quotes the pattern with repr(): show it as written
+        rule = rule.replace("\\\\", "\\")
     field = ".".join(p for p in parts if p).replace(".[", "[") or None
     if root is not None and field is not None and rule.startswith("invalid enum value"):
         allowed = _literal_values(root, field)
