@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from edgevm.shared.errors import FieldError
+from edgevm.shared.limits import excerpt
 
 IMPORT_SUBDIR = "import"
 
@@ -49,22 +50,22 @@ def confine(path: str, roots: Sequence[Path], *, field: str) -> Path:
         raise PathRejected(field, f"must not contain '..'; give a path inside {where}")
     if given.is_absolute():
         if not any(given.is_relative_to(root) or given.is_relative_to(_resolved(root)) for root in roots):
-            raise PathRejected(field, f"{path!r} is outside {where}; put the file there first")
+            raise PathRejected(field, f"{excerpt(path, 256)} is outside {where}; put the file there first")
         candidate = Path(given)
     else:
         candidate = roots[0] / given
     try:
         resolved = candidate.resolve(strict=True)
     except FileNotFoundError:
-        raise PathRejected(field, f"{path!r} does not exist in {where}") from None
+        raise PathRejected(field, f"{excerpt(path, 256)} does not exist in {where}") from None
     except RuntimeError:  # a symbolic link loop
-        raise PathRejected(field, f"{path!r} is a symbolic link loop") from None
+        raise PathRejected(field, f"{excerpt(path, 256)} is a symbolic link loop") from None
     except OSError as exc:
-        raise PathRejected(field, f"{path!r} cannot be read: {exc.strerror}") from None
+        raise PathRejected(field, f"{excerpt(path, 256)} cannot be read: {exc.strerror}") from None
     if not any(resolved.is_relative_to(_resolved(root)) for root in roots):
-        raise PathRejected(field, f"{path!r} leads outside {where} through a symbolic link")
+        raise PathRejected(field, f"{excerpt(path, 256)} leads outside {where} through a symbolic link")
     if not resolved.is_file():
-        raise PathRejected(field, f"{path!r} is not a regular file")
+        raise PathRejected(field, f"{excerpt(path, 256)} is not a regular file")
     return resolved
 
 
