@@ -1,4 +1,5 @@
-"""A service whose NATS connection the server closes for good exits non-zero (so it is restarted), not lingers."""
+"""Both ends of a reply NATS cannot carry: the adapter never sends one (it counts the headers too), and a
+service whose connection the server closes for good anyway exits non-zero (so it is restarted)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ import nats
 import pytest
 
 from edgevm.cli.natsserver import find_nats_server, free_port, wait_for_port
+from edgevm.shared import subjects
+from edgevm.shared.commands import VmRef
+from edgevm.shared.endpoint import CommandService
+from edgevm.shared.errors import Conflict
 from tests.helpers import ServiceProcess, eventually
 
 
@@ -63,3 +68,30 @@ async def test_a_service_exits_non_zero_when_the_server_closes_its_connection_fo
         assert "closed for good" in service.log()
     finally:
         service.stop()
+
+
+async def test_an_error_reply_whose_headers_pass_max_payload_is_replaced_by_a_short_422(
+    auth_server: tuple[int, Path, subprocess.Popen[bytes]],
+) -> None:
+    port, config, server = auth_server
+    config.write_text(_config(port, config.parent / "js", 1024))
+    os.kill(server.pid, signal.SIGHUP)
+    await asyncio.sleep(0.5)
+    nc = await nats.connect(f"nats://127.0.0.1:{port}")
+    try:
+        assert nc.max_payload == 1024
+        service = CommandService(nc, "edgevm-test")
+        await service.start()
+
+        async def busy(ref: VmRef) -> None:
+            # ~650 bytes of body and as much again in the Nats-Service-Error header: the body alone fits.
+            raise Conflict("the VM is busy: " + "x" * 600, "name")
+
+        await service.add(subjects.command("n1", "vm.busy"), busy, verb="vm.busy")
+        msg = await nc.request(subjects.command("n1", "vm.busy"), b'{"name": "a"}', timeout=2)
+        assert msg.headers is not None and msg.headers["Nats-Service-Error-Code"] == "422", msg.data
+        assert "1024 bytes" in msg.headers["Nats-Service-Error"]
+        assert nc.is_connected, "the server did not close the connection"
+        await service.stop()
+    finally:
+        await nc.close()

@@ -110,6 +110,10 @@ CASES = [
          field="cloud_init.user_data"),
     Case("huge-network-config", "vm.update", {"name": "web", "revision": 1, "cloud_init": {
         "network_config": "n" * BIG}}, field="cloud_init.network_config"),
+    Case("update-huge-image", "vm.update", {"name": "web", "revision": 1, "image": "i" * BIG}, field="image"),
+    Case("update-huge-hostname", "vm.update", {"name": "web", "revision": 1, "hostname": "h" * BIG},
+         field="hostname"),
+    Case("update-huge-memory", "vm.update", {"name": "web", "revision": 1, "memory": "9" * BIG}, field="memory"),
     # 3: numbers past their range.
     Case("memory-400-nines", "vm.create", vm(memory="9" * 400 + "GB"), field="memory", says="at most"),
     Case("memory-10e30", "vm.create", vm(memory=10**30), field="memory", says="at most"),

@@ -14,6 +14,7 @@ from edgevm.shared.spec import (
     Bus,
     CloudInit,
     Firmware,
+    ImageRefName,
     Ipv4Address,
     Ipv4Network,
     Name,
@@ -75,7 +76,7 @@ class UpdateVm(Spec):
 
     name: Name
     revision: Annotated[int, Meta(ge=0)]
-    image: str | UnsetType = UNSET
+    image: ImageRefName | UnsetType = UNSET
     firmware: Firmware | UnsetType = UNSET
     device_bus: Bus | UnsetType = UNSET
     description: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET

@@ -145,13 +145,14 @@ class CloudInit(Spec):
 
 
 Volumes = Annotated[list[Volume], Meta(max_length=MAX_VOLUMES)]
+ImageRefName = Annotated[str, Meta(min_length=1, max_length=255)]
 
 
 class VmSpec(Spec):
     """What the user writes to define a VM; memory is returned in bytes."""
 
     name: Name
-    image: Annotated[str, Meta(min_length=1, max_length=255)]
+    image: ImageRefName
     description: Annotated[str, Meta(max_length=1024)] = ""
     firmware: Firmware = "bios"
     device_bus: Bus = "virtio"
