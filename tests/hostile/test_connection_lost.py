@@ -41,31 +41,33 @@ def auth_server(tmp_path: Path) -> Iterator[tuple[int, Path, subprocess.Popen[by
         process.wait(10)
 
 
+@pytest.mark.parametrize("name", ["gateway", "lifecycle", "snapshotter"])
 async def test_a_service_exits_non_zero_when_the_server_closes_its_connection_for_good(
-    auth_server: tuple[int, Path, subprocess.Popen[bytes]], tmp_path: Path
+    auth_server: tuple[int, Path, subprocess.Popen[bytes]], tmp_path: Path, name: str
 ) -> None:
     port, config, server = auth_server
     url = f"nats://127.0.0.1:{port}"
-    service = ServiceProcess("gateway", {"EDGEVM_NATS_URL": url, "EDGEVM_NODE": "lost",
-                                         "EDGEVM_STATE_DIR": str(tmp_path / "state")}, tmp_path / "gw.log").start()
+    env = {"EDGEVM_NATS_URL": url, "EDGEVM_NODE": "lost", "EDGEVM_STATE_DIR": str(tmp_path / "state"),
+           "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NETWORK": "none"}
+    service = ServiceProcess(name, env, tmp_path / "service.log").start()
     try:
         nc = await nats.connect(url)
         try:
-            await eventually(lambda: nc.request("$SRV.PING.edgevm-gateway", b"", timeout=0.5), timeout=30,
-                             what="the gateway answers")
+            await eventually(lambda: nc.request(f"$SRV.PING.edgevm-{name}", b"", timeout=0.5), timeout=30,
+                             what=f"edgevm-{name} answers")
             # The service still believes in the max_payload it connected with; its next larger message (the
             # $SRV.INFO reply) is a violation: the server closes the connection with an error, and nats-py
             # closes for good then (the 2 MB error reply did the same).
             config.write_text(_config(port, tmp_path / "js", 128))
             os.kill(server.pid, signal.SIGHUP)
             await asyncio.sleep(0.5)
-            await nc.publish("$SRV.INFO.edgevm-gateway", b"", reply=nc.new_inbox())
+            await nc.publish(f"$SRV.INFO.edgevm-{name}", b"", reply=nc.new_inbox())
         finally:
             await nc.close()
         assert service.process is not None
         code = await asyncio.to_thread(service.process.wait, 20)
         assert code == 1, service.log()
-        assert "closed for good" in service.log()
+        assert "closed for good" in service.log() and "Traceback" not in service.log(), service.log()
     finally:
         service.stop()
 

@@ -81,6 +81,9 @@ class Workers:
                 raise
             except Exception as exc:
                 self._slots.release()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # nats-py raised something else for our cancel
+                    raise asyncio.CancelledError from exc
                 log.warning("fetching snapshot work failed: %s", exc)
                 await asyncio.sleep(1.0)
                 continue
