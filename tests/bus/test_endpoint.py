@@ -195,7 +195,7 @@ async def test_a_body_that_is_not_utf8_is_400(service: tuple[Client, CommandServ
     client, _ = service
     error, headers = await _error_of(client, "vm.busy", data)
     assert error["code"] == headers["Nats-Service-Error-Code"] == "400"
-    assert "UTF-8" in error["message"] and "Error" not in headers["Nats-Service-Error"]
+    assert "UTF-8" in error["message"] and "0xff" in error["message"] and "Error" not in headers["Nats-Service-Error"]
 
 
 async def test_nesting_past_msgspec_is_400_naming_the_field(service: tuple[Client, CommandService]) -> None:

@@ -77,7 +77,8 @@ def decode_request(decoder: msgspec.json.Decoder[Any], root: Any, data: bytes) -
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
         raise invalid_from_msgspec(exc, root) from None
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"request: the body is not valid UTF-8 JSON (byte {exc.start} is not UTF-8)") from None
+        bad = exc.object[exc.start:exc.start + 1].hex()
+        raise InvalidRequest(f"request: the body is not valid UTF-8 JSON (a string holds the byte 0x{bad})") from None
     except RecursionError:
         field = too_deep_at(data, MAX_DEPTH)
         where = field if field else "request"
