@@ -17,18 +17,22 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
 from edgevm.cli.natsserver import NatsServer
 from edgevm.netplumb.app import make_setup
 from edgevm.netplumb.settings import Settings
+from edgevm.shared.bus import VMS
 from edgevm.shared.client import Client
+from edgevm.shared.clock import now
 from edgevm.shared.config import Config
 from edgevm.shared.errors import RemoteError
-from edgevm.shared.objects import Vm
+from edgevm.shared.objects import Vm, VmStatus
 from edgevm.shared.runtime import serve
-from tests.helpers import eventually
+from edgevm.shared.spec import VmSpec
+from tests.helpers import EventCollector, eventually
 from tests.lifecycle.conftest import Node, start_node, state_dir
 from tests.lifecycle.test_lifecycle_breadth import import_image, wait_task
 
@@ -144,3 +148,38 @@ async def test_refusals_outages_and_a_late_netplumb(nats_server: NatsServer, nc:
 async def _state(node: Node, name: str, state: str) -> bool:
     return (await node.client.call("vm.get", {"name": name}, Vm)).status.state == state
 
+
+
+async def test_a_start_and_a_stop_each_announce_their_network_once(
+        nats_server: NatsServer, nc: NATS, world: World) -> None:
+    """Lifecycle's call and netplumb's watch of edgevm_vms both see a start and a stop: one `net.applied` each."""
+    node_id = f"l{secrets.token_hex(4)}"
+    node: Node = await start_node(nats_server, nc, node=node_id, network="netplumb")
+    events = await EventCollector().start(nc, f"edgevm.evt.{node_id}.net.>")
+    try:
+        await import_image(node)
+        async with netplumb(nats_server, nc, node_id, world) as net:
+            mapping = {"host_interface": "lan0", "host_port": 8080, "vm_port": 80, "protocol": "tcp"}
+            await node.client.call("vm.create", {"name": "web", "image": "base",
+                                                 "network": {"port_mappings": [mapping]}})
+            assert (await wait_task(node, await node.client.call("vm.start", {"name": "web"}))).status == "succeeded"
+            assert (await wait_task(node, await node.client.call("vm.stop", {"name": "web"}))).status == "succeeded"
+
+            # The watch takes edgevm_vms entries in order: once it has activated `marker` (written after
+            # web's last state), it has seen web's start and stop too, and anything it did is published.
+            await net.call("net.vm.prepare", {"vm": "marker", "network": {}})
+            kv = await nc.jetstream().key_value(VMS.name)
+            marker = Vm(VmSpec(name="marker", image="base"), VmStatus("running", 1, now(), now()))
+            await kv.put(f"{node_id}.marker", msgspec.json.encode(marker))
+            await eventually(lambda: asyncio.sleep(0, [e for e in events.of_type("net.applied") if e.vm == "marker"]),
+                             what="the watch reached the marker")
+
+            applied = [e.detail["active"] for e in events.of_type("net.applied") if e.vm == "web"]
+            assert applied == [True, False], "one net.applied for the start, one for the stop"
+            assert not [e for e in events.of_type("net.failed") if e.vm == "web"]
+            await net.call("net.vm.release", {"vm": "marker"})
+            await kv.delete(f"{node_id}.marker")
+    finally:
+        await events.stop()
+        await node.shutdown()
+        shutil.rmtree(node.config.state_dir, ignore_errors=True)

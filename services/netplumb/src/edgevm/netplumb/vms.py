@@ -68,6 +68,7 @@ class VmNetCommands:
 
     def __init__(self, core: NetCore) -> None:
         self._core = core
+        self._failed: set[str] = set()  # VMs whose last change was reported as net.failed
 
     async def prepare(self, req: NetPrepare) -> NetPrepared:
         """Checks the VM's network, allocates (or keeps) its NICs, records them; applies when it runs."""
@@ -106,10 +107,10 @@ class VmNetCommands:
                     await core.records.vms.put(req.vm, before)
                 await core.converge()
             if record.active:
-                await core.published(req.vm, {"error": "; ".join(failures), "active": True}, failed=True)
+                await self._report_failure(req.vm, failures, {"active": True})
             raise KernelError("; ".join(failures))
         if record.active and not unchanged:
-            await core.published(req.vm, detail_of(record))
+            await self._report_applied(record)
         nics = [*record.nics, *record.passthrough_nics]
         nameservers = await asyncio.to_thread(node_nameservers)  # a file read: off the event loop
         return NetPrepared(nics=nics, network_config=network_config(nics, nameservers))
@@ -169,21 +170,37 @@ class VmNetCommands:
         return await self._core.exclusive(lambda: self._set_active(ref.vm, False))
 
     async def _set_active(self, vm: str, active: bool) -> NetStatus:
+        """Puts a VM's rules in place (or removes them); net.applied only when that changes something.
+
+        Lifecycle asks for it on every start and stop, and the watch of edgevm_vms on what lifecycle may have
+        missed: whichever comes second finds the record as wanted and the kernel converged, so it reports
+        nothing new. A VM whose last change failed is reported again once a change works.
+        """
         core = self._core
         record = core.records.vms.get(vm)
         if record is None:
             if active:
                 raise NotFound(f"VM {vm} has no network on this node: net.vm.prepare it first", "vm")
             return NetStatus(vm, "", [], [], [], [])
+        changed = record.active != active or vm in self._failed
         if record.active != active:
             record = msgspec.structs.replace(record, active=active, updated_at=now())
             await core.records.vms.put(vm, record)
         failures = failures_of(await core.converge(), record)
         if failures:
-            await core.published(vm, {"error": "; ".join(failures), "active": active}, failed=True)
+            await self._report_failure(vm, failures, {"active": active})
             raise KernelError("; ".join(failures))
-        await core.published(vm, detail_of(record))
+        if changed:
+            await self._report_applied(record)
         return status_of(record)
+
+    async def _report_applied(self, record: VmNetRecord) -> None:
+        self._failed.discard(record.vm)
+        await self._core.published(record.vm, detail_of(record))
+
+    async def _report_failure(self, vm: str, failures: list[str], detail: dict[str, Any]) -> None:
+        self._failed.add(vm)
+        await self._core.published(vm, {"error": "; ".join(failures), **detail}, failed=True)
 
     async def release(self, ref: NetVmRef) -> Empty:
         """The VM is deleted: its rules go, its addresses and MACs are free again, its record is removed.
@@ -202,6 +219,7 @@ class VmNetCommands:
             # next VM) only once no port mapping or virtual IP leads to it any more.
             await self._set_active(vm, False)
         await core.records.vms.delete(vm)
+        self._failed.discard(vm)
         outcome = await core.converge()
         if outcome.failures:
             await core.published(vm, {"error": "; ".join(outcome.failures), "released": True}, failed=True)

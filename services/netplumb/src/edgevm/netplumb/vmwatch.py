@@ -1,8 +1,12 @@
-"""Self-healing of the active set: follows lifecycle's `edgevm_vms` bucket for VMs that changed by themselves.
+"""Self-healing of the active set: follows lifecycle's `edgevm_vms` bucket for what lifecycle's calls missed.
 
-Lifecycle asks for activate/deactivate/release on its own; this catches what happens without a command (a
-guest that powers itself off, a crash) and what was missed while netplumb was down. Only VMs that have
-a network record are acted on, and each action is the same idempotent one lifecycle asks for.
+A VM's network changes on one path: lifecycle's `net.vm.activate|deactivate|release`, which it needs to
+answer (a start whose rules cannot be applied fails). This watch only repairs where the VM's state and its
+network record disagree afterwards: a call lost while netplumb was down or slow, a lifecycle that died
+between writing the state and calling. Normally it finds them agreeing and does nothing (on a stop it may
+come first: lifecycle writes `stopped` before it calls); whichever comes second finds the change made, so
+each change is made, and announced with `net.applied`, once. Only VMs with a network record are acted on, and each
+repair is the same idempotent call lifecycle makes.
 
 A deleted key releases only a network recorded before the deletion: a VM deleted and created again under
 the same name has been prepared anew since, and a late (or, after a restart, replayed) deletion of its
@@ -48,7 +52,8 @@ def _recorded_before(record: VmNetRecord, deleted: datetime | None) -> bool:
 async def follow_vms(
     kv: KeyValue, node: str, vms: VmNetCommands, record_of: Callable[[str], VmNetRecord | None]
 ) -> None:
-    """Watches `<node>.*` in edgevm_vms for ever: running -> activate, stopped -> deactivate, gone -> release."""
+    """Watches `<node>.*` in edgevm_vms for ever: running but inactive -> activate, stopped but active ->
+    deactivate, gone -> release."""
     watcher = await kv.watch(f"{node}.*")
     try:
         async for entry in watcher:
@@ -68,9 +73,9 @@ async def follow_vms(
                         log.info("VM %s was deleted before its network was prepared again: kept", vm)
                     continue
                 state = _decoder.decode(entry.value or b"").status.state
-                if state in RUNNING:
+                if state in RUNNING and not record.active:
                     await vms.activate(NetVmRef(vm=vm))
-                elif state in STOPPED:
+                elif state in STOPPED and record.active:
                     await vms.deactivate(NetVmRef(vm=vm))
             except msgspec.DecodeError:
                 log.warning("edgevm_vms entry %s is not a VM; ignored", entry.key)
