@@ -50,4 +50,7 @@ async def test_a_wire_that_cannot_be_made_fails_its_vm_only(lab, node, netplumb,
     reports = await eventually(lambda: asyncio.sleep(0, [e for e in events.of_type("net.failed") if e.vm == "fw"]),
                                what="net.failed for fw")
     assert "evt-fw-1" in reports[0].detail["error"]
+    [failure] = reports[0].detail["failures"]  # the same failure, typed: no wording to parse
+    assert (failure["step"], failure["interface"], failure["what"]) == ("vif", "eth7", "virtual interface eth7")
+    assert "evt-fw-1" in failure["error"] and reports[0].detail["error"] == f"{failure['what']}: {failure['error']}"
     await events.stop()

@@ -96,6 +96,30 @@ class VmNetRecord(Struct, kw_only=True):
     passthrough_nics: list[NicRecord] = []
 
 
+NetStep = Literal["links", "vrf", "vnet", "attach", "detach", "taps", "tables", "vif", "unwire"]
+
+
+class NetFailure(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A step of bringing the kernel to netplumb's records that failed: which step, for what, and why.
+
+    `step`: removing unused `links`; making a `vrf` or a virtual network (`vnet`); `attach`ing a VRF to a
+    virtual network or `detach`ing it; putting VM `taps` on their bridges; the nftables `tables` (of every
+    VM); wiring a virtual interface (`vif`) or `unwire`ing one. The names say what it was for: `vrf`,
+    `network` (a virtual network), `interface` (a host interface). `what` is the step in words; `str()` of
+    a failure is `<what>: <error>`, the sentence logs, replies and `net.failed` carry.
+    """
+
+    step: NetStep
+    what: str
+    error: str
+    vrf: str | None = None
+    network: str | None = None
+    interface: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.error}"
+
+
 # Node-internal requests: lifecycle -> netplumb. Checked as strictly as the public ones (unknown fields refused).
 class NetPrepare(Spec, kw_only=True):
     """`net.vm.prepare`: allocate (or re-check) the VM's NICs for `network`; changes nothing on failure."""
@@ -125,8 +149,10 @@ class NetVmRef(Spec, kw_only=True):
 
 
 __all__ = [
+    "NetFailure",
     "NetPrepare",
     "NetPrepared",
+    "NetStep",
     "NetVmRef",
     "Network",
     "NicRecord",

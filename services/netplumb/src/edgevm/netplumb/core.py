@@ -15,6 +15,7 @@ from edgevm.netplumb.records import NetRecords
 from edgevm.netplumb.settings import Settings
 from edgevm.shared.clock import now
 from edgevm.shared.events import NetApplied, NetFailed
+from edgevm.shared.netstate import NetFailure
 from edgevm.shared.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,12 @@ class NetCore:
             log.info("applied: %s", change)
         return outcome
 
-    async def converge_or_raise(self, *steps: str) -> Outcome:
-        """Converges; raises KernelError naming the failed steps that start with one of `steps`."""
+    async def converge_or_raise(self, concerns: Callable[[NetFailure], bool]) -> Outcome:
+        """Converges; raises KernelError naming the failed steps that `concerns` the caller."""
         outcome = await self.converge()
-        failures = [failure for failure in outcome.failures if failure.startswith(steps)]
+        failures = [failure for failure in outcome.failures if concerns(failure)]
         if failures:
-            raise KernelError("; ".join(failures))
+            raise KernelError("; ".join(map(str, failures)))
         return outcome
 
     async def published(self, vm: str, detail: Any, failed: bool = False) -> None:

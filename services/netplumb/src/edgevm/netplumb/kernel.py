@@ -28,6 +28,7 @@ from edgevm.netplumb.errors import KernelError, NetplumbError
 from edgevm.netplumb.nftjson import Table
 from edgevm.netplumb.plans import VirtualInterfacePlan, VnetPlan, VrfPlan
 from edgevm.netplumb.rulesets import NetnsTables, tables
+from edgevm.shared.netstate import NetFailure, NetStep
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +37,31 @@ _OWN_PREFIXES = ("evh-", "evp-", "evu-", "evn-", "evx-")
 _VNET_PORT_LEN = len(names.vnet_port("vrf", "vnet"))  # "eva" and a hash
 
 
+INTERNAL = "an internal error (the node's log has the details)"
+
+
 @dataclass
 class Outcome:
-    """What a converge changed, and what it could not do (each a sentence)."""
+    """What a converge changed (each a sentence), and the steps it could not do."""
 
     changes: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    failures: list[NetFailure] = field(default_factory=list)
 
-    def attempt(self, what: str, action: Callable[[], list[str]]) -> bool:
-        """Runs one step and says whether it worked; a kernel failure is noted and the next steps still run."""
+    def attempt(self, step: NetStep, what: str, action: Callable[[], list[str]], **names: str) -> bool:
+        """Runs one step and says whether it worked; a kernel failure is noted and the next steps still run.
+
+        `names` say what the step is for (`vrf`, `network`, `interface`), as NetFailure holds them.
+        """
         try:
             self.changes += action()
         except NetplumbError as exc:
             log.warning("%s failed: %s", what, exc)
-            self.failures.append(f"{what}: {exc}")
+            self.failures.append(NetFailure(step=step, what=what, error=str(exc), **names))
             return False
         except Exception:
             # A converge never stops half-way: the steps after this one, and the caller's undo, still run.
             log.exception("%s failed unexpectedly", what)
-            self.failures.append(f"{what}: an internal error (the node's log has the details)")
+            self.failures.append(NetFailure(step=step, what=what, error=INTERNAL, **names))
             return False
         return True
 
@@ -86,16 +93,16 @@ class Plumber:
         out = Outcome()
         node = self.node_netns
         if verify:
-            out.attempt("removing unused links", lambda: self._remove_orphans(want))
+            out.attempt("links", "removing unused links", lambda: self._remove_orphans(want))
         for vrf in want.vrfs:
             if (verify or self._vrfs.get(vrf.name) != vrf) and out.attempt(
-                f"VRF {vrf.name}", partial(ensure_vrf, vrf, node)
+                "vrf", f"VRF {vrf.name}", partial(ensure_vrf, vrf, node), vrf=vrf.name
             ):
                 self._vrfs[vrf.name] = vrf
         vnets = {vnet.name: vnet for vnet in want.vnets}
         for vnet in want.vnets:
             if (verify or self._vnets.get(vnet.name) != vnet) and out.attempt(
-                f"virtual network {vnet.name}", partial(ensure_vnet, vnet, node)
+                "vnet", f"virtual network {vnet.name}", partial(ensure_vnet, vnet, node), network=vnet.name
             ):
                 self._vnets[vnet.name] = vnet
         vrfs = {vrf.name: vrf for vrf in want.vrfs}
@@ -103,14 +110,14 @@ class Plumber:
             vnet_name, vrf_name = key
             if vnet_name in self._vnets and vrf_name in self._vrfs:
                 gone = partial(remove_attachment, self._vnets[vnet_name], self._vrfs[vrf_name], node)
-                out.attempt(f"detaching {vrf_name} from {vnet_name}", gone)
+                out.attempt("detach", f"detaching {vrf_name} from {vnet_name}", gone, vrf=vrf_name, network=vnet_name)
             del self._attachments[key]
         for key, ips in want.attachments.items():
             if (verify or self._attachments.get(key) != ips) and key[0] in vnets and key[1] in vrfs:
                 attach = partial(ensure_attachment, vnets[key[0]], vrfs[key[1]], ips, node)
-                if out.attempt(f"attaching {key[1]} to {key[0]}", attach):
+                if out.attempt("attach", f"attaching {key[1]} to {key[0]}", attach, vrf=key[1], network=key[0]):
                     self._attachments[key] = ips
-        out.attempt("attaching VM taps", lambda: self._attach_taps(want, verify))
+        out.attempt("taps", "attaching VM taps", lambda: self._attach_taps(want, verify))
         self._apply_tables(want, verify, out)
         self._wire(want, verify, out)
         return out
@@ -134,7 +141,7 @@ class Plumber:
         try:
             wanted = self._tables_of(want)
         except NetplumbError as exc:
-            out.failures.append(f"building the nftables tables: {exc}")
+            out.failures.append(NetFailure(step="tables", what="building the nftables tables", error=str(exc)))
             return
         # VRF namespaces first: the node's DNAT to a VRF must find the VRF's own rules in place.
         order = sorted(wanted, key=lambda n: (n is None, n or ""))
@@ -145,12 +152,13 @@ class Plumber:
             results = nft.ensure_tables(targets) if verify else [self._apply(t, target) for t, target in targets]
         except Exception:
             log.exception("nftables tables failed unexpectedly")
-            out.failures.append("nftables tables: an internal error (the node's log has the details)")
+            out.failures.append(NetFailure(step="tables", what="nftables tables", error=INTERNAL))
             return
         for netns, (table, target), result in zip(todo, targets, results, strict=True):
             if isinstance(result, KernelError):
                 log.warning("nftables table of %s failed: %s", netns or "the node", result)
-                out.failures.append(f"nftables table of {netns or 'the node'}: {result}")
+                what = f"nftables table of {netns or 'the node'}"
+                out.failures.append(NetFailure(step="tables", what=what, error=str(result)))
                 continue
             self._tables[netns] = table
             if result:
@@ -176,12 +184,14 @@ class Plumber:
         node = self.node_netns
         unwire = set(want.idle_interfaces) if verify else self._wires - set(want.virtual_interfaces)
         for plan in sorted(unwire, key=lambda p: p.host_interface):
-            out.attempt(f"unwiring {plan.host_interface}", partial(remove_virtual_interface, plan, node))
+            unwire_one = partial(remove_virtual_interface, plan, node)
+            out.attempt("unwire", f"unwiring {plan.host_interface}", unwire_one, interface=plan.host_interface)
         wired: set[VirtualInterfacePlan] = set()
         for plan in want.virtual_interfaces:
             wire = partial(ensure_virtual_interface, plan, node)
             if verify or plan not in self._wires:
-                if not out.attempt(f"virtual interface {plan.host_interface}", wire):
+                if not out.attempt("vif", f"virtual interface {plan.host_interface}", wire,
+                                   interface=plan.host_interface):
                     continue
             wired.add(plan)
         self._wires = wired

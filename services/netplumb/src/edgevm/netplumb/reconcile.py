@@ -30,7 +30,7 @@ async def reconcile(core: NetCore) -> Reconciled:
     outcome = await core.exclusive(lambda: core.converge(verify=True))
     for failure in outcome.failures:
         log.error("reconcile: %s", failure)
-    return Reconciled(changes=outcome.changes, failures=outcome.failures)
+    return Reconciled(changes=outcome.changes, failures=[str(failure) for failure in outcome.failures])
 
 
 class ReconcileCommand:

@@ -22,7 +22,15 @@ from edgevm.netplumb.netconfig import network_config, node_nameservers
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NetStatus, NetStatusRequest
 from edgevm.shared.errors import NotFound
-from edgevm.shared.netstate import NetPrepare, NetPrepared, NetVmRef, NicRecord, VmNetRecord, VrfRecord
+from edgevm.shared.netstate import (
+    NetFailure,
+    NetPrepare,
+    NetPrepared,
+    NetVmRef,
+    NicRecord,
+    VmNetRecord,
+    VrfRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +55,31 @@ def detail_of(record: VmNetRecord) -> dict[str, Any]:
     return detail
 
 
-def failures_of(outcome: Outcome, record: VmNetRecord) -> list[str]:
-    """The failed steps of a converge that concern a VM (another VM's broken wire is not its failure)."""
-    mine = (
-        f"VRF {record.vrf}:",
-        "nftables table",
-        "building the nftables tables",
-        "attaching VM taps",
-        *(f"virtual network {a.network}:" for a in record.virtual_networks),
-        *(f"attaching {record.vrf} to {a.network}:" for a in record.virtual_networks),
-        *(f"detaching {record.vrf} from {a.network}:" for a in record.virtual_networks),
-        *(f"virtual interface {v.name}:" for v in record.virtual_interfaces),
-        *(f"unwiring {v.name}:" for v in record.virtual_interfaces),  # else the interface still feeds the VM
-    )
-    return [failure for failure in outcome.failures if failure.startswith(mine)]
+def concerns(failure: NetFailure, record: VmNetRecord) -> bool:
+    """Whether a failed step of a converge is a VM's failure (another VM's broken wire is not)."""
+    networks = {a.network for a in record.virtual_networks}
+    match failure.step:
+        case "tables" | "taps":  # every VM's rules are in the tables; a tap off its bridge may be any VM's
+            return True
+        case "vrf":
+            return failure.vrf == record.vrf
+        case "vnet":
+            return failure.network in networks
+        case "attach" | "detach":
+            return failure.vrf == record.vrf and failure.network in networks
+        case "vif" | "unwire":  # an interface not unwired still feeds the VM
+            return failure.interface in {v.name for v in record.virtual_interfaces}
+    return False  # removing unused links is no VM's
+
+
+def failures_of(outcome: Outcome, record: VmNetRecord) -> list[NetFailure]:
+    """The failed steps of a converge that concern a VM."""
+    return [failure for failure in outcome.failures if concerns(failure, record)]
+
+
+def failed_detail(failures: list[NetFailure], **detail: Any) -> dict[str, Any]:
+    """The `detail` of a net.failed event: the failures in words (`error`) and as they are (`failures`)."""
+    return {"error": "; ".join(map(str, failures)), "failures": msgspec.to_builtins(failures), **detail}
 
 
 class VmNetCommands:
@@ -107,8 +126,8 @@ class VmNetCommands:
                     await core.records.vms.put(req.vm, before)
                 await core.converge()
             if record.active:
-                await self._report_failure(req.vm, failures, {"active": True})
-            raise KernelError("; ".join(failures))
+                await self._report_failure(req.vm, failures, active=True)
+            raise KernelError("; ".join(map(str, failures)))
         if record.active and not unchanged:
             await self._report_applied(record)
         nics = [*record.nics, *record.passthrough_nics]
@@ -188,8 +207,8 @@ class VmNetCommands:
             await core.records.vms.put(vm, record)
         failures = failures_of(await core.converge(), record)
         if failures:
-            await self._report_failure(vm, failures, {"active": active})
-            raise KernelError("; ".join(failures))
+            await self._report_failure(vm, failures, active=active)
+            raise KernelError("; ".join(map(str, failures)))
         if changed:
             await self._report_applied(record)
         return status_of(record)
@@ -198,9 +217,9 @@ class VmNetCommands:
         self._failed.discard(record.vm)
         await self._core.published(record.vm, detail_of(record))
 
-    async def _report_failure(self, vm: str, failures: list[str], detail: dict[str, Any]) -> None:
+    async def _report_failure(self, vm: str, failures: list[NetFailure], *, active: bool) -> None:
         self._failed.add(vm)
-        await self._core.published(vm, {"error": "; ".join(failures), **detail}, failed=True)
+        await self._core.published(vm, failed_detail(failures, active=active), failed=True)
 
     async def release(self, ref: NetVmRef) -> Empty:
         """The VM is deleted: its rules go, its addresses and MACs are free again, its record is removed.
@@ -222,7 +241,7 @@ class VmNetCommands:
         self._failed.discard(vm)
         outcome = await core.converge()
         if outcome.failures:
-            await core.published(vm, {"error": "; ".join(outcome.failures), "released": True}, failed=True)
+            await core.published(vm, failed_detail(outcome.failures, released=True), failed=True)
         return Empty()
 
     async def status(self, req: NetStatusRequest) -> NetStatus:

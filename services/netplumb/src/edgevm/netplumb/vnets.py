@@ -50,7 +50,7 @@ class VnetCommands:
         record = VnetRecord(name=cmd.name, cidr=cmd.cidr, vni=cmd.vni, peers=peers, created_at=now(), local=str(local))
         await records.put(cmd.name, record)
         try:
-            await self._core.converge_or_raise(f"virtual network {cmd.name}:")
+            await self._core.converge_or_raise(lambda f: f.step == "vnet" and f.network == cmd.name)
         except Exception:
             await self._core.kernel(self._core.plumber.remove_vnet, vnet_plan(record, self._core.settings.vxlan_local))
             await records.delete(cmd.name)

@@ -78,7 +78,7 @@ class VrfCommands:
         )
         await records.put(cmd.name, record)
         try:
-            await self._core.converge_or_raise(f"VRF {cmd.name}:", "nftables table")
+            await self._core.converge_or_raise(lambda f: f.step == "tables" or (f.step == "vrf" and f.vrf == cmd.name))
         except Exception:
             await self._core.kernel(self._core.plumber.remove_vrf, vrf_plan(record, self._core.settings.netns_prefix))
             await records.delete(cmd.name)
