@@ -20,9 +20,9 @@ from pyroute2.conntrack import Conntrack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from edgevm.flowwatch import ctparse, ctsource
-from edgevm.flowwatch.ctsource import CtEventStream, Overrun
-from edgevm.flowwatch.netns import write_sysctl
+from edgevm.flowwatch.drivers import ctparse, ctsource
+from edgevm.flowwatch.drivers.ctsource import CtEventStream, Overrun
+from edgevm.shared.netns import write_sysctl
 
 ENTRIES = 20_000
 ROUNDS = 7

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from bench_conntrack import GENERATOR, in_netns, make_netns, report
 
 from edgevm.cli.natsserver import free_port, start_nats_server
-from edgevm.flowwatch import ctsource
+from edgevm.flowwatch.drivers import ctsource
 from edgevm.flowwatch.flowtable import Changes, NamespaceFlows
 from edgevm.flowwatch.outbox import Outbox
 from edgevm.flowwatch.recorder import FlowRecorder

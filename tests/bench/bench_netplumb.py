@@ -27,9 +27,9 @@ from edgevm.netplumb.app import make_setup
 from edgevm.netplumb.drivers import libnft, nft
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers.links import links_session, open_links
+from edgevm.netplumb.drivers.values import PortMappingRule, VrfPlan, plan_vrf
 from edgevm.netplumb.drivers.vrf import ensure_vrf
 from edgevm.netplumb.nftjson import batch
-from edgevm.netplumb.plans import PortMappingRule, VrfPlan, plan_vrf
 from edgevm.netplumb.rulesets import FAMILY, TABLE, tables
 from edgevm.netplumb.settings import Settings
 from edgevm.shared.client import Client

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from edgevm.flowwatch import ctsource
-from edgevm.flowwatch.netns import call_in_netns, write_sysctl
+from edgevm.flowwatch.drivers import ctsource
+from edgevm.shared.netns import call_in_netns, write_sysctl
 from tests.helpers import mark_needing_root
 
 # conntrack only tracks in a namespace once a rule there uses it.

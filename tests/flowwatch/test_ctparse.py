@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
 
-from edgevm.flowwatch import ctparse, ctsource
-from edgevm.flowwatch.ctparse import CtEntry, CtKind, CtTuple, NetlinkError
+from edgevm.flowwatch.drivers import ctparse, ctsource
+from edgevm.flowwatch.drivers.ctparse import CtEntry, CtKind, CtTuple, NetlinkError
 
 from .conftest import TcpPair, make_netns, ping, remove_netns, udp_exchange
 

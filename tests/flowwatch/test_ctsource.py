@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 import pytest
 
-from edgevm.flowwatch import ctsource
-from edgevm.flowwatch.ctparse import CtEntry, CtKind, CtTuple
-from edgevm.flowwatch.ctsource import CtEventStream, Overrun
-from edgevm.flowwatch.netns import NamespaceNotFound
+from edgevm.flowwatch.drivers import ctsource
+from edgevm.flowwatch.drivers.ctparse import CtEntry, CtKind, CtTuple
+from edgevm.flowwatch.drivers.ctsource import CtEventStream, Overrun
+from edgevm.shared.netns import NamespaceNotFound
 
 from .conftest import TcpPair, ping, udp_burst, udp_exchange
 

@@ -8,9 +8,8 @@ import subprocess
 
 import pytest
 
-from edgevm.flowwatch import ctsource, cutoff
-from edgevm.flowwatch.ctparse import CtKind
-from edgevm.flowwatch.flowtable import ActiveFlow
+from edgevm.flowwatch.drivers import ctsource, cutoff
+from edgevm.flowwatch.drivers.ctparse import CtKind
 
 from .conftest import TcpPair
 
@@ -38,9 +37,8 @@ async def test_a_cut_survives_a_refresh_of_our_table_and_a_replacement_of_netplu
         pair.exchange(10, 10)
         client, server = pair.ports
         [entry] = [e for e in ctsource.dump(netns) if e.orig.sport == client]
-        flow = ActiveFlow("vm", True, entry._replace(kind=CtKind.UPDATE), "t", 1)
         await cutoff.ensure_table(netns)
-        assert await cutoff.cut(netns, flow, seconds=30)
+        assert await cutoff.cut(netns, entry._replace(kind=CtKind.UPDATE), seconds=30)
         await cutoff.ensure_table(netns)
         await asyncio.to_thread(nft, netns, "-f", "-", stdin=NETPLUMB_REPLACE)
         await asyncio.to_thread(nft, netns, "-f", "-", stdin=NETPLUMB_REPLACE)
@@ -60,7 +58,7 @@ async def test_a_cut_survives_a_refresh_of_our_table_and_a_replacement_of_netplu
 
 
 def test_cut_elements_cover_both_directions_on_both_sides_of_nat() -> None:
-    from edgevm.flowwatch.ctparse import CtTuple
+    from edgevm.flowwatch.drivers.ctparse import CtTuple
 
     orig = CtTuple("172.31.0.9", "10.255.1.1", socket.IPPROTO_TCP, 40000, 8080, None, None, None)
     reply = CtTuple("10.0.0.5", "172.31.0.9", socket.IPPROTO_TCP, 80, 40000, None, None, None)

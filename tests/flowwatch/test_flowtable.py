@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 from edgevm.flowwatch.addresses import AddressMap
-from edgevm.flowwatch.ctparse import CtEntry, CtKind, CtTuple
+from edgevm.flowwatch.drivers.ctparse import CtEntry, CtKind, CtTuple
 from edgevm.flowwatch.flowtable import ActiveFlow, Changes, NamespaceFlows, flow_id, flow_key
 from edgevm.shared.netstate import NicRecord, VmNetRecord, VnetAttachment
 

@@ -1,6 +1,7 @@
-"""flow.terminate's hard cases on a FlowWatch in this process, in a namespace of its own with real connections:
+"""flow.terminate's hard cases on a NodeFlows in this process, in a namespace of its own with real connections:
 a kernel step that fails after the cut, a termination cancelled halfway, two at once, and a flow that ends by
-itself meanwhile. The conntrack deletion is injected (STYLE 4) to fail or be slow on purpose."""
+itself meanwhile. The kernel steps are injected (STYLE 4): the host's own, with a deletion that fails or is slow
+on purpose."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import asyncio
 import secrets
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
-from edgevm.flowwatch import ctsource, cutoff
-from edgevm.flowwatch.ctparse import CtEntry
+from edgevm.flowwatch.drivers import ctsource, cutoff
+from edgevm.flowwatch.drivers.ctparse import CtEntry
+from edgevm.flowwatch.drivers.cutting import KernelCutting
 from edgevm.flowwatch.flowtable import ActiveFlow, NamespaceFlows
 from edgevm.flowwatch.history import FlowHistory
+from edgevm.flowwatch.nodeflows import NodeFlows
 from edgevm.flowwatch.outbox import Outbox
-from edgevm.flowwatch.service import FlowWatch
 from edgevm.shared import bus, subjects
 from edgevm.shared.commands import FlowTerminate
 from edgevm.shared.errors import Conflict, Unavailable
@@ -31,27 +33,27 @@ from .conftest import TcpPair
 pytestmark = pytest.mark.root
 
 VM = "web"
-Delete = Callable[[str | None, CtEntry, float], Awaitable[bool]]
 
 
-class Deleter:
-    """The conntrack deletion flowwatch is given: the real one, after `delay` s, or an OSError when `fail`."""
+class Deleter(KernelCutting):
+    """The kernel steps flowwatch is given: the host's own, but the deletion after `delay` s, or an OSError
+    when `fail`."""
 
     def __init__(self) -> None:
         self.fail = False
         self.delay = 0.0
         self.calls = 0
 
-    async def __call__(self, netns: str | None, entry: CtEntry, timeout: float) -> bool:
+    async def delete(self, netns: str | None, entry: CtEntry, timeout: float) -> bool:
         self.calls += 1
         await asyncio.sleep(self.delay)
         if self.fail:
             raise OSError("the kernel said no (injected)")
-        return await ctsource.delete(netns, entry, timeout)
+        return await super().delete(netns, entry, timeout)
 
 
 class Rig:
-    """A FlowWatch of node `node` whose node namespace is `netns`, where VM web owns 127.0.0.1."""
+    """A NodeFlows of node `node` whose node namespace is `netns`, where VM web owns 127.0.0.1."""
 
     def __init__(self, netns: str, nc: NATS) -> None:
         self.netns = netns
@@ -59,9 +61,8 @@ class Rig:
         self.deleter = Deleter()
         js = nc.jetstream()
         self.outbox = Outbox(nc, self.node)
-        self.fw = FlowWatch(
-            self.node, FlowHistory(js, self.node), self.outbox, node_netns=netns, cut_seconds=2,
-            delete_entry=self.deleter,
+        self.fw = NodeFlows(
+            self.node, FlowHistory(js, self.node), self.outbox, self.deleter, node_netns=netns, cut_seconds=2,
         )
         record = VmNetRecord(
             vm=VM, vrf="default", netns=None, updated_at="2026-01-01T00:00:00Z",

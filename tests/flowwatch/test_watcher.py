@@ -6,10 +6,10 @@ import asyncio
 import socket
 import subprocess
 
-from edgevm.flowwatch import ctsource
+from edgevm.flowwatch.drivers import ctsource
 from edgevm.flowwatch.flowtable import Changes, NamespaceFlows
-from edgevm.flowwatch.netns import write_sysctl
 from edgevm.flowwatch.watcher import NamespaceWatch
+from edgevm.shared.netns import write_sysctl
 
 from ..helpers import eventually
 from .conftest import HOOK_RULES, udp_burst, udp_exchange

@@ -17,8 +17,8 @@ import socket
 import subprocess
 from dataclasses import dataclass, field
 
-from edgevm.flowwatch.netns import call_in_netns, write_sysctl
 from edgevm.shared.clock import now
+from edgevm.shared.netns import call_in_netns, write_sysctl
 from edgevm.shared.netstate import NicRecord, PortMapping, VmNetRecord, VrfRecord
 
 EXT_IP, NODE_IP = "172.31.255.1", "172.31.255.2"

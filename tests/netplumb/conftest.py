@@ -29,9 +29,9 @@ from edgevm.netplumb.app import make_setup
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers import nft
 from edgevm.netplumb.drivers.links import open_links
+from edgevm.netplumb.drivers.values import PortMappingRule, VirtualIpRule, VrfPlan, plan_vrf
 from edgevm.netplumb.drivers.vrf import attach_port, ensure_vrf
 from edgevm.netplumb.names import VRF_LINK, VRF_UPLINK, vm_tap
-from edgevm.netplumb.plans import PortMappingRule, VirtualIpRule, VrfPlan, plan_vrf
 from edgevm.netplumb.rulesets import tables
 from edgevm.netplumb.settings import Settings
 from edgevm.shared.client import Client

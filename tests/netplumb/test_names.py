@@ -5,7 +5,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from edgevm.netplumb import names
-from edgevm.netplumb.plans import plan_nic, plan_vnet, plan_vrf
+from edgevm.netplumb.drivers.values import plan_nic, plan_vnet, plan_vrf
 
 LONG = "a-very-long-vrf-name-indeed"
 

@@ -8,9 +8,9 @@ import pytest
 
 from edgevm.netplumb.drivers import nft
 from edgevm.netplumb.drivers.netns import run_all
+from edgevm.netplumb.drivers.values import PortMappingRule, VirtualIpRule
 from edgevm.netplumb.errors import KernelError
 from edgevm.netplumb.nftjson import Chain, Table, dnat, match, meta, payload
-from edgevm.netplumb.plans import PortMappingRule, VirtualIpRule
 from edgevm.netplumb.rulesets import FAMILY, TABLE, tables
 
 pytestmark = pytest.mark.root

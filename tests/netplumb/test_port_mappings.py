@@ -5,7 +5,7 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from edgevm.netplumb.plans import PortMappingRule
+from edgevm.netplumb.drivers.values import PortMappingRule
 
 pytestmark = pytest.mark.root
 

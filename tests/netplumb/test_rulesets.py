@@ -4,9 +4,9 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from edgevm.netplumb.drivers.values import PortMappingRule, VirtualIpRule, plan_vrf
 from edgevm.netplumb.errors import ConflictError
 from edgevm.netplumb.nftjson import batch
-from edgevm.netplumb.plans import PortMappingRule, VirtualIpRule, plan_vrf
 from edgevm.netplumb.rulesets import check_port_mappings, node_table, tables, vrf_table
 
 RED = plan_vrf("red", "10.1.0.0/24", uplink="169.254.64.0/31", netns_prefix="edgevm-")

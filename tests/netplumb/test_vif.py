@@ -6,9 +6,9 @@ import pytest
 from pyroute2 import netns as pyroute2_netns
 
 from edgevm.netplumb.drivers.links import IFF_PROMISC, open_links
+from edgevm.netplumb.drivers.values import VirtualInterfacePlan
 from edgevm.netplumb.drivers.vif import ensure_virtual_interface, redirect_target, remove_virtual_interface
 from edgevm.netplumb.names import vm_tap
-from edgevm.netplumb.plans import VirtualInterfacePlan
 
 pytestmark = pytest.mark.root
 

@@ -6,8 +6,8 @@ import pytest
 
 from edgevm.netplumb.drivers import vxlan
 from edgevm.netplumb.drivers.links import open_links
+from edgevm.netplumb.drivers.values import VirtualIpRule, plan_vnet
 from edgevm.netplumb.drivers.vnet import ensure_attachment, ensure_vnet, remove_attachment, remove_vnet
-from edgevm.netplumb.plans import VirtualIpRule, plan_vnet
 
 pytestmark = pytest.mark.root
 

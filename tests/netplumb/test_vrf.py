@@ -173,7 +173,7 @@ import json, sys
 from edgevm.netplumb.drivers import nft
 from edgevm.netplumb.drivers.links import open_links
 from edgevm.netplumb.drivers.vrf import ensure_vrf
-from edgevm.netplumb.plans import plan_vrf
+from edgevm.netplumb.drivers.values import plan_vrf
 from edgevm.netplumb.rulesets import tables
 
 red = plan_vrf("red", "10.1.0.0/24", uplink="169.254.64.0/31", netns_prefix=sys.argv[1])

@@ -9,9 +9,10 @@ import logging
 from prometheus_client import REGISTRY
 
 from edgevm.flowwatch.collector import ActiveFlowsCollector
+from edgevm.flowwatch.drivers.cutting import KernelCutting
 from edgevm.flowwatch.history import FlowHistory
+from edgevm.flowwatch.nodeflows import NodeFlows
 from edgevm.flowwatch.outbox import Outbox
-from edgevm.flowwatch.service import FlowWatch
 from edgevm.shared import bus
 from edgevm.shared.runtime import ServiceContext, Setup
 
@@ -25,8 +26,8 @@ def make_setup(node_netns: str | None = None) -> Setup:
     async def setup(ctx: ServiceContext) -> None:
         node = ctx.config.node
         outbox = Outbox(ctx.nc, node)
-        watch = FlowWatch(
-            node, FlowHistory(ctx.js, node), outbox, node_netns=node_netns,
+        watch = NodeFlows(
+            node, FlowHistory(ctx.js, node), outbox, KernelCutting(), node_netns=node_netns,
             state_dir=ctx.config.service_dir("flowwatch"),
         )
         collector = ActiveFlowsCollector(watch.active_counts, asyncio.get_running_loop())
@@ -45,7 +46,7 @@ def make_setup(node_netns: str | None = None) -> Setup:
     return setup
 
 
-async def _watch_for_life(watch: FlowWatch, ctx: ServiceContext) -> None:
+async def _watch_for_life(watch: NodeFlows, ctx: ServiceContext) -> None:
     try:
         await watch.follow_records(ctx.buckets[bus.NET.name])
     finally:

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from hashlib import blake2b as _blake2b
 
-from edgevm.flowwatch.ctparse import CtEntry, CtKind, CtTuple
+from edgevm.flowwatch.drivers.ctparse import CtEntry, CtKind, CtTuple
 from edgevm.shared.objects import Flow
 
 __all__ = ["CLOSING_TCP_STATES", "ActiveFlow", "Changes", "NamespaceFlows", "flow_id", "flow_key", "rfc3339"]

@@ -6,23 +6,24 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from edgevm.flowwatch import ctsource, cutoff, metrics, probes
+from edgevm.flowwatch import metrics
 from edgevm.flowwatch.addresses import Netns
-from edgevm.flowwatch.ctparse import CtEntry, CtTuple
+from edgevm.flowwatch.drivers import cutoff
+from edgevm.flowwatch.drivers.ctparse import CtTuple
+from edgevm.flowwatch.drivers.cutting import Cutting
 from edgevm.flowwatch.flowtable import ActiveFlow, NamespaceFlows
-from edgevm.flowwatch.netns import NamespaceNotFound
 from edgevm.flowwatch.recorder import FlowRecorder
 from edgevm.flowwatch.watcher import NamespaceWatch
+from edgevm.shared.netns import NamespaceNotFound
 from edgevm.shared.objects import Flow
 
-__all__ = ["DeleteEntry", "TerminateFailed", "Terminator"]
+__all__ = ["TerminateFailed", "Terminator"]
 
 log = logging.getLogger(__name__)
 
-DeleteEntry = Callable[[str | None, CtEntry, float], Awaitable[bool]]
 # Each step's deadline; together under the command's 5 s, so that the command's own deadline never cancels
 # a termination halfway (it could not then say what it did).
 CUT_TIMEOUT = 1.5
@@ -44,14 +45,14 @@ class Terminator:
         recorder: FlowRecorder,
         watches: dict[Netns, NamespaceWatch],
         kernel_netns: Callable[[Netns], str | None],
+        cutting: Cutting,
         cut_seconds: int = cutoff.CUT_SECONDS,
-        delete_entry: DeleteEntry = ctsource.delete,
     ) -> None:
         self._recorder = recorder
         self._watches = watches
         self._kernel_netns = kernel_netns
+        self._kernel = cutting
         self.cut_seconds = cut_seconds
-        self._delete = delete_entry
         self._undoing: set[asyncio.Task[None]] = set()  # cuts of failed terminations being lifted
         self._timers: set[asyncio.Task[None]] = set()  # the ends of cuts, when the flows' entries may come again
 
@@ -69,12 +70,12 @@ class Terminator:
         cut = deleted = False
         try:
             async with asyncio.timeout(CUT_TIMEOUT):
-                cut = await cutoff.cut(kernel_netns, flow, self.cut_seconds, CUT_TIMEOUT)
+                cut = await self._kernel.cut(kernel_netns, flow.as_entry(), self.cut_seconds, CUT_TIMEOUT)
             [current] = await watch.lookup.get([flow.as_entry()], LOOKUP_TIMEOUT)
             if current is not None:
                 flow.count(current)  # not if the tuple is another connection's now
             async with asyncio.timeout(DELETE_TIMEOUT):  # its id spares a newer entry of the same tuple
-                await self._delete(kernel_netns, flow.as_entry(), DELETE_TIMEOUT)
+                await self._kernel.delete(kernel_netns, flow.as_entry(), DELETE_TIMEOUT)
             deleted = True
         except (OSError, TimeoutError, NamespaceNotFound) as exc:
             raise TerminateFailed(str(exc) or type(exc).__name__) from None
@@ -99,7 +100,7 @@ class Terminator:
 
     async def _uncut(self, kernel_netns: str | None, flow: ActiveFlow) -> None:
         try:
-            await cutoff.uncut(kernel_netns, flow, UNCUT_TIMEOUT)
+            await self._kernel.uncut(kernel_netns, flow.as_entry(), UNCUT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             log.warning("the cut of flow %s, whose termination failed, stays until it expires: %s", flow.id, exc)
 
@@ -127,7 +128,7 @@ class Terminator:
         namespace, as the node's own conntrack entry of the connection shows it.
         """
         kernel_netns = self._kernel_netns(netns)
-        await asyncio.to_thread(probes.send_probes, kernel_netns, flow.orig, flow.reply)
+        await self._kernel.probe(kernel_netns, flow.orig, flow.reply)
         node = self._watches.get(None)
         if netns is None or node is None or flow.orig.proto != socket.IPPROTO_TCP:
             return
@@ -137,9 +138,9 @@ class Terminator:
         [outside] = await node.lookup.get([went_out], LOOKUP_TIMEOUT)
         node_netns = self._kernel_netns(None)
         if inside is not None:
-            await asyncio.to_thread(probes.send_probes, node_netns, inside.orig, inside.reply, True, False)
+            await self._kernel.probe(node_netns, inside.orig, inside.reply, True, False)
         if outside is not None:
-            await asyncio.to_thread(probes.send_probes, node_netns, outside.orig, outside.reply, False, True)
+            await self._kernel.probe(node_netns, outside.orig, outside.reply, False, True)
 
 
 def _reversed(t: CtTuple) -> CtTuple:

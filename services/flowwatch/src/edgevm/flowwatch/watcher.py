@@ -9,11 +9,12 @@ import socket
 import time
 from collections.abc import Callable
 
-from edgevm.flowwatch import ctsource, cutoff, metrics
-from edgevm.flowwatch.ctsource import CtEventStream, CtLookup, Overrun
+from edgevm.flowwatch import metrics
+from edgevm.flowwatch.drivers import ctsource, cutoff
+from edgevm.flowwatch.drivers.ctsource import CtEventStream, CtLookup, Overrun
 from edgevm.flowwatch.flowtable import Changes, NamespaceFlows
 from edgevm.flowwatch.gcpause import gc_paused
-from edgevm.flowwatch.netns import NamespaceNotFound, namespace_id
+from edgevm.shared.netns import NamespaceNotFound, namespace_id
 
 __all__ = ["NamespaceChanged", "NamespaceWatch"]
 

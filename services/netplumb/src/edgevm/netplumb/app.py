@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from edgevm.netplumb import errormap
-from edgevm.netplumb.core import NetCore
-from edgevm.netplumb.kernel import Plumber
+from edgevm.netplumb.converge import Plumber
+from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.netplumb.reconcile import ReconcileCommand, reconcile, reconcile_forever
 from edgevm.netplumb.records import NetRecords
 from edgevm.netplumb.settings import Settings
@@ -30,11 +30,11 @@ def make_setup(settings: Settings | None = None) -> Setup:
         node = ctx.config.node
         records = NetRecords(ctx.buckets[bus.NET.name], node)
         await records.load()
-        core = NetCore(node, records, Plumber(own.node_netns, own.netns_prefix), own, ctx.publisher)
-        ctx.stack.push_async_callback(core.close)
-        vrfs, vnets, vms = VrfCommands(core), VnetCommands(core), VmNetCommands(core)
+        net = NodeNetwork(node, records, Plumber(own.node_netns, own.netns_prefix), own, ctx.publisher)
+        ctx.stack.push_async_callback(net.close)
+        vrfs, vnets, vms = VrfCommands(net), VnetCommands(net), VmNetCommands(net)
         await vrfs.ensure_default()
-        done = await reconcile(core)
+        done = await reconcile(net)
         log.info("start-up reconcile: %d change(s), %d failure(s)", len(done.changes), len(done.failures))
 
         for verb, handler in [
@@ -54,13 +54,13 @@ def make_setup(settings: Settings | None = None) -> Setup:
             ("net.vm.activate", vms.activate),
             ("net.vm.deactivate", vms.deactivate),
             ("net.vm.release", vms.release),
-            ("net.reconcile", ReconcileCommand(core).reconcile),
+            ("net.reconcile", ReconcileCommand(net).reconcile),
         ]:
             await ctx.command(verb, handler, deadline=KERNEL_DEADLINE)
 
         ctx.background(follow_vms(ctx.buckets[bus.VMS.name], node, vms, records.vms.get), "VM states")
         if own.reconcile_interval > 0:
-            ctx.background(reconcile_forever(core, own.reconcile_interval), "reconcile")
+            ctx.background(reconcile_forever(net, own.reconcile_interval), "reconcile")
 
     return setup
 

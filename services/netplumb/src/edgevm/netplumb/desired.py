@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 
 from edgevm.netplumb import names
-from edgevm.netplumb.plans import (
+from edgevm.netplumb.drivers.values import (
     PortMappingRule,
     VirtualInterfacePlan,
     VirtualIpRule,

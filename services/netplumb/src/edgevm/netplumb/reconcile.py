@@ -12,7 +12,7 @@ import logging
 
 from msgspec import Struct
 
-from edgevm.netplumb.core import NetCore
+from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.shared.commands import Empty
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,9 @@ class Reconciled(Struct):
     failures: list[str]
 
 
-async def reconcile(core: NetCore) -> Reconciled:
+async def reconcile(net: NodeNetwork) -> Reconciled:
     """One verifying pass over every VRF, virtual network, table and wire of the node."""
-    outcome = await core.exclusive(lambda: core.converge(verify=True))
+    outcome = await net.exclusive(lambda: net.converge(verify=True))
     for failure in outcome.failures:
         log.error("reconcile: %s", failure)
     return Reconciled(changes=outcome.changes, failures=[str(failure) for failure in outcome.failures])
@@ -36,19 +36,19 @@ async def reconcile(core: NetCore) -> Reconciled:
 class ReconcileCommand:
     """Handler of `net.reconcile`."""
 
-    def __init__(self, core: NetCore) -> None:
-        self._core = core
+    def __init__(self, net: NodeNetwork) -> None:
+        self._net = net
 
     async def reconcile(self, _: Empty) -> Reconciled:
         """net.reconcile: reconcile now."""
-        return await reconcile(self._core)
+        return await reconcile(self._net)
 
 
-async def reconcile_forever(core: NetCore, interval: float) -> None:
+async def reconcile_forever(net: NodeNetwork, interval: float) -> None:
     """Reconciles every `interval` seconds for the life of the service."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await reconcile(core)
+            await reconcile(net)
         except Exception:
             log.exception("periodic reconcile failed")

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 
 from edgevm.netplumb import names
+from edgevm.netplumb.drivers.values import PortMappingRule, VirtualIpRule, VrfPlan
 from edgevm.netplumb.errors import ConflictError
 from edgevm.netplumb.nftjson import (
     ACCEPT,
@@ -29,7 +30,6 @@ from edgevm.netplumb.nftjson import (
     payload,
     snat,
 )
-from edgevm.netplumb.plans import PortMappingRule, VirtualIpRule, VrfPlan
 
 FAMILY = "inet"
 TABLE = "edgevm"

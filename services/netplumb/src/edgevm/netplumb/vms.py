@@ -15,10 +15,10 @@ import msgspec
 
 from edgevm.netplumb import ipam, names
 from edgevm.netplumb.checks import PRIMARY_NIC, check_prepare, interfaces_named
-from edgevm.netplumb.core import NetCore
+from edgevm.netplumb.converge import Outcome
 from edgevm.netplumb.errors import KernelError
-from edgevm.netplumb.kernel import Outcome
 from edgevm.netplumb.netconfig import network_config, node_nameservers
+from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NetStatus, NetStatusRequest
 from edgevm.shared.errors import NotFound
@@ -85,20 +85,20 @@ def failed_detail(failures: list[NetFailure], **detail: Any) -> dict[str, Any]:
 class VmNetCommands:
     """Handlers of `net.vm.prepare|activate|deactivate|release` and `net.status`."""
 
-    def __init__(self, core: NetCore) -> None:
-        self._core = core
+    def __init__(self, net: NodeNetwork) -> None:
+        self._net = net
         self._failed: set[str] = set()  # VMs whose last change was reported as net.failed
 
     async def prepare(self, req: NetPrepare) -> NetPrepared:
         """Checks the VM's network, allocates (or keeps) its NICs, records them; applies when it runs."""
-        return await self._core.exclusive(lambda: self._prepare(req))
+        return await self._net.exclusive(lambda: self._prepare(req))
 
     async def _prepare(self, req: NetPrepare) -> NetPrepared:
-        core = self._core
+        net = self._net
         named = interfaces_named(req)
-        present = await core.kernel(core.plumber.existing_interfaces, named) if named else set()
-        vrf = check_prepare(req, core.records, present)
-        before = core.records.vms.get(req.vm)
+        present = await net.kernel(net.plumber.existing_interfaces, named) if named else set()
+        vrf = check_prepare(req, net.records, present)
+        before = net.records.vms.get(req.vm)
         record = VmNetRecord(
             vm=req.vm,
             vrf=vrf.name,
@@ -115,16 +115,16 @@ class VmNetCommands:
         if before is not None and msgspec.structs.replace(before, updated_at=record.updated_at) == record:
             record, unchanged = before, True  # a repeated prepare writes nothing
         else:
-            await core.records.vms.put(req.vm, record)
+            await net.records.vms.put(req.vm, record)
         # The VRF's bridge must exist before libvirt plugs the tap in; a running VM gets its new rules.
-        failures = failures_of(await core.converge(), record)
+        failures = failures_of(await net.converge(), record)
         if failures:
             if not unchanged:  # a failed prepare leaves things as they were
                 if before is None:
-                    await core.records.vms.delete(req.vm)
+                    await net.records.vms.delete(req.vm)
                 else:
-                    await core.records.vms.put(req.vm, before)
-                await core.converge()
+                    await net.records.vms.put(req.vm, before)
+                await net.converge()
             if record.active:
                 await self._report_failure(req.vm, failures, active=True)
             raise KernelError("; ".join(map(str, failures)))
@@ -136,7 +136,7 @@ class VmNetCommands:
 
     def _bridge_nic(self, vm: str, vrf: VrfRecord, before: VmNetRecord | None) -> NicRecord:
         subnet = IPv4Network(vrf.subnet)
-        others = [r for r in self._core.records.vms.all() if r.vm != vm]
+        others = [r for r in self._net.records.vms.all() if r.vm != vm]
         kept = before.nics[0] if before is not None and before.nics else None
         if kept is not None and (before is None or before.vrf != vrf.name):
             kept = None
@@ -147,7 +147,7 @@ class VmNetCommands:
         else:
             address = ipam.allocate_address(subnet, taken, IPv4Address(vrf.gateway))
         macs = [n.mac for r in others for n in (*r.nics, *r.passthrough_nics)]
-        mac = kept.mac if kept is not None else ipam.mac_address(self._core.node, vm, 0, macs)
+        mac = kept.mac if kept is not None else ipam.mac_address(self._net.node, vm, 0, macs)
         return NicRecord(
             index=0,
             mac=mac,
@@ -160,12 +160,12 @@ class VmNetCommands:
 
     def _passthrough_nics(self, req: NetPrepare, before: VmNetRecord | None) -> list[NicRecord]:
         kept = {nic.name: nic for nic in before.passthrough_nics} if before is not None else {}
-        others = [r for r in self._core.records.vms.all() if r.vm != req.vm]
+        others = [r for r in self._net.records.vms.all() if r.vm != req.vm]
         macs = [n.mac for r in others for n in (*r.nics, *r.passthrough_nics)]
         nics = []
         for index, vif in enumerate(req.network.virtual_interfaces, start=1):
             old = kept.get(vif.destination)
-            mac = old.mac if old is not None else ipam.mac_address(self._core.node, req.vm, index, macs)
+            mac = old.mac if old is not None else ipam.mac_address(self._net.node, req.vm, index, macs)
             nics.append(
                 NicRecord(
                     index=index,
@@ -182,11 +182,11 @@ class VmNetCommands:
 
     async def activate(self, ref: NetVmRef) -> NetStatus:
         """The VM runs: its port mappings, virtual IPs and virtual interfaces are applied."""
-        return await self._core.exclusive(lambda: self._set_active(ref.vm, True))
+        return await self._net.exclusive(lambda: self._set_active(ref.vm, True))
 
     async def deactivate(self, ref: NetVmRef) -> NetStatus:
         """The VM stopped: its rules are removed (its addresses stay allocated)."""
-        return await self._core.exclusive(lambda: self._set_active(ref.vm, False))
+        return await self._net.exclusive(lambda: self._set_active(ref.vm, False))
 
     async def _set_active(self, vm: str, active: bool) -> NetStatus:
         """Puts a VM's rules in place (or removes them); net.applied only when that changes something.
@@ -195,8 +195,8 @@ class VmNetCommands:
         missed: whichever comes second finds the record as wanted and the kernel converged, so it reports
         nothing new. A VM whose last change failed is reported again once a change works.
         """
-        core = self._core
-        record = core.records.vms.get(vm)
+        net = self._net
+        record = net.records.vms.get(vm)
         if record is None:
             if active:
                 raise NotFound(f"VM {vm} has no network on this node: net.vm.prepare it first", "vm")
@@ -204,8 +204,8 @@ class VmNetCommands:
         changed = record.active != active or vm in self._failed
         if record.active != active:
             record = msgspec.structs.replace(record, active=active, updated_at=now())
-            await core.records.vms.put(vm, record)
-        failures = failures_of(await core.converge(), record)
+            await net.records.vms.put(vm, record)
+        failures = failures_of(await net.converge(), record)
         if failures:
             await self._report_failure(vm, failures, active=active)
             raise KernelError("; ".join(map(str, failures)))
@@ -215,38 +215,38 @@ class VmNetCommands:
 
     async def _report_applied(self, record: VmNetRecord) -> None:
         self._failed.discard(record.vm)
-        await self._core.published(record.vm, detail_of(record))
+        await self._net.published(record.vm, detail_of(record))
 
     async def _report_failure(self, vm: str, failures: list[NetFailure], *, active: bool) -> None:
         self._failed.add(vm)
-        await self._core.published(vm, failed_detail(failures, active=active), failed=True)
+        await self._net.published(vm, failed_detail(failures, active=active), failed=True)
 
     async def release(self, ref: NetVmRef) -> Empty:
         """The VM is deleted: its rules go, its addresses and MACs are free again, its record is removed.
 
         When the rules of a running VM cannot be removed, nothing is freed and the reply is 503.
         """
-        return await self._core.exclusive(lambda: self._release(ref.vm))
+        return await self._net.exclusive(lambda: self._release(ref.vm))
 
     async def _release(self, vm: str) -> Empty:
-        core = self._core
-        record = core.records.vms.get(vm)
+        net = self._net
+        record = net.records.vms.get(vm)
         if record is None:
             return Empty()
         if record.active:
             # The rules of a VM deleted while it runs go first: its address is freed (and may be given to the
             # next VM) only once no port mapping or virtual IP leads to it any more.
             await self._set_active(vm, False)
-        await core.records.vms.delete(vm)
+        await net.records.vms.delete(vm)
         self._failed.discard(vm)
-        outcome = await core.converge()
+        outcome = await net.converge()
         if outcome.failures:
-            await core.published(vm, failed_detail(outcome.failures, released=True), failed=True)
+            await net.published(vm, failed_detail(outcome.failures, released=True), failed=True)
         return Empty()
 
     async def status(self, req: NetStatusRequest) -> NetStatus:
         """net.status: the VM's network as applied on the node."""
-        record = self._core.records.vms.get(req.vm)
+        record = self._net.records.vms.get(req.vm)
         if record is None:
             raise NotFound(f"VM {req.vm} has no network on this node", "vm")
         return status_of(record)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
-from edgevm.netplumb.core import NetCore
 from edgevm.netplumb.desired import vnet_plan
+from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.netplumb.vrfs import check_usable
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NameRef, VnetCreate, VnetList
@@ -22,24 +22,24 @@ def public(record: VnetRecord) -> Vnet:
 class VnetCommands:
     """Handlers of `net.vnet.*`."""
 
-    def __init__(self, core: NetCore) -> None:
-        self._core = core
+    def __init__(self, net: NodeNetwork) -> None:
+        self._net = net
 
     async def create(self, cmd: VnetCreate) -> Vnet:
         """net.vnet.create: the network's bridge and VXLAN device, flooding to its peers."""
-        return await self._core.exclusive(lambda: self._create(cmd))
+        return await self._net.exclusive(lambda: self._create(cmd))
 
     async def _create(self, cmd: VnetCreate) -> Vnet:
-        records = self._core.records.vnets
+        records = self._net.records.vnets
         if cmd.name in records:
             raise Conflict(f"a virtual network named {cmd.name} exists already", "name")
-        check_usable("cidr", IPv4Network(cmd.cidr), self._core)
+        check_usable("cidr", IPv4Network(cmd.cidr), self._net)
         for other in records.all():
             if other.vni == cmd.vni:
                 raise Conflict(f"VXLAN id {cmd.vni} is used by virtual network {other.name}", "vni")
-        local: IPv4Address | None = self._core.settings.vxlan_local
+        local: IPv4Address | None = self._net.settings.vxlan_local
         if local is None:
-            local = await self._core.kernel(self._core.plumber.underlay_address, cmd.peers)
+            local = await self._net.kernel(self._net.plumber.underlay_address, cmd.peers)
         if local is None:
             raise Unprocessable(
                 "the node has no underlay address to send VXLAN from: give peers it can route to, "
@@ -50,32 +50,32 @@ class VnetCommands:
         record = VnetRecord(name=cmd.name, cidr=cmd.cidr, vni=cmd.vni, peers=peers, created_at=now(), local=str(local))
         await records.put(cmd.name, record)
         try:
-            await self._core.converge_or_raise(lambda f: f.step == "vnet" and f.network == cmd.name)
+            await self._net.converge_or_raise(lambda f: f.step == "vnet" and f.network == cmd.name)
         except Exception:
-            await self._core.kernel(self._core.plumber.remove_vnet, vnet_plan(record, self._core.settings.vxlan_local))
+            await self._net.kernel(self._net.plumber.remove_vnet, vnet_plan(record, self._net.settings.vxlan_local))
             await records.delete(cmd.name)
-            await self._core.converge()
+            await self._net.converge()
             raise
         return public(record)
 
     async def list(self, _: Empty) -> VnetList:
         """net.vnet.list."""
-        return VnetList(vnets=[public(r) for r in self._core.records.vnets.all()])
+        return VnetList(vnets=[public(r) for r in self._net.records.vnets.all()])
 
     async def delete(self, cmd: NameRef) -> Empty:
         """net.vnet.delete: 409 while a VM is attached to it."""
-        return await self._core.exclusive(lambda: self._delete(cmd))
+        return await self._net.exclusive(lambda: self._delete(cmd))
 
     async def _delete(self, cmd: NameRef) -> Empty:
-        record = self._core.records.vnets.get(cmd.name)
+        record = self._net.records.vnets.get(cmd.name)
         if record is None:
             raise NotFound(f"virtual network {cmd.name} does not exist", "name")
         users = [
-            vm.vm for vm in self._core.records.vms.all() if any(a.network == cmd.name for a in vm.virtual_networks)
+            vm.vm for vm in self._net.records.vms.all() if any(a.network == cmd.name for a in vm.virtual_networks)
         ]
         if users:
             raise Conflict(f"virtual network {cmd.name} is used by VM(s) {', '.join(users)}", "name")
-        await self._core.kernel(self._core.plumber.remove_vnet, vnet_plan(record, self._core.settings.vxlan_local))
-        await self._core.records.vnets.delete(cmd.name)
-        await self._core.converge()
+        await self._net.kernel(self._net.plumber.remove_vnet, vnet_plan(record, self._net.settings.vxlan_local))
+        await self._net.records.vnets.delete(cmd.name)
+        await self._net.converge()
         return Empty()

@@ -6,8 +6,8 @@ import logging
 from ipaddress import IPv4Network
 
 from edgevm.netplumb import ipam, names
-from edgevm.netplumb.core import NetCore
 from edgevm.netplumb.desired import vrf_plan
+from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NameRef, VrfCreate, VrfList
 from edgevm.shared.errors import Conflict, InvalidRequest, NotFound
@@ -17,16 +17,16 @@ from edgevm.shared.objects import Vrf
 log = logging.getLogger(__name__)
 
 
-def node_ranges(core: NetCore) -> list[tuple[IPv4Network, str]]:
+def node_ranges(node: NodeNetwork) -> list[tuple[IPv4Network, str]]:
     """The node's own networks, which no other VRF or virtual network may overlap: its default VRF's subnet."""
-    default = core.records.vrfs.get(names.DEFAULT_VRF)
-    subnets = {core.settings.default_subnet, *([IPv4Network(default.subnet)] if default is not None else [])}
+    default = node.records.vrfs.get(names.DEFAULT_VRF)
+    subnets = {node.settings.default_subnet, *([IPv4Network(default.subnet)] if default is not None else [])}
     return [(subnet, f"the node's default VRF {subnet}") for subnet in sorted(subnets)]
 
 
-def check_usable(field: str, net: IPv4Network, core: NetCore) -> None:
+def check_usable(field: str, net: IPv4Network, node: NodeNetwork) -> None:
     """Raise a 400 naming `field` when `net` cannot be a network of VMs on this node."""
-    reason = ipam.unusable_because(net, node_ranges(core))
+    reason = ipam.unusable_because(net, node_ranges(node))
     if reason is not None:
         raise InvalidRequest(f"{field}: {net} {reason}", field)
 
@@ -39,13 +39,13 @@ def public(record: VrfRecord) -> Vrf:
 class VrfCommands:
     """Handlers of `net.vrf.*`."""
 
-    def __init__(self, core: NetCore) -> None:
-        self._core = core
+    def __init__(self, net: NodeNetwork) -> None:
+        self._net = net
 
     async def ensure_default(self) -> None:
         """Records the default VRF (in the node namespace, subnet from the settings) when there is none."""
-        records = self._core.records.vrfs
-        subnet = self._core.settings.default_subnet
+        records = self._net.records.vrfs
+        subnet = self._net.settings.default_subnet
         current = records.get(names.DEFAULT_VRF)
         if current is None:
             gateway = str(ipam.gateway_address(subnet))
@@ -58,52 +58,52 @@ class VrfCommands:
 
     async def create(self, cmd: VrfCreate) -> Vrf:
         """net.vrf.create: a namespace with a bridge holding the gateway, joined to the node by an uplink."""
-        return await self._core.exclusive(lambda: self._create(cmd))
+        return await self._net.exclusive(lambda: self._create(cmd))
 
     async def _create(self, cmd: VrfCreate) -> Vrf:
-        records = self._core.records.vrfs
+        records = self._net.records.vrfs
         if cmd.name in records:
             raise Conflict(f"a VRF named {cmd.name} exists already", "name")
         subnet = IPv4Network(cmd.subnet)
-        check_usable("subnet", subnet, self._core)
+        check_usable("subnet", subnet, self._net)
         taken = [IPv4Network(r.uplink) for r in records.all() if r.uplink]
         uplink = ipam.allocate_uplink(ipam.DEFAULT_UPLINK_POOL, taken)
         record = VrfRecord(
             name=cmd.name,
             subnet=str(subnet),
             gateway=str(ipam.gateway_address(subnet)),
-            netns=names.vrf_netns(cmd.name, self._core.settings.netns_prefix),
+            netns=names.vrf_netns(cmd.name, self._net.settings.netns_prefix),
             uplink=str(uplink),
             created_at=now(),
         )
         await records.put(cmd.name, record)
         try:
-            await self._core.converge_or_raise(lambda f: f.step == "tables" or (f.step == "vrf" and f.vrf == cmd.name))
+            await self._net.converge_or_raise(lambda f: f.step == "tables" or (f.step == "vrf" and f.vrf == cmd.name))
         except Exception:
-            await self._core.kernel(self._core.plumber.remove_vrf, vrf_plan(record, self._core.settings.netns_prefix))
+            await self._net.kernel(self._net.plumber.remove_vrf, vrf_plan(record, self._net.settings.netns_prefix))
             await records.delete(cmd.name)
-            await self._core.converge()
+            await self._net.converge()
             raise
         return public(record)
 
     async def list(self, _: Empty) -> VrfList:
         """net.vrf.list."""
-        return VrfList(vrfs=[public(r) for r in self._core.records.vrfs.all()])
+        return VrfList(vrfs=[public(r) for r in self._net.records.vrfs.all()])
 
     async def delete(self, cmd: NameRef) -> Empty:
         """net.vrf.delete: 409 while a VM is in it; the default VRF is never deleted."""
-        return await self._core.exclusive(lambda: self._delete(cmd))
+        return await self._net.exclusive(lambda: self._delete(cmd))
 
     async def _delete(self, cmd: NameRef) -> Empty:
-        record = self._core.records.vrfs.get(cmd.name)
+        record = self._net.records.vrfs.get(cmd.name)
         if record is None:
             raise NotFound(f"VRF {cmd.name} does not exist", "name")
         if cmd.name == names.DEFAULT_VRF:
             raise Conflict("the default VRF is the node's own network and cannot be deleted", "name")
-        users = [vm.vm for vm in self._core.records.vms.all() if vm.vrf == cmd.name]
+        users = [vm.vm for vm in self._net.records.vms.all() if vm.vrf == cmd.name]
         if users:
             raise Conflict(f"VRF {cmd.name} is used by VM(s) {', '.join(users)}", "name")
-        await self._core.kernel(self._core.plumber.remove_vrf, vrf_plan(record, self._core.settings.netns_prefix))
-        await self._core.records.vrfs.delete(cmd.name)
-        await self._core.converge()
+        await self._net.kernel(self._net.plumber.remove_vrf, vrf_plan(record, self._net.settings.netns_prefix))
+        await self._net.records.vrfs.delete(cmd.name)
+        await self._net.converge()
         return Empty()

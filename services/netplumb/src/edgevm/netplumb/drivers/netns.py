@@ -11,24 +11,17 @@ share one mount namespace (children of one `edgevm node up`, or systemd units wi
 PrivateMounts=/PrivateTmp=), and a leftover file is cleared before its name is used again.
 """
 
-import ctypes
 import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from edgevm.netplumb.errors import KernelError
+from edgevm.shared import netns as shared_netns
+from edgevm.shared.netns import NETNS_DIR
 
-NETNS_DIR = "/run/netns"
 COMMAND_TIMEOUT = 10.0
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        raise KernelError(f"cannot enter a network namespace: {os.strerror(ctypes.get_errno())}")
 
 
 @contextmanager
@@ -37,25 +30,17 @@ def entered(name: str | None) -> Iterator[None]:
 
     A netlink socket or a /proc/sys/net file opened inside stays bound to that namespace. This replaces
     pyroute2's way of reaching a namespace (it forks a child, which in an asyncio process can wake the
-    parent's signal handlers with the SIGTERM pyroute2 ends the child with), and costs no process.
+    parent's signal handlers with the SIGTERM pyroute2 ends the child with), and costs no process. Only
+    entering is translated to KernelError: what the body raises reaches the caller as it is.
     """
-    if name is None:
-        yield
-        return
-    try:
-        target = os.open(_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise KernelError(f"network namespace {name} cannot be opened: {exc.strerror}") from None
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target)
+    with ExitStack() as stack:
         try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(target)
-        os.close(home)
+            stack.enter_context(shared_netns.entered(name))
+        except shared_netns.NamespaceNotFound:
+            raise KernelError(f"network namespace {name} cannot be opened: it does not exist") from None
+        except OSError as exc:
+            raise KernelError(f"network namespace {name} cannot be entered: {exc.strerror}") from None
+        yield
 
 
 def command(argv: Sequence[str], netns: str | None = None) -> list[str]:

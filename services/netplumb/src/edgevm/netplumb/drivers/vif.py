@@ -12,8 +12,8 @@ from typing import Any
 
 from edgevm.netplumb.drivers.links import open_links
 from edgevm.netplumb.drivers.netns import run
+from edgevm.netplumb.drivers.values import VirtualInterfacePlan
 from edgevm.netplumb.errors import KernelError
-from edgevm.netplumb.plans import VirtualInterfacePlan
 
 
 def _tc(args: list[str], netns: str | None) -> str:

@@ -13,8 +13,8 @@ from ipaddress import IPv4Address, IPv4Interface
 from edgevm.netplumb import names
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers.links import open_links
+from edgevm.netplumb.drivers.values import VnetPlan, VrfPlan
 from edgevm.netplumb.drivers.vxlan import ensure_peers, ensure_vxlan
-from edgevm.netplumb.plans import VnetPlan, VrfPlan
 
 
 def ensure_vnet(vnet: VnetPlan, node_netns: str | None = None) -> list[str]:

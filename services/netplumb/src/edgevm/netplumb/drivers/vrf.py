@@ -18,7 +18,7 @@ is a bridge `evbr-default` holding the gateway in the node namespace itself.
 from edgevm.netplumb import names
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers.links import Links, open_links
-from edgevm.netplumb.plans import VrfPlan
+from edgevm.netplumb.drivers.values import VrfPlan
 
 
 def ensure_vrf(vrf: VrfPlan, node_netns: str | None = None) -> list[str]:

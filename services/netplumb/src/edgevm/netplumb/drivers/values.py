@@ -1,4 +1,5 @@
-"""Plain values that cross the boundary between netplumb's domain code and its kernel drivers."""
+"""The plain values netplumb's kernel drivers take: VRFs, virtual networks, NICs, interfaces and rules as the
+kernel holds them (the `...Plan`s), made from records by the `plan_...` functions."""
 
 from collections.abc import Iterable
 from dataclasses import dataclass

@@ -11,20 +11,22 @@ from pathlib import Path
 import msgspec
 from nats.js.kv import KeyValue
 
-from edgevm.flowwatch import ctsource, cutoff, metrics, saved
+from edgevm.flowwatch import metrics, saved
 from edgevm.flowwatch.addresses import AddressMap, Netns
+from edgevm.flowwatch.drivers import cutoff
+from edgevm.flowwatch.drivers.cutting import Cutting
 from edgevm.flowwatch.flowtable import ActiveFlow, Changes, NamespaceFlows, flow_key
 from edgevm.flowwatch.history import FlowHistory
 from edgevm.flowwatch.outbox import Outbox
 from edgevm.flowwatch.recorder import FlowRecorder
-from edgevm.flowwatch.terminate import DeleteEntry, TerminateFailed, Terminator
+from edgevm.flowwatch.terminate import TerminateFailed, Terminator
 from edgevm.flowwatch.watcher import NamespaceWatch
 from edgevm.shared.commands import FlowList, FlowListRequest, FlowTerminate
 from edgevm.shared.errors import Conflict, NotFound, Unavailable
 from edgevm.shared.netstate import VmNetRecord, VrfRecord
 from edgevm.shared.objects import Flow
 
-__all__ = ["FlowWatch"]
+__all__ = ["NodeFlows"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ _vm_decoder = msgspec.json.Decoder(VmNetRecord)
 _vrf_decoder = msgspec.json.Decoder(VrfRecord)
 
 
-class FlowWatch:
+class NodeFlows:
     """The flows of a node's VMs: active ones in memory per namespace, completed ones in JetStream.
 
     `node_netns` is where the node's own namespace (netns None in netplumb's records) really is: None in
@@ -44,10 +46,10 @@ class FlowWatch:
         node: str,
         history: FlowHistory,
         outbox: Outbox,
+        cutting: Cutting,
         node_netns: str | None = None,
         cut_seconds: int = cutoff.CUT_SECONDS,
         state_dir: Path | None = None,
-        delete_entry: DeleteEntry = ctsource.delete,
     ) -> None:
         self.node = node
         self.history = history
@@ -55,7 +57,7 @@ class FlowWatch:
         self.addresses = AddressMap()
         self.watches: dict[Netns, NamespaceWatch] = {}
         self.recorder = FlowRecorder(node, outbox)
-        self.terminator = Terminator(self.recorder, self.watches, self.kernel_netns, cut_seconds, delete_entry)
+        self.terminator = Terminator(self.recorder, self.watches, self.kernel_netns, cutting, cut_seconds)
         self.records_loaded = asyncio.Event()
         self._retiring: set[asyncio.Task[None]] = set()
         # what the last run left: its active flows by namespace, handed to each first resync

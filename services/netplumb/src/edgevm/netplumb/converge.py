@@ -1,4 +1,4 @@
-"""Brings the kernel of one node to a Desired state, and answers what the kernel has.
+"""Converging: the kernel of one node brought to a Desired state (the Plumber), and what the kernel has.
 
 Every method blocks (netlink, nft, tc, sysctl): the service runs them one at a time on its own worker
 thread, so two changes never interleave. The plumber remembers what it applied in this process, so a
@@ -21,12 +21,12 @@ from edgevm.netplumb.desired import Desired
 from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers import nft
 from edgevm.netplumb.drivers.links import links_session, open_links
+from edgevm.netplumb.drivers.values import VirtualInterfacePlan, VnetPlan, VrfPlan
 from edgevm.netplumb.drivers.vif import ensure_virtual_interface, remove_virtual_interface
 from edgevm.netplumb.drivers.vnet import ensure_attachment, ensure_vnet, remove_attachment, remove_vnet
 from edgevm.netplumb.drivers.vrf import ensure_vrf, remove_vrf
 from edgevm.netplumb.errors import KernelError, NetplumbError
 from edgevm.netplumb.nftjson import Table
-from edgevm.netplumb.plans import VirtualInterfacePlan, VnetPlan, VrfPlan
 from edgevm.netplumb.rulesets import NetnsTables, tables
 from edgevm.shared.netstate import NetFailure, NetStep
 

@@ -27,7 +27,7 @@ from pyroute2.netlink.nfnetlink import (
 )
 from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket, NFCTAttrTuple
 
-from edgevm.flowwatch.ctparse import (
+from edgevm.flowwatch.drivers.ctparse import (
     CTA_IP_V4_DST,
     CTA_IP_V4_SRC,
     CTA_IP_V6_DST,
@@ -54,7 +54,7 @@ from edgevm.flowwatch.ctparse import (
     ends_dump,
     parse_into,
 )
-from edgevm.flowwatch.netns import NamespaceNotFound, write_sysctl
+from edgevm.shared.netns import NamespaceNotFound, write_sysctl
 
 __all__ = [
     "EVENT_GROUPS",

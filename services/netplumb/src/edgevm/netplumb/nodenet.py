@@ -1,4 +1,5 @@
-"""The heart of the service: records, the kernel plumber, and the one queue every change goes through."""
+"""The node's network as netplumb holds it: its records, the plumber of its kernel, and the one queue every
+change to them goes through."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from edgevm.netplumb.converge import Outcome, Plumber
 from edgevm.netplumb.desired import Desired, desired
 from edgevm.netplumb.errors import KernelError
-from edgevm.netplumb.kernel import Outcome, Plumber
 from edgevm.netplumb.records import NetRecords
 from edgevm.netplumb.settings import Settings
 from edgevm.shared.clock import now
@@ -27,8 +28,8 @@ def _report_unawaited(task: asyncio.Task[Any]) -> None:
         log.warning("a change went on after its caller stopped waiting, and failed: %s", task.exception())
 
 
-class NetCore:
-    """Owns the node's records and kernel; changes run one at a time, each to its end once started.
+class NodeNetwork:
+    """The node's network: owns its records and kernel; changes run one at a time, each to its end once started.
 
     A command's deadline may end the wait for a change but never the change: it is shielded, so records
     and kernel never part half-way. Kernel work runs on a single worker thread.

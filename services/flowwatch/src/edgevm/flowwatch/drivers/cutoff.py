@@ -12,9 +12,8 @@ import asyncio
 import socket
 from collections.abc import Iterable
 
-from edgevm.flowwatch.ctparse import CtTuple
-from edgevm.flowwatch.flowtable import ActiveFlow
-from edgevm.flowwatch.probes import PROBE_MARK
+from edgevm.flowwatch.drivers.ctparse import CtEntry, CtTuple
+from edgevm.flowwatch.drivers.probes import PROBE_MARK
 
 __all__ = [
     "TABLE", "CutoffError", "cut", "cut_elements", "ensure_table", "remove_table", "remove_table_unless_cutting",
@@ -138,8 +137,9 @@ def _element_script(family: int, elements: Iterable[tuple[int, str, int, str, in
     return f"add element inet {TABLE} {name} {{ {items} }}\n"
 
 
-async def cut(netns: str | None, flow: ActiveFlow, seconds: int = CUT_SECONDS, timeout: float = 5.0) -> bool:
-    """Reject (TCP) or drop (UDP) the flow's packets for `seconds`; False if it has no ports to match."""
+async def cut(netns: str | None, flow: CtEntry, seconds: int = CUT_SECONDS, timeout: float = 5.0) -> bool:
+    """Reject (TCP) or drop (UDP) the packets of a flow (its conntrack entry) for `seconds`; False if it has
+    no ports to match."""
     elements = cut_elements(flow.orig, flow.reply)
     if not elements:
         return False
@@ -147,8 +147,8 @@ async def cut(netns: str | None, flow: ActiveFlow, seconds: int = CUT_SECONDS, t
     return True
 
 
-async def uncut(netns: str | None, flow: ActiveFlow, timeout: float = 5.0) -> None:
-    """Let the flow's packets pass again (a cut whose termination failed); nothing to do if it expired."""
+async def uncut(netns: str | None, flow: CtEntry, timeout: float = 5.0) -> None:
+    """Let a flow's packets pass again (a cut whose termination failed); nothing to do if it expired."""
     elements = cut_elements(flow.orig, flow.reply)
     for element in sorted(elements):  # one by one: deleting one that expired fails its whole command
         try:

@@ -13,8 +13,8 @@ import os
 import socket
 import struct
 
-from edgevm.flowwatch.ctparse import CtTuple
-from edgevm.flowwatch.netns import call_in_netns
+from edgevm.flowwatch.drivers.ctparse import CtTuple
+from edgevm.shared.netns import call_in_netns
 
 __all__ = ["PROBE_MARK", "send_probes", "tcp_probe"]
 
