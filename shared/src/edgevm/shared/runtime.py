@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from edgevm.shared import subjects
+from edgevm.shared.background import Background
 from edgevm.shared.bus import connect, ensure_jetstream
 from edgevm.shared.config import Config
 from edgevm.shared.endpoint import CommandService, Handler
@@ -40,7 +41,10 @@ class ServiceContext:
     commands: CommandService
     stack: contextlib.AsyncExitStack
     metrics_port: int = 0
-    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    tasks: Background = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tasks = Background(f"edgevm-{self.name}")
 
     async def command(self, verb: str, handler: Handler, deadline: float = 2.0, inline: bool = False) -> None:
         """Serve `handler` as command `verb` of this node (`edgevm.<node>.<verb>`); see CommandService.add."""
@@ -49,16 +53,12 @@ class ServiceContext:
         )
 
     def background(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run `coro` for the life of the service; it is cancelled (and awaited) at shutdown."""
-        task = asyncio.create_task(_logged(coro, name), name=name)
-        self._tasks.append(task)
-        return task
+        """Run `coro` for the life of the service; it is cancelled (and awaited) at shutdown, a failure logged."""
+        return self.tasks.start(_logged(coro, name), name, log_failure=False)
 
     async def stop_background(self) -> None:
         """Cancel the background tasks and wait for them to end."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.tasks.close()
 
 
 async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:

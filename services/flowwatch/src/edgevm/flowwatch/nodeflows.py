@@ -21,6 +21,7 @@ from edgevm.flowwatch.outbox import Outbox
 from edgevm.flowwatch.recorder import FlowRecorder
 from edgevm.flowwatch.terminate import TerminateFailed, Terminator
 from edgevm.flowwatch.watcher import NamespaceWatch
+from edgevm.shared.background import Background
 from edgevm.shared.commands import FlowList, FlowListRequest, FlowTerminate
 from edgevm.shared.errors import Conflict, NotFound, Unavailable
 from edgevm.shared.netstate import VmNetRecord, VrfRecord
@@ -59,7 +60,7 @@ class NodeFlows:
         self.recorder = FlowRecorder(node, outbox)
         self.terminator = Terminator(self.recorder, self.watches, self.kernel_netns, cutting, cut_seconds)
         self.records_loaded = asyncio.Event()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring = Background("flowwatch: namespaces left")
         # what the last run left: its active flows by namespace, handed to each first resync
         self._state_file = state_dir / "flows.json" if state_dir is not None else None
         state = saved.load(self._state_file)
@@ -85,9 +86,7 @@ class NodeFlows:
             watch.start()
             log.info("watching conntrack in %s", watch.label)
         for netns in self.watches.keys() - wanted:
-            task = asyncio.create_task(self._retire(netns, self.watches.pop(netns)))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retiring.start(self._retire(netns, self.watches.pop(netns)), netns or "node")
         metrics.WATCHED.set(len(self.watches))
 
     async def _retire(self, netns: Netns, watch: NamespaceWatch) -> None:
@@ -168,7 +167,7 @@ class NodeFlows:
     async def stop(self) -> None:
         """Stop every namespace watch; leave the active flows and the ended ids to the next run."""
         await asyncio.gather(*(watch.stop() for watch in self.watches.values()))
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        await self._retiring.drain(None)
         await self.terminator.stop()
         self._save()
         for netns, watch in self.watches.items():

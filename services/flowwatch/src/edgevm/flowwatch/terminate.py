@@ -6,8 +6,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 from edgevm.flowwatch import metrics
 from edgevm.flowwatch.addresses import Netns
@@ -17,6 +16,7 @@ from edgevm.flowwatch.drivers.cutting import Cutting
 from edgevm.flowwatch.flowtable import ActiveFlow, NamespaceFlows
 from edgevm.flowwatch.recorder import FlowRecorder
 from edgevm.flowwatch.watcher import NamespaceWatch
+from edgevm.shared.background import Background
 from edgevm.shared.netns import NamespaceNotFound
 from edgevm.shared.objects import Flow
 
@@ -53,8 +53,8 @@ class Terminator:
         self._kernel_netns = kernel_netns
         self._kernel = cutting
         self.cut_seconds = cut_seconds
-        self._undoing: set[asyncio.Task[None]] = set()  # cuts of failed terminations being lifted
-        self._timers: set[asyncio.Task[None]] = set()  # the ends of cuts, when the flows' entries may come again
+        self._undoing = Background("flowwatch: lifting cuts")  # of failed terminations
+        self._timers = Background("flowwatch: ends of cuts")  # when the flows' entries may come again
 
     async def terminate(self, netns: Netns, watch: NamespaceWatch, flow: ActiveFlow) -> Flow:
         """Cut, delete and probe an active flow of watch's; its record, status `terminated`.
@@ -84,7 +84,7 @@ class Terminator:
                 self._undo(kernel_netns, flows, flow, cut)
         record = self._recorder.ended(flow, "terminated", time.time_ns())
         metrics.FLOWS.labels(flow.vm, "terminated").inc()
-        self._own(self._timers, self._release_later(flows, flow))
+        self._timers.start(self._release_later(flows, flow), flow.id)
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 await self._probe(netns, flow)
@@ -96,7 +96,7 @@ class Terminator:
         flows.release(flow, restore=True)
         self._recorder.terminating.pop(flow.id, None)
         if cut:
-            self._own(self._undoing, self._uncut(kernel_netns, flow))
+            self._undoing.start(self._uncut(kernel_netns, flow), flow.id)
 
     async def _uncut(self, kernel_netns: str | None, flow: ActiveFlow) -> None:
         try:
@@ -108,17 +108,10 @@ class Terminator:
         await asyncio.sleep(self.cut_seconds)
         flows.release(flow, restore=False)
 
-    @staticmethod
-    def _own(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
     async def stop(self) -> None:
         """Finish lifting the cuts of failed terminations; drop the timers (the cuts expire by themselves)."""
-        for task in self._timers:
-            task.cancel()
-        await asyncio.gather(*self._undoing, *self._timers, return_exceptions=True)
+        await self._timers.close()
+        await self._undoing.drain(None)
 
     async def _probe(self, netns: Netns, flow: ActiveFlow) -> None:
         """Make both ends of a cut TCP flow learn of it now (see probes.py).

@@ -14,6 +14,7 @@ from edgevm.netplumb.desired import Desired, desired
 from edgevm.netplumb.errors import KernelError
 from edgevm.netplumb.records import NetRecords
 from edgevm.netplumb.settings import Settings
+from edgevm.shared.background import Background
 from edgevm.shared.clock import now
 from edgevm.shared.events import NetApplied, NetFailed
 from edgevm.shared.netstate import NetFailure
@@ -45,7 +46,7 @@ class NodeNetwork:
         self._publisher = publisher
         self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netplumb-kernel")
-        self._changes: set[asyncio.Task[Any]] = set()
+        self._changes = Background("netplumb changes")
         self.last_outcome = Outcome()
 
     async def kernel(self, work: Callable[..., T], *args: Any) -> T:
@@ -59,9 +60,7 @@ class NodeNetwork:
             async with self._lock:
                 return await change()
 
-        task = asyncio.ensure_future(locked())
-        self._changes.add(task)
-        task.add_done_callback(self._changes.discard)
+        task = self._changes.start(locked(), "a change", log_failure=False)  # the caller hears
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -105,7 +104,6 @@ class NodeNetwork:
             log.warning("could not publish %s for %s: %s", type(event).__name__, vm, exc)
 
     async def close(self) -> None:
-        """Waits for changes in flight, then stops the kernel thread."""
-        if self._changes:
-            await asyncio.wait(set(self._changes), timeout=30)
+        """Lets the changes in flight end (for up to 30 s), then stops the kernel thread."""
+        await self._changes.drain(30)
         self._executor.shutdown(wait=True)
