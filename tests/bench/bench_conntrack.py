@@ -20,8 +20,8 @@ from pyroute2.conntrack import Conntrack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from edgevm.flowwatch.drivers import ctparse, ctsource
-from edgevm.flowwatch.drivers.ctsource import CtEventStream, Overrun
+from edgevm.flowwatch.drivers import ctevents, ctparse, ctsource
+from edgevm.flowwatch.drivers.ctevents import CtEventStream, Overrun
 from edgevm.shared.netns import write_sysctl
 
 ENTRIES = 20_000
@@ -102,7 +102,7 @@ async def consume(stream: CtEventStream, wanted: int, idle: float = 3.0) -> tupl
 
 async def live_events(netns: str) -> None:
     """NEW events while a separate process makes the flows: our rate is bounded by the sender's."""
-    async with ctsource.events(netns) as stream:
+    async with ctevents.events(netns) as stream:
         start = time.perf_counter()
         sender = await asyncio.create_subprocess_exec(
             "ip", "netns", "exec", netns, sys.executable, "-c", GENERATOR, str(ENTRIES)
@@ -119,7 +119,7 @@ async def live_events(netns: str) -> None:
 
 async def backlog_events(netns: str, expected: int) -> None:
     """DESTROY events of a table flush, queued while nobody reads, then drained: our own top rate."""
-    async with ctsource.events(netns) as stream:
+    async with ctevents.events(netns) as stream:
         in_netns(netns, "conntrack", "-F")
         seen, seconds, overruns = await consume(stream, expected)
     report(
@@ -131,7 +131,7 @@ async def backlog_events(netns: str, expected: int) -> None:
 
 async def small_buffer_events(netns: str, count: int, rcvbuf: int) -> None:
     """NEW then DESTROY of count flows with a small socket buffer, read as they come: do we keep up?"""
-    async with ctsource.events(netns, rcvbuf=rcvbuf) as stream:
+    async with ctevents.events(netns, rcvbuf=rcvbuf) as stream:
         script = f"{sys.executable} -c '{GENERATOR}' {count} && conntrack -F >/dev/null 2>&1"
         sender = await asyncio.create_subprocess_exec("ip", "netns", "exec", netns, "sh", "-c", script)
         seen, seconds, overruns = await consume(stream, 2 * count, idle=1.0)

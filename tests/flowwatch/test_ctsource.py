@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from edgevm.flowwatch.drivers import ctsource
+from edgevm.flowwatch.drivers import ctevents, ctsource
+from edgevm.flowwatch.drivers.ctevents import CtEventStream, Overrun
 from edgevm.flowwatch.drivers.ctparse import CtEntry, CtKind, CtTuple
-from edgevm.flowwatch.drivers.ctsource import CtEventStream, Overrun
 from edgevm.shared.netns import NamespaceNotFound
 
 from .conftest import TcpPair, ping, udp_burst, udp_exchange
@@ -101,7 +101,7 @@ def test_dump_of_a_missing_namespace_raises() -> None:
 
 
 async def test_events_follow_a_short_tcp_connection_from_new_to_destroy(netns: str) -> None:
-    async with ctsource.events(netns) as stream:
+    async with ctevents.events(netns) as stream:
         pair = TcpPair(netns)
         pair.exchange(1000, 300)
         client, server = pair.ports
@@ -156,7 +156,7 @@ async def test_delete_removes_the_entry_once(netns: str, flow: str) -> None:
 
 
 async def test_overrun_is_reported_and_events_flow_again_after_it(netns: str) -> None:
-    async with ctsource.events(netns, rcvbuf=4096) as stream:
+    async with ctevents.events(netns, rcvbuf=4096) as stream:
         udp_burst(netns, 3000)  # nobody reads meanwhile: the socket buffer holds a handful of events
         before: list[CtEntry] = []
         async with asyncio.timeout(10):
@@ -180,7 +180,7 @@ async def test_overrun_is_reported_and_events_flow_again_after_it(netns: str) ->
 
 
 async def test_close_ends_a_waiting_reader(netns: str) -> None:
-    stream = ctsource.events(netns)
+    stream = ctevents.events(netns)
     await stream.open()
 
     async def read_all() -> list[list[CtEntry] | Overrun]:

@@ -10,8 +10,9 @@ import time
 from collections.abc import Callable
 
 from edgevm.flowwatch import metrics
-from edgevm.flowwatch.drivers import ctsource, cutoff
-from edgevm.flowwatch.drivers.ctsource import CtEventStream, CtLookup, Overrun
+from edgevm.flowwatch.drivers import ctevents, ctsource, cutoff
+from edgevm.flowwatch.drivers.ctevents import CtEventStream, Overrun
+from edgevm.flowwatch.drivers.ctsource import CtLookup
 from edgevm.flowwatch.flowtable import Changes, NamespaceFlows
 from edgevm.flowwatch.gcpause import gc_paused
 from edgevm.shared.netns import NamespaceNotFound, namespace_id
@@ -165,7 +166,7 @@ class NamespaceWatch:
         self._check_namespace()
         await asyncio.to_thread(ctsource.enable_accounting, self.kernel_netns)
         await cutoff.ensure_table(self.kernel_netns)
-        async with ctsource.events(self.kernel_netns, self.rcvbuf) as stream:
+        async with ctevents.events(self.kernel_netns, self.rcvbuf) as stream:
             self._check_namespace()  # the sockets were made in the namespace we know
             self._resync_wanted.clear()  # the dump below covers what was asked so far
             await self.resync("start")
