@@ -62,16 +62,17 @@ class ServiceContext:
 
 
 async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
+    # The failure is reported here, once; the task then ends quietly (None), so no "exception was never
+    # retrieved" traceback follows it when nobody awaits the task.
     try:
         return await coro
     except asyncio.CancelledError:
         raise
     except nats.errors.ConnectionClosedError:
         log.warning("background task %s ended: the NATS connection is closed", name)
-        raise
     except Exception:
         log.exception("background task %s failed", name)
-        raise
+    return None
 
 
 Setup = Callable[[ServiceContext], Awaitable[None]]
