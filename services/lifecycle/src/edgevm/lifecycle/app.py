@@ -8,6 +8,8 @@ import logging
 import os
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from edgevm.lifecycle import errormap
 from edgevm.lifecycle.drivers.connection import HypervisorConnection
 from edgevm.lifecycle.drivers.domains import Domains
@@ -25,6 +27,7 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.runner import TaskRunner
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
+from edgevm.lifecycle.vmmetrics import SCRAPE_TIMEOUT, VmMetricsCollector, from_loop, read_bulk_stats
 from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
@@ -87,6 +90,7 @@ async def setup(ctx: ServiceContext) -> None:
     vms = VmService(node, records, images, domains, Planner(layout, node, domain_type), runner, locks,
                     ctx.publisher, os.cpu_count() or 1, host_memory_bytes(), network=network)
     ctx.stack.push_async_callback(vms.close)
+    register_vm_metrics(ctx, connection, vms)
     tasks = TaskCommands(index, store, node)
 
     ctx.background(index.follow(), "task index")
@@ -128,6 +132,18 @@ async def setup(ctx: ServiceContext) -> None:
         ("task.cancel", tasks.cancel),
     ]:
         await ctx.command(verb, handler)
+
+
+def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
+    """Export the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
+    read = from_loop(lambda: connection.call(read_bulk_stats, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
+    collector = VmMetricsCollector(read, ctx.config.node, vms.host_cpus, vms.host_memory)
+    try:
+        REGISTRY.register(collector)
+    except ValueError:  # only where tests run two lifecycle services in one process at once
+        log.warning("per-VM metrics not exported: another lifecycle service of this process exports them")
+        return
+    ctx.stack.callback(REGISTRY.unregister, collector)
 
 
 async def follow_domains(events: LifecycleEvents, vms: VmService) -> None:
