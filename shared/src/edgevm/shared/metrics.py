@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 COMMANDS = Counter(
     "edgevm_commands_total",
@@ -24,6 +24,24 @@ EVENTS_UNACKED = Counter(
     "edgevm_events_unacked_total",
     "Events JetStream did not acknowledge in time (or refused), by service and event type.",
     ["service", "type"],
+)
+
+# Tasks, counted by the TaskStore that writes them (so by whichever service runs them).
+TASKS_FINISHED = Counter(
+    "edgevm_tasks",
+    "Tasks that ended, by node, VM (\"\" for none), kind and outcome (succeeded, failed, cancelled).",
+    ["node", "vm", "kind", "outcome"],
+)
+TASK_DURATION = Histogram(
+    "edgevm_task_duration_seconds",
+    "Time from a task's creation to its end, by node and kind.",
+    ["node", "kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0),
+)
+TASKS_ACTIVE = Gauge(
+    "edgevm_tasks_active",
+    "Tasks of this process not ended yet, by node, kind and status (queued, running).",
+    ["node", "kind", "status"],
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -13,12 +14,16 @@ from edgevm.shared.clock import now
 from edgevm.shared.errors import Conflict, NotFound, to_edgevm_error
 from edgevm.shared.events import TaskUpdated
 from edgevm.shared.ids import new_id
+from edgevm.shared.metrics import TASK_DURATION, TASKS_ACTIVE, TASKS_FINISHED
 from edgevm.shared.objects import Task
 from edgevm.shared.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Task)
+FINAL = ("succeeded", "failed", "cancelled")
+# The queued/running tasks this process wrote last, by (node, id): what the active gauge counts.
+_active: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 def task_key(node: str, task_id: str) -> str:
@@ -49,6 +54,7 @@ class TaskStore:
         )
         revision = await self._kv.create(task_key(self._node, task.id), _encoder.encode(task))
         await self._publisher.publish(TaskUpdated(at=now(), task=task))
+        _count_transition(task)
         return task, revision
 
     async def get(self, task_id: str) -> tuple[Task, int]:
@@ -66,7 +72,7 @@ class TaskStore:
         status = changes.get("status", task.status)
         if status == "running" and task.started_at is None:
             changes["started_at"] = now()
-        if status in ("succeeded", "failed", "cancelled") and task.finished_at is None:
+        if status in FINAL and task.finished_at is None:
             changes["finished_at"] = now()
             if status == "succeeded":
                 changes.setdefault("progress", 100)
@@ -78,7 +84,28 @@ class TaskStore:
             raise Conflict(f"task {task.id} changed meanwhile (now {current.status})", "id") from None
         # The event goes out after the write succeeded: a subscriber never sees a status the bucket lacks.
         await self._publisher.publish(TaskUpdated(at=now(), task=updated))
+        if updated.status != task.status:
+            _count_transition(updated)
         return updated, revision
+
+
+def _count_transition(task: Task) -> None:
+    """Move `task` to its new status in the task metrics (a task first seen here may have started elsewhere)."""
+    key = (task.node, task.id)
+    before = _active.pop(key, None)
+    if before is not None:
+        TASKS_ACTIVE.labels(task.node, *before).dec()
+    if task.status in FINAL:
+        TASKS_FINISHED.labels(task.node, task.vm or "", task.kind, task.status).inc()
+        if task.finished_at is not None:
+            TASK_DURATION.labels(task.node, task.kind).observe(max(0.0, _seconds(task.created_at, task.finished_at)))
+    else:
+        _active[key] = (task.kind, task.status)
+        TASKS_ACTIVE.labels(task.node, task.kind, task.status).inc()
+
+
+def _seconds(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def failure_text(exc: BaseException, service: str) -> str:
