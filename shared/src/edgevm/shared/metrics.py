@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+T = TypeVar("T")
+SCRAPE_TIMEOUT = 5.0
 
 COMMANDS = Counter(
     "edgevm_commands_total",
@@ -49,3 +58,43 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) 
     """Start the metrics HTTP server in a daemon thread; return the port it listens on (port 0: any)."""
     server, _thread = start_http_server(port, addr=host, registry=registry)
     return int(server.server_address[1])
+
+
+def on_loop(call: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop,
+            timeout: float = SCRAPE_TIMEOUT) -> Callable[[], T]:
+    """A blocking function for a collector on the scrape thread: awaits `call()` on the service's event loop."""
+
+    async def run() -> T:
+        return await call()
+
+    def blocking() -> T:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("a scrape-time read must run on the scrape thread, not on the loop it waits for")
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
+
+    return blocking
+
+
+class CachedRead(Generic[T]):
+    """A blocking read shared by the scrapes of `max_age` seconds (concurrent scrapes wait for one read)."""
+
+    def __init__(self, read: Callable[[], T], max_age: float) -> None:
+        self._read = read
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._cached: tuple[float, T, float] | None = None
+
+    def __call__(self) -> tuple[T, float]:
+        """Return the value and the seconds its read took (a read's exception is raised, not cached)."""
+        with self._lock:
+            started = time.monotonic()
+            if self._cached is not None and started - self._cached[0] < self._max_age:
+                return self._cached[1], self._cached[2]
+            value = self._read()
+            ended = time.monotonic()
+            self._cached = (ended, value, ended - started)
+            return value, ended - started

@@ -27,12 +27,13 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.runner import TaskRunner
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
-from edgevm.lifecycle.vmmetrics import SCRAPE_TIMEOUT, VmMetricsCollector, from_loop, read_bulk_stats
+from edgevm.lifecycle.vmmetrics import VmMetricsCollector, read_bulk_stats
 from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
 from edgevm.shared.heartbeat import host_memory_bytes
 from edgevm.shared.locks import VmLocks
+from edgevm.shared.metrics import SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.tasks import TaskStore
 
@@ -136,7 +137,7 @@ async def setup(ctx: ServiceContext) -> None:
 
 def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
     """Export the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
-    read = from_loop(lambda: connection.call(read_bulk_stats, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
+    read = on_loop(lambda: connection.call(read_bulk_stats, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
     collector = VmMetricsCollector(read, ctx.config.node, vms.host_cpus, vms.host_memory)
     try:
         REGISTRY.register(collector)

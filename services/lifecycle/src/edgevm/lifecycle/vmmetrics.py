@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import libvirt
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -16,11 +13,11 @@ from prometheus_client.samples import Sample
 
 from edgevm.lifecycle.drivers.naming import vm_name
 from edgevm.lifecycle.drivers.states import DomainState, state_from_libvirt
+from edgevm.shared.metrics import CachedRead
 
-__all__ = ["FAMILIES", "STATS_GROUPS", "VmMetricsCollector", "from_loop", "read_bulk_stats"]
+__all__ = ["FAMILIES", "STATS_GROUPS", "VmMetricsCollector", "read_bulk_stats"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 DomainStats = Sequence[tuple[str, Mapping[str, Any]]]
 
 # The groups asked for: a driver that lacks one (the test driver knows only `state`) leaves its keys out.
@@ -32,7 +29,6 @@ STATS_GROUPS = (
     | libvirt.VIR_DOMAIN_STATS_INTERFACE
     | libvirt.VIR_DOMAIN_STATS_BLOCK
 )
-SCRAPE_TIMEOUT = 5.0
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN)
 
 # Every family, exported on every scrape (empty when no VM has the stat): name -> (type, help).
@@ -101,28 +97,6 @@ def read_bulk_stats(conn: libvirt.virConnect) -> list[tuple[str, dict[str, Any]]
     return found
 
 
-def from_loop(call: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop,
-              timeout: float = SCRAPE_TIMEOUT) -> Callable[[], T]:
-    """A blocking function for the scrape thread that awaits `call()` on the service's event loop."""
-
-    async def run() -> T:
-        return await call()
-
-    def blocking() -> T:
-        if loop.is_running() and _running_loop() is loop:
-            raise RuntimeError("the VM stats are read from the scrape thread, not on the event loop they need")
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout)
-
-    return blocking
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 class _Families:
     """The metric families of one scrape."""
 
@@ -147,13 +121,10 @@ class VmMetricsCollector(Collector):
 
     def __init__(self, read: Callable[[], DomainStats], node: str, host_cpus: int, host_memory: int,
                  max_age: float = 1.0) -> None:
-        self._read = read
+        self._read = CachedRead(read, max_age)
         self._node = node
         self._host_cpus = host_cpus
         self._host_memory = host_memory
-        self._max_age = max_age
-        self._lock = threading.Lock()
-        self._cached: tuple[float, DomainStats, float] | None = None
 
     def describe(self) -> Iterator[Metric]:
         """The families without samples, so registering does not read the stats (from the event loop)."""
@@ -163,7 +134,7 @@ class VmMetricsCollector(Collector):
         """Yield every family of FAMILIES."""
         families = _Families()
         try:
-            stats, took = self._stats()
+            stats, took = self._read()
             ok = True
         except Exception as exc:  # the scrape goes on with what is known without libvirt
             log.warning("VM stats not read for the scrape: %s", str(exc) or type(exc).__name__)
@@ -187,16 +158,6 @@ class VmMetricsCollector(Collector):
         for state, count in by_state.items():
             families.add("edgevm_node_vms", {**node, "state": state.value}, float(count))
         yield from families.all.values()
-
-    def _stats(self) -> tuple[DomainStats, float]:
-        with self._lock:
-            started = time.monotonic()
-            if self._cached is not None and started - self._cached[0] < self._max_age:
-                return self._cached[1], self._cached[2]
-            stats = self._read()
-            took = time.monotonic() - started
-            self._cached = (time.monotonic(), stats, took)
-            return stats, took
 
     def _add_vm(self, families: _Families, vm: str, state: DomainState, values: Mapping[str, Any]) -> None:
         labels = {"node": self._node, "vm": vm}
