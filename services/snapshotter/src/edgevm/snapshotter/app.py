@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
 
+from prometheus_client import REGISTRY
+
 from edgevm.shared import bus
 from edgevm.shared.locks import VmLocks
+from edgevm.shared.metrics import SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.tasks import TaskStore
 from edgevm.snapshotter import errormap
@@ -19,6 +23,7 @@ from edgevm.snapshotter.drivers.qemuimg import QemuImg
 from edgevm.snapshotter.drivers.snapshots import Snapshots
 from edgevm.snapshotter.layers import VmFiles, vm_dir
 from edgevm.snapshotter.leases import TaskLeases
+from edgevm.snapshotter.metrics import SnapshotCollector, count_snapshots, snapshot_use
 from edgevm.snapshotter.operations import SnapshotOperations
 from edgevm.snapshotter.records import VmRecords
 from edgevm.snapshotter.worker import Workers
@@ -72,6 +77,7 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
             ctx.stack.push_async_callback(pool.drain)
             ctx.background(pool.run(), "snapshot workers")
         log.info("snapshotter on %s: %d worker(s)", config.libvirt_uri, count)
+        register_snapshot_metrics(ctx, hypervisor)
 
         await ctx.command("snapshot.list", commands.list)
         for verb, handler in [
@@ -82,6 +88,18 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
             await ctx.command(verb, handler)
 
     return setup
+
+
+def register_snapshot_metrics(ctx: ServiceContext, hypervisor: Hypervisor) -> None:
+    """Export the snapshots per VM and their disk use, counted at scrape time, for the life of the service."""
+    counts = on_loop(lambda: hypervisor.call(count_snapshots, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
+    collector = SnapshotCollector(lambda: snapshot_use(counts(), ctx.config.state_dir), ctx.config.node)
+    try:
+        REGISTRY.register(collector)
+    except ValueError:  # only where tests run two snapshotter services in one process at once
+        log.warning("snapshot metrics not exported: another snapshotter service of this process exports them")
+        return
+    ctx.stack.callback(REGISTRY.unregister, collector)
 
 
 setup = make_setup()
