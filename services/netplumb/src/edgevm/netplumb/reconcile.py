@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from msgspec import Struct
 
+from edgevm.netplumb.metrics import RECONCILE_CHANGES, RECONCILE_DURATION, RECONCILE_FAILURES
 from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.shared.commands import Empty
 
@@ -27,7 +29,16 @@ class Reconciled(Struct):
 
 async def reconcile(net: NodeNetwork) -> Reconciled:
     """One verifying pass over every VRF, virtual network, table and wire of the node."""
-    outcome = await net.exclusive(lambda: net.converge(verify=True))
+    started = time.monotonic()
+    try:
+        outcome = await net.exclusive(lambda: net.converge(verify=True))
+    except Exception:
+        RECONCILE_FAILURES.inc()
+        raise
+    finally:
+        RECONCILE_DURATION.observe(time.monotonic() - started)
+    RECONCILE_CHANGES.inc(len(outcome.changes))
+    RECONCILE_FAILURES.inc(len(outcome.failures))
     for failure in outcome.failures:
         log.error("reconcile: %s", failure)
     return Reconciled(changes=outcome.changes, failures=[str(failure) for failure in outcome.failures])

@@ -1,0 +1,17 @@
+"""netplumb's own metrics: how long reconciles take, what they had to change, and what they could not."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+RECONCILE_DURATION = Histogram(
+    "edgevm_netplumb_reconcile_duration_seconds",
+    "Time of a verifying pass over the node's namespaces, bridges, wires and tables (start-up, timer, request).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
+RECONCILE_CHANGES = Counter(
+    "edgevm_netplumb_reconcile_changes", "Repairs reconciles made (each thing the kernel lacked or had extra)."
+)
+RECONCILE_FAILURES = Counter(
+    "edgevm_netplumb_reconcile_failures", "Things reconciles could not set right, and reconciles that failed whole."
+)
