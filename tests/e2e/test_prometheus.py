@@ -1,4 +1,5 @@
-"""The real Prometheus scrapes a node with deploy/'s config; the Grafana dashboard asks only for metrics that exist."""
+"""The real Prometheus scrapes a node with deploy/'s config and rules; the Grafana dashboards ask only for metrics
+that exist, and Prometheus runs every one of their queries."""
 
 from __future__ import annotations
 
@@ -30,12 +31,14 @@ from tests.helpers import eventually
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
-DASHBOARD = DEPLOY / "grafana" / "edgevm-dashboard.json"
+PROMETHEUS_RULES = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARDS = sorted((DEPLOY / "grafana").glob("*.json"))
 NODE_LABEL = "e2e-prom"
 # Made by Prometheus for every target it scrapes, not exported by a service.
 PROMETHEUS_OWN = {"up"}
 # The values Grafana would put in for the dashboard's variables, to run its queries against Prometheus.
-GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m", "node": ".*", "service": ".*"}
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m", "node": ".*", "service": ".*",
+                     "vm": ".*", "gateway": ".*"}
 
 # --- the metric names a PromQL expression uses -------------------------------------------------------------
 
@@ -63,15 +66,15 @@ def metric_names(expr: str) -> set[str]:
     return names
 
 
-def dashboard_queries() -> list[tuple[str, str]]:
+def dashboard_queries(dashboard: Path) -> list[tuple[str, str]]:
     """Return (where, PromQL) for every panel target and every query variable of the dashboard."""
-    board = json.loads(DASHBOARD.read_text())
+    board = json.loads(dashboard.read_text())
     found = []
 
     def walk(panels: list[dict[str, Any]]) -> None:
         for panel in panels:
             for target in panel.get("targets", []):
-                found.append((f"panel {panel['title']!r} target {target['refId']}", target["expr"]))
+                found.append((f"{dashboard.name}: panel {panel['title']!r} target {target['refId']}", target["expr"]))
             walk(panel.get("panels", []))
 
     walk(board["panels"])
@@ -79,8 +82,13 @@ def dashboard_queries() -> list[tuple[str, str]]:
         if variable["type"] == "query":
             query = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
             inner = _LABEL_VALUES.match(query)
-            found.append((f"variable ${variable['name']}", (inner.group(1) or "") if inner else query))
+            found.append((f"{dashboard.name}: variable ${variable['name']}", (inner.group(1) or "") if inner else query))
     return [(where, expr) for where, expr in found if expr]
+
+
+def every_dashboard_query() -> list[tuple[str, str]]:
+    """(where, PromQL) of every dashboard in deploy/grafana."""
+    return [query for dashboard in DASHBOARDS for query in dashboard_queries(dashboard)]
 
 
 def grafana_expanded(expr: str, **values: str) -> str:
@@ -115,7 +123,29 @@ def test_metric_names_of_an_expression(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
 
 
-async def test_the_dashboard_uses_only_metrics_the_services_register() -> None:
+def test_every_dashboard_is_importable_as_it_is() -> None:
+    assert {d.name for d in DASHBOARDS} == {"edgevm-dashboard.json", "edgevm-vms.json", "edgevm-fleet.json"}
+    uids = set()
+    for dashboard in DASHBOARDS:
+        board = json.loads(dashboard.read_text())
+        assert board["id"] is None and board["uid"] not in uids, f"{dashboard.name}: an import makes a new dashboard"
+        uids.add(board["uid"])
+        [datasource] = [v for v in board["templating"]["list"] if v["type"] == "datasource"]
+        sources = {json.dumps(p["datasource"]) for p in _panels(board["panels"]) if p["type"] != "row"}
+        sources |= {json.dumps(v["datasource"]) for v in board["templating"]["list"] if v["type"] == "query"}
+        assert sources == {json.dumps({"type": "prometheus", "uid": f"${{{datasource['name']}}}"})}, (
+            f"{dashboard.name}: every panel and variable takes the data source variable")
+        ids = [p["id"] for p in _panels(board["panels"])]
+        assert len(ids) == len(set(ids)), f"{dashboard.name}: panel ids are unique"
+
+
+def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+async def test_the_dashboards_use_only_metrics_the_services_register() -> None:
     # Every module of every service, so that each metric created at import is in REGISTRY...
     for package in ["edgevm.shared", *(f"edgevm.{s}" for s in SERVICES)]:
         root = importlib.import_module(package)
@@ -126,11 +156,14 @@ async def test_the_dashboard_uses_only_metrics_the_services_register() -> None:
     from edgevm.flowwatch.collector import ActiveFlowsCollector
     from edgevm.gateway.metrics import FleetCollector
     from edgevm.gateway.model import FleetModel
+    from edgevm.lifecycle.vmmetrics import VmMetricsCollector
+    from edgevm.snapshotter.metrics import SnapshotCollector
 
-    collectors = [REGISTRY, FleetCollector(FleetModel()), ActiveFlowsCollector(dict, asyncio.get_running_loop())]
+    collectors = [REGISTRY, FleetCollector(FleetModel()), ActiveFlowsCollector(dict, asyncio.get_running_loop()),
+                  VmMetricsCollector(list, "n", 1, 1), SnapshotCollector(dict, "n")]
     registered = {name for collector in collectors for family in collector.collect() for name in exposed_names(family)}
-    queries = dashboard_queries()
-    assert len(queries) > 20, "the dashboard's queries were not found"
+    queries = every_dashboard_query()
+    assert len(queries) > 60, "the dashboards' queries were not found"
     unknown = {where: sorted(metric_names(expr) - registered - PROMETHEUS_OWN) for where, expr in queries}
     assert not {where: names for where, names in unknown.items() if names}, "metrics no service registers"
 
@@ -162,9 +195,12 @@ def tail(path: Path, lines: int = 30) -> str:
 
 
 def scrape_config_for(node_metrics_base: int) -> dict[str, Any]:
-    """deploy/'s config with the test node's metrics ports, its node label and a 1 s scrape interval."""
+    """deploy/'s config with the test node's metrics ports, its node label, deploy/'s rules by their absolute
+    path and a 1 s scrape interval."""
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    assert config["rule_files"] == [PROMETHEUS_RULES.name], "deploy's config loads deploy's rules"
+    config["rule_files"] = [str(PROMETHEUS_RULES)]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {f"edgevm-{s}" for s in SERVICES}, "deploy's config has a job per service"
     for name, job in jobs.items():
@@ -266,7 +302,7 @@ async def test_prometheus_scrapes_every_service_of_a_node(scraped_node: tuple[st
         for index in range(len(SERVICES)):
             text = await asyncio.to_thread(http_text, f"http://127.0.0.1:{metrics_base + index}/metrics")
             served |= {name for family in text_string_to_metric_families(text) for name in exposed_names(family)}
-        queries = dashboard_queries()
+        queries = every_dashboard_query()
         unserved = {where: sorted(metric_names(expr) - served) for where, expr in queries}
         assert not {where: names for where, names in unserved.items() if names}, "metrics the node does not serve"
         for where, expr in queries:
@@ -274,10 +310,12 @@ async def test_prometheus_scrapes_every_service_of_a_node(scraped_node: tuple[st
                 await asyncio.to_thread(prometheus.query, grafana_expanded(expr, node=NODE_LABEL))
             except AssertionError as exc:
                 raise AssertionError(f"{where}: Prometheus refuses the query: {exc}") from None
-        [services_up] = [expr for where, expr in queries if where.startswith("panel 'Services up'")]
+        await eventually(lambda: asyncio.to_thread(_rules_evaluated, prometheus), timeout=10,
+                         what="Prometheus evaluates every rule of deploy's rules.yml")
+        [services_up] = [expr for where, expr in queries if where.startswith("edgevm-dashboard.json: panel 'Services up'")]
         up = await asyncio.to_thread(prometheus.query, grafana_expanded(services_up, node=NODE_LABEL))
         assert sorted((s["metric"]["job"], s["value"][1]) for s in up) == sorted((f"edgevm-{s}", "1") for s in SERVICES)
-        [command_rate] = [expr for where, expr in queries if where.startswith("panel 'Command rate by")]
+        [command_rate] = [expr for where, expr in queries if where.startswith("edgevm-dashboard.json: panel 'Command rate by")]
         shown_404 = {"service": "edgevm-lifecycle", "endpoint": "vm.get", "code": "404"}
         await eventually(lambda: _shows(prometheus, grafana_expanded(command_rate, node=NODE_LABEL), shown_404),
                          timeout=10, what=f"the command rate panel shows {shown_404} (two scrapes of lifecycle)")
@@ -299,6 +337,18 @@ def _all_up(prometheus: Prometheus) -> list[dict[str, Any]]:
     if len(targets) != len(SERVICES) or any(t["health"] != "up" for t in targets):
         raise AssertionError(f"targets (job, health, last error): {states}")
     return targets
+
+
+def _rules_evaluated(prometheus: Prometheus) -> bool:
+    """Whether every rule of rules.yml is loaded and was evaluated without error; raise naming those that were not."""
+    groups = prometheus.api("rules")["data"]["groups"]
+    rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+    expected = {rule["alert"] for group in yaml.safe_load(PROMETHEUS_RULES.read_text())["groups"]
+                for rule in group["rules"]}
+    assert set(rules) == expected, f"loaded rules: {sorted(rules)}"
+    unhealthy = {name: (rule["health"], rule.get("lastError")) for name, rule in rules.items() if rule["health"] != "ok"}
+    assert not unhealthy, f"rules not evaluated: {unhealthy}"
+    return True
 
 
 async def _shows(prometheus: Prometheus, expr: str, labels: dict[str, str]) -> bool:
