@@ -84,15 +84,16 @@ class NodeUp:
         return f"nats://127.0.0.1:{self.nats_port}"
 
 
-def start_node_up(state: Path, log: Path, world: World, env: dict[str, str] | None = None,
+def start_node_up(state: Path, log: Path, world: World | None, env: dict[str, str] | None = None,
                   node: str = "e2e") -> NodeUp:
     """Start `edgevm node up` (libvirt's test driver, the node's network in `world`) until NATS listens.
 
+    `world` None leaves the node in the host's namespace (where libvirt makes a real guest's tap).
     `env` overrides the environment; when it sets EDGEVM_METRICS_BASE_PORT, no --metrics-base-port flag is given.
     The launcher leads a process group of its own, as a shell's foreground job does (Ctrl-C is `killpg`).
     """
-    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NODE_NETNS": world.netns,
-           "EDGEVM_NETNS_PREFIX": world.prefix, **(env or {})}
+    where = {} if world is None else {"EDGEVM_NODE_NETNS": world.netns, "EDGEVM_NETNS_PREFIX": world.prefix}
+    env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", **where, **(env or {})}
     env.pop("EDGEVM_METRICS_PORT", None)
     flags = []
     if "EDGEVM_METRICS_BASE_PORT" in env:
