@@ -21,6 +21,7 @@ import pytest
 
 from edgevm.shared.client import Client
 from edgevm.shared.commands import TaskReply
+from edgevm.shared.errors import RemoteError
 from edgevm.shared.objects import Task, Vm
 from tests.e2e.conftest import NodeUp, start_node_up
 from tests.e2e.test_guest_network import ECHO_PORT, NODE_LAN, Lan, clean_host
@@ -91,8 +92,10 @@ async def test_a_running_guest_as_prometheus_sees_it(
         client = Client(nc, "e2e", timeout=15)
         await eventually(lambda: client.call("net.vrf.list"), timeout=60, what="netplumb answers")
         await eventually(lambda: client.call("vm.list"), timeout=60, what="lifecycle answers")
+        with pytest.raises(RemoteError):  # an error reply, for the error panels
+            await client.call("vm.get", {"name": "no-such-vm"})
         await _import(client, state, guest_images)
-        failed = await _task(client, "image.import", {"name": "broken", "path": "broken.qcow2"})
+        failed = await _task(client, "image.import", {"name": "broken", "path": "broken.qcow2", "format": "qcow2"})
         assert failed.status == "failed", "a task that fails, for the failure panels"
         vrf = f"v{secrets.token_hex(3)}"
         await client.call("net.vrf.create", {"name": vrf, "subnet": VRF_SUBNET})
@@ -113,10 +116,9 @@ async def test_a_running_guest_as_prometheus_sees_it(
         received = f'sum(edgevm_vm_network_receive_bytes_total{{vm="{vm}"}})'
         sent = f'sum(edgevm_vm_network_transmit_bytes_total{{vm="{vm}"}})'
         rx, tx = await _value(prometheus, received), await _value(prometheus, sent)
-        payload = b"x" * PAYLOAD
-        echoed = await eventually(lambda: asyncio.to_thread(lan.fetch, ECHO_PORT, payload), timeout=60,
+        echoed = await eventually(lambda: asyncio.to_thread(_echo, lan, PAYLOAD), timeout=60,
                                   what="the echo through the port mapping")
-        assert echoed == payload
+        assert echoed == PAYLOAD
         await eventually(lambda: _grown(prometheus, received, rx, PAYLOAD), timeout=30, what="receive bytes grow")
         await eventually(lambda: _grown(prometheus, sent, tx, PAYLOAD), timeout=30, what="transmit bytes grow")
 
@@ -190,6 +192,16 @@ async def _value(prometheus: Prometheus, expr: str) -> float:
 async def _grown(prometheus: Prometheus, expr: str, before: float, by: float) -> bool:
     result = await asyncio.to_thread(prometheus.query, expr)
     return bool(result) and float(result[0]["value"][1]) >= before + by
+
+
+def _echo(lan: Lan, size: int) -> int:
+    """Send `size` bytes from the LAN host to the guest's echo port; return how many came back (0: refused)."""
+    script = (f"import socket,sys\ns=socket.create_connection(('{NODE_LAN}',{ECHO_PORT}),timeout=10)\n"
+              f"s.sendall(b'x'*{size});s.shutdown(socket.SHUT_WR)\nn=0\n"
+              "while True:\n c=s.recv(65536)\n if not c: break\n n+=len(c)\nprint(n)\n")
+    done = subprocess.run(["ip", "netns", "exec", lan.netns, "python3", "-c", script], capture_output=True,
+                          text=True, timeout=60)
+    return int(done.stdout) if done.returncode == 0 else 0
 
 
 def _hold_connection(lan: Lan) -> subprocess.Popen[bytes]:

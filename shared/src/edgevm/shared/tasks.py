@@ -100,6 +100,10 @@ def _count_transition(task: Task) -> None:
         if task.finished_at is not None:
             TASK_DURATION.labels(task.node, task.kind).observe(max(0.0, _seconds(task.created_at, task.finished_at)))
     else:
+        if before is None:
+            # Its outcome series start at 0 before it ends, so that increase() and rate() see its end.
+            for outcome in FINAL:
+                TASKS_FINISHED.labels(task.node, task.vm or "", task.kind, outcome)
         _active[key] = (task.kind, task.status)
         TASKS_ACTIVE.labels(task.node, task.kind, task.status).inc()
 
