@@ -5,7 +5,8 @@ nats-server and a lifecycle service in this process on libvirt's `test:///defaul
 connections of this process, so the bench's own connection sees the service's domains). The raw baseline,
 measured in the same run: libvirt's bulk stats call (`getAllDomainStats` with the groups the collector asks
 for) on that driver. The scrape is an HTTP GET of the service's /metrics as Prometheus 2.42 sends it
-(OpenMetrics preferred, gzip), each one past the collector's cache, so each reads libvirt anew.
+(gzip), each one past the collector's cache, so each reads libvirt anew. Its two parts are timed apart: the
+per-VM text (the bulk read and its rendering) and the service's other metrics (prometheus_client).
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
 import nats
+from prometheus_client import REGISTRY, generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.lifecycle.app import setup
-from edgevm.lifecycle.vmmetrics import STATS_GROUPS
+from edgevm.lifecycle.drivers.connection import HypervisorConnection
+from edgevm.lifecycle.vmmetrics import STATS_GROUPS, VmMetrics, read_bulk_stats
 from edgevm.shared.client import Client
 from edgevm.shared.commands import TaskReply
 from edgevm.shared.config import Config
+from edgevm.shared.metrics import on_loop
 from edgevm.shared.runtime import serve
 
 VMS = 1000
@@ -49,6 +54,12 @@ PROMETHEUS_HEADERS = {
 def report(name: str, value: str, baseline: str, ratio: str, goal: str, ok: bool) -> None:
     print(f"{name:<44} {value:>14}  baseline {baseline:>14}  {ratio:>12}  goal {goal:<14} {'ok' if ok else 'MISSED'}",
           flush=True)
+
+
+def _timed(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
 
 
 def scrape(url: str, headers: dict[str, str]) -> tuple[float, int]:
@@ -92,24 +103,31 @@ async def main() -> None:
                 await asyncio.sleep(0.1)
         await define_vms(client, VMS)
         url = f"http://127.0.0.1:{port}/metrics"
+        # The per-VM text alone, read the way the service reads it (a libvirt connection of its own kind,
+        # on this event loop), to tell it from the rest of the lifecycle's metrics.
+        connection = HypervisorConnection("test:///default")
+        await connection.open()
+        read = on_loop(lambda: connection.call(read_bulk_stats), asyncio.get_running_loop())
+        vm_text = VmMetrics(read, node, 1, 1, max_age=0).exposition
         await asyncio.to_thread(scrape, url, PROMETHEUS_HEADERS)  # warm up
-        raw_samples, scrape_samples, text_samples = [], [], []
+        samples: dict[str, list[float]] = {"raw": [], "scrape": [], "vms": [], "registry": []}
         for _ in range(ROUNDS):
-            started = time.perf_counter()
-            stats = conn.getAllDomainStats(STATS_GROUPS)
-            raw_samples.append(time.perf_counter() - started)
+            samples["raw"].append(_timed(lambda: conn.getAllDomainStats(STATS_GROUPS)))
             await asyncio.sleep(CACHE_AGE)
             took, size = await asyncio.to_thread(scrape, url, PROMETHEUS_HEADERS)
-            scrape_samples.append(took)
-            await asyncio.sleep(CACHE_AGE)
-            text_samples.append((await asyncio.to_thread(scrape, url, {}))[0])
+            samples["scrape"].append(took)
+            samples["vms"].append(await asyncio.to_thread(_timed, vm_text))
+            samples["registry"].append(await asyncio.to_thread(_timed, lambda: generate_latest(REGISTRY)))
+        await connection.close()
+        stats = conn.getAllDomainStats(STATS_GROUPS)
         assert sum(1 for domain, _ in stats if domain.name().startswith("edgevm-m")) == VMS
-        raw, scraped, text = (statistics.median(s) for s in (raw_samples, scrape_samples, text_samples))
-        report(f"scrape, {VMS} VMs (OpenMetrics, gzip; median)", f"{scraped * 1e3:.1f} ms",
-               f"{raw * 1e3:.1f} ms", f"{scraped / raw:.2f}x", f"<= {GOAL_RATIO}x", scraped / raw <= GOAL_RATIO)
-        report(f"scrape, {VMS} VMs (text 0.0.4; median)", f"{text * 1e3:.1f} ms", f"{raw * 1e3:.1f} ms",
-               f"{text / raw:.2f}x", f"<= {GOAL_RATIO}x", text / raw <= GOAL_RATIO)
-        print(f"  (/metrics body {size} bytes gzipped; raw bulk stats call: {len(stats)} domains)", flush=True)
+        raw, scraped, vms, registry = (statistics.median(samples[k]) for k in ("raw", "scrape", "vms", "registry"))
+        report(f"scrape of lifecycle, {VMS} VMs (median)", f"{scraped * 1e3:.1f} ms", f"{raw * 1e3:.1f} ms",
+               f"{scraped / raw:.2f}x", f"<= {GOAL_RATIO}x", scraped / raw <= GOAL_RATIO)
+        report("  its per-VM text (bulk read + rendering)", f"{vms * 1e3:.1f} ms", f"{raw * 1e3:.1f} ms",
+               f"{vms / raw:.2f}x", f"<= {GOAL_RATIO}x", vms / raw <= GOAL_RATIO)
+        print(f"  its other metrics (prometheus_client): {registry * 1e3:.1f} ms; body {size} bytes gzipped; "
+              f"the raw call returns {len(stats)} domains", flush=True)
     finally:
         conn.close()
         stop.set()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import libvirt
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgevm.lifecycle.vmmetrics import FAMILIES, VmMetricsCollector, read_bulk_stats
+from edgevm.lifecycle.vmmetrics import FAMILIES, VmMetrics, read_bulk_stats
 from edgevm.shared.commands import TaskReply
+from edgevm.shared.metrics import EXPOSITION
 from tests.lifecycle.conftest import Node, private_test_uri
 from tests.lifecycle.test_lifecycle_breadth import import_image, wait_task
 
@@ -30,12 +30,10 @@ QEMU_STATS = {
 }
 
 
-def scrape(collector: VmMetricsCollector) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Render the collector as Prometheus would get it; return {sample name: {sorted labels: value}}."""
-    registry = CollectorRegistry()
-    registry.register(collector)
+def scrape(metrics: VmMetrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Render the metrics as Prometheus gets them; return {sample name: {sorted labels: value}}."""
     found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+    for family in text_string_to_metric_families(metrics.exposition()):
         for sample in family.samples:
             found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return found
@@ -52,7 +50,7 @@ def test_one_bulk_read_gives_every_edgevm_domain_and_the_node(conn: libvirt.virC
     for name, vcpus in [("edgevm-web", 2), ("edgevm-db", 1), ("someone-else", 1)]:
         conn.defineXML(DOMAIN.format(name=name, kib=524288, vcpus=vcpus))
     conn.lookupByName("edgevm-web").create()
-    collector = VmMetricsCollector(lambda: read_bulk_stats(conn), "n1", host_cpus=4, host_memory=8 << 30)
+    collector = VmMetrics(lambda: read_bulk_stats(conn), "n1", host_cpus=4, host_memory=8 << 30)
     metrics = scrape(collector)
     assert metrics["edgevm_vm_state"] == {
         (("node", "n1"), ("state", "running"), ("vm", "web")): 1.0,
@@ -68,7 +66,7 @@ def test_one_bulk_read_gives_every_edgevm_domain_and_the_node(conn: libvirt.virC
 
 
 def test_qemu_stats_become_base_units_per_disk_and_nic() -> None:
-    collector = VmMetricsCollector(lambda: [("web", QEMU_STATS)], "n1", host_cpus=4, host_memory=8 << 30)
+    collector = VmMetrics(lambda: [("web", QEMU_STATS)], "n1", host_cpus=4, host_memory=8 << 30)
     metrics = scrape(collector)
     vm = (("node", "n1"), ("vm", "web"))
     disk, nic = (("disk", "vda"), *vm), (("nic", "vnet7"), *vm)
@@ -95,11 +93,11 @@ def test_scrapes_within_max_age_share_one_read(conn: libvirt.virConnect) -> None
         reads.append(1)
         return read_bulk_stats(conn)
 
-    collector = VmMetricsCollector(read, "n1", 1, 1 << 30, max_age=60)
+    collector = VmMetrics(read, "n1", 1, 1 << 30, max_age=60)
     scrape(collector)
     scrape(collector)
     assert len(reads) == 1
-    fresh = VmMetricsCollector(read, "n1", 1, 1 << 30, max_age=0)
+    fresh = VmMetrics(read, "n1", 1, 1 << 30, max_age=0)
     scrape(fresh)
     scrape(fresh)
     assert len(reads) == 3
@@ -109,7 +107,7 @@ def test_a_failed_read_still_serves_the_node_and_says_so() -> None:
     def read() -> list:
         raise TimeoutError("libvirt did not answer")
 
-    metrics = scrape(VmMetricsCollector(read, "n1", 2, 1 << 30))
+    metrics = scrape(VmMetrics(read, "n1", 2, 1 << 30))
     assert metrics["edgevm_vm_stats_up"] == {(("node", "n1"),): 0.0}
     assert metrics["edgevm_node_cpus"] == {(("node", "n1"),): 2.0}
     assert "edgevm_vm_state" not in metrics
@@ -120,16 +118,14 @@ async def test_the_lifecycle_service_serves_its_vms(node: Node) -> None:
     await node.client.call("vm.create", {"name": "web", "image": "base", "memory": "256MB", "cpu": 1})
     started = await wait_task(node, await node.client.call("vm.start", {"name": "web"}, TaskReply))
     assert started.status == "succeeded", started.error
-    text = (await asyncio.to_thread(generate_latest, REGISTRY)).decode()  # the scrape thread, as served
+    text = (await asyncio.to_thread(EXPOSITION.render)).decode()  # on a thread, as the metrics server does
     states = {(s.labels["vm"], s.labels["state"]) for f in text_string_to_metric_families(text)
               if f.name == "edgevm_vm_state" for s in f.samples if s.labels["node"] == node.config.node}
     assert states == {("web", "running")}
     await node.shutdown()
-    assert b"edgevm_vm_state" not in await asyncio.to_thread(generate_latest, REGISTRY), "unregistered at stop"
+    assert b"edgevm_vm_state" not in await asyncio.to_thread(EXPOSITION.render), "no longer served once stopped"
 
 
-def _exposed(collector: VmMetricsCollector) -> set[str]:
-    registry = CollectorRegistry()
-    registry.register(collector)
+def _exposed(metrics: VmMetrics) -> set[str]:
     return {family.name + ("_total" if family.type == "counter" else "")
-            for family in text_string_to_metric_families(generate_latest(registry).decode())}
+            for family in text_string_to_metric_families(metrics.exposition())}

@@ -1,14 +1,18 @@
-"""Prometheus metrics shared by every service: the command metrics and each service's HTTP endpoint."""
+"""Prometheus metrics shared by every service: the command and task metrics, and each service's HTTP endpoint."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Generic, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGIServer
 
 T = TypeVar("T")
 SCRAPE_TIMEOUT = 5.0
@@ -54,9 +58,64 @@ TASKS_ACTIVE = Gauge(
 )
 
 
+TextSource = Callable[[], str]
+
+
+class Exposition:
+    """What a service's /metrics serves: its registry, then text sources, in the text format 0.0.4.
+
+    A text source renders whole families itself (HELP, TYPE and samples, each line ending in a newline), for
+    figures with series per VM: prometheus_client formats each series at about 6 us, which made a scrape of
+    1,000 VMs several times as long as the libvirt call that read them.
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self._sources: list[TextSource] = []
+
+    def add(self, source: TextSource) -> None:
+        """Serve `source`'s families after the registry's (its names must be its own)."""
+        self._sources.append(source)
+
+    def remove(self, source: TextSource) -> None:
+        """Stop serving `source`."""
+        self._sources.remove(source)
+
+    def render(self) -> bytes:
+        """The whole exposition, as a scrape gets it."""
+        return generate_latest(self.registry) + "".join(source() for source in list(self._sources)).encode()
+
+
+EXPOSITION = Exposition()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing: Prometheus scrapes every few seconds."""
+
+
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
     """Start the metrics HTTP server in a daemon thread; return the port it listens on (port 0: any)."""
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    exposition = EXPOSITION if registry is REGISTRY else Exposition(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        body = exposition.render()
+        headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            body = gzip.compress(body, compresslevel=1)  # the fastest level: scrapes are local or few
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingWSGIServer):
+        """A thread per scrape, on the listening address's family (IPv4 or IPv6)."""
+
+        address_family = family
+
+    server = make_server(str(address[0]), port, app, Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_address[1])
 
 

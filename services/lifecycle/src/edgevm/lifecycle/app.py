@@ -8,8 +8,6 @@ import logging
 import os
 from pathlib import Path
 
-from prometheus_client import REGISTRY
-
 from edgevm.lifecycle import errormap
 from edgevm.lifecycle.drivers.connection import HypervisorConnection
 from edgevm.lifecycle.drivers.domains import Domains
@@ -27,13 +25,13 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.runner import TaskRunner
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
-from edgevm.lifecycle.vmmetrics import VmMetricsCollector, read_bulk_stats
+from edgevm.lifecycle.vmmetrics import VmMetrics, read_bulk_stats
 from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
 from edgevm.shared.heartbeat import host_memory_bytes
 from edgevm.shared.locks import VmLocks
-from edgevm.shared.metrics import SCRAPE_TIMEOUT, on_loop
+from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.tasks import TaskStore
 
@@ -136,15 +134,11 @@ async def setup(ctx: ServiceContext) -> None:
 
 
 def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
-    """Export the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
+    """Serve the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
     read = on_loop(lambda: connection.call(read_bulk_stats, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
-    collector = VmMetricsCollector(read, ctx.config.node, vms.host_cpus, vms.host_memory)
-    try:
-        REGISTRY.register(collector)
-    except ValueError:  # only where tests run two lifecycle services in one process at once
-        log.warning("per-VM metrics not exported: another lifecycle service of this process exports them")
-        return
-    ctx.stack.callback(REGISTRY.unregister, collector)
+    vm_metrics = VmMetrics(read, ctx.config.node, vms.host_cpus, vms.host_memory)
+    EXPOSITION.add(vm_metrics.exposition)
+    ctx.stack.callback(EXPOSITION.remove, vm_metrics.exposition)
 
 
 async def follow_domains(events: LifecycleEvents, vms: VmService) -> None:

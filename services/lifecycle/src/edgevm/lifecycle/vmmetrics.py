@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import libvirt
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
 
 from edgevm.lifecycle.drivers.naming import vm_name
 from edgevm.lifecycle.drivers.states import DomainState, state_from_libvirt
 from edgevm.shared.metrics import CachedRead
 
-__all__ = ["FAMILIES", "STATS_GROUPS", "VmMetricsCollector", "read_bulk_stats"]
+__all__ = ["FAMILIES", "STATS_GROUPS", "VmMetrics", "read_bulk_stats"]
 
 log = logging.getLogger(__name__)
 DomainStats = Sequence[tuple[str, Mapping[str, Any]]]
@@ -97,86 +94,90 @@ def read_bulk_stats(conn: libvirt.virConnect) -> list[tuple[str, dict[str, Any]]
     return found
 
 
-class _Families:
-    """The metric families of one scrape."""
-
-    def __init__(self) -> None:
-        self.all: dict[str, Metric] = {
-            name: (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, text)
-            for name, (kind, text) in FAMILIES.items()
-        }
-        # Sample names as exposed: a counter `x` is sampled as `x_total`.
-        self._samples = {name: name + ("_total" if kind == "counter" else "") for name, (kind, _) in FAMILIES.items()}
-
-    def add(self, name: str, labels: dict[str, str], value: float) -> None:
-        self.all[name].samples.append(Sample(self._samples[name], labels, value))
+def _escaped(value: str) -> str:
+    """A label value as the text format writes it."""
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
 
 
-class VmMetricsCollector(Collector):
-    """Exports each VM's state, CPU, memory, disks and NICs, and the node's capacity, at scrape time.
+class VmMetrics:
+    """Each VM's state, CPU, memory, disks and NICs, and the node's capacity, rendered at scrape time.
 
     `read` returns the bulk stats (see `read_bulk_stats`); it runs on the scraping thread, at most once
-    per `max_age` seconds (concurrent or quickly repeated scrapes share one read).
+    per `max_age` seconds (concurrent or quickly repeated scrapes share one read). The text is written
+    here rather than by prometheus_client (see `edgevm.shared.metrics.Exposition`): served through
+    `Exposition.add(vm_metrics.exposition)`.
     """
 
     def __init__(self, read: Callable[[], DomainStats], node: str, host_cpus: int, host_memory: int,
                  max_age: float = 1.0) -> None:
         self._read = CachedRead(read, max_age)
-        self._node = node
+        self._node = f'node="{_escaped(node)}"'
         self._host_cpus = host_cpus
         self._host_memory = host_memory
 
-    def describe(self) -> Iterator[Metric]:
-        """The families without samples, so registering does not read the stats (from the event loop)."""
-        yield from _Families().all.values()
-
-    def collect(self) -> Iterator[Metric]:
-        """Yield every family of FAMILIES."""
-        families = _Families()
+    def exposition(self) -> str:
+        """Every family of FAMILIES in the text format 0.0.4 (empty ones too, so every name is served)."""
         try:
             stats, took = self._read()
             ok = True
         except Exception as exc:  # the scrape goes on with what is known without libvirt
             log.warning("VM stats not read for the scrape: %s", str(exc) or type(exc).__name__)
             stats, took, ok = [], 0.0, False
-        node = {"node": self._node}
-        families.add("edgevm_vm_stats_up", node, 1.0 if ok else 0.0)
-        families.add("edgevm_vm_stats_read_seconds", node, took)
+        series: dict[str, list[str]] = {name: [] for name in FAMILIES}
+        node = f"{{{self._node}}}"
+        series["edgevm_vm_stats_up"].append(f"{node} {1 if ok else 0}")
+        series["edgevm_vm_stats_read_seconds"].append(f"{node} {took!r}")
         by_state = dict.fromkeys(DomainState, 0)
-        vcpus = memory = 0.0
+        vcpus = memory = 0
+        states = series["edgevm_vm_state"]
         for vm, values in stats:
             state = state_from_libvirt(values.get("state.state", -1), values.get("state.reason", 0))
             by_state[state] += 1
-            self._add_vm(families, vm, state, values)
+            labels = f'{self._node},vm="{_escaped(vm)}"'
+            states.append(f'{{{labels},state="{state.value}"}} 1')
+            if len(values) <= 2:
+                continue  # its state only: shut off, or a driver that reports nothing else
+            self._add_details(series, labels, values)
             if state in _ACTIVE:
                 vcpus += values.get("vcpu.current", 0)
-                memory += values.get("balloon.maximum", 0) * 1024.0
-        families.add("edgevm_node_cpus", node, float(self._host_cpus))
-        families.add("edgevm_node_memory_bytes", node, float(self._host_memory))
-        families.add("edgevm_node_allocated_vcpus", node, float(vcpus))
-        families.add("edgevm_node_allocated_memory_bytes", node, memory)
-        for state, count in by_state.items():
-            families.add("edgevm_node_vms", {**node, "state": state.value}, float(count))
-        yield from families.all.values()
+                memory += values.get("balloon.maximum", 0) * 1024
+        series["edgevm_node_cpus"].append(f"{node} {self._host_cpus}")
+        series["edgevm_node_memory_bytes"].append(f"{node} {self._host_memory}")
+        series["edgevm_node_allocated_vcpus"].append(f"{node} {vcpus}")
+        series["edgevm_node_allocated_memory_bytes"].append(f"{node} {memory}")
+        series["edgevm_node_vms"] += [f'{{{self._node},state="{state.value}"}} {count}'
+                                      for state, count in by_state.items()]
+        return _rendered(series)
 
-    def _add_vm(self, families: _Families, vm: str, state: DomainState, values: Mapping[str, Any]) -> None:
-        labels = {"node": self._node, "vm": vm}
-        families.add("edgevm_vm_state", {**labels, "state": state.value}, 1.0)
+    @staticmethod
+    def _add_details(series: dict[str, list[str]], labels: str, values: Mapping[str, Any]) -> None:
         for name, (key, factor) in _VM_KEYS.items():
             if key in values:
-                families.add(name, labels, values[key] * factor)
+                series[name].append(f"{{{labels}}} {values[key] * factor!r}")
         if "balloon.available" in values and "balloon.unused" in values:
-            used = (values["balloon.available"] - values["balloon.unused"]) * 1024.0
-            families.add("edgevm_vm_memory_guest_used_bytes", labels, used)
+            used = (values["balloon.available"] - values["balloon.unused"]) * 1024
+            series["edgevm_vm_memory_guest_used_bytes"].append(f"{{{labels}}} {used}")
         for i in range(values.get("block.count", 0)):
             prefix = f"block.{i}."
-            disk = {**labels, "disk": str(values.get(prefix + "name", i))}
+            disk = f'{{{labels},disk="{_escaped(str(values.get(prefix + "name", i)))}"}}'
             for name, key in _DISK_KEYS.items():
                 if prefix + key in values:
-                    families.add(name, disk, float(values[prefix + key]))
+                    series[name].append(f"{disk} {values[prefix + key]}")
         for i in range(values.get("net.count", 0)):
             prefix = f"net.{i}."
-            nic = {**labels, "nic": str(values.get(prefix + "name", i))}
+            nic = f'{{{labels},nic="{_escaped(str(values.get(prefix + "name", i)))}"}}'
             for name, key in _NIC_KEYS.items():
                 if prefix + key in values:
-                    families.add(name, nic, float(values[prefix + key]))
+                    series[name].append(f"{nic} {values[prefix + key]}")
+
+
+def _rendered(series: dict[str, list[str]]) -> str:
+    """The families' HELP, TYPE and sample lines; a counter `x` is sampled as `x_total`."""
+    parts = []
+    for name, (kind, text) in FAMILIES.items():
+        sample = name + "_total" if kind == "counter" else name
+        parts.append(f"# HELP {sample} {text}\n# TYPE {sample} {kind}\n")
+        parts.extend(f"{sample}{line}\n" for line in series[name])
+    return "".join(parts)
