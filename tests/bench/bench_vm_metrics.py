@@ -30,6 +30,8 @@ from prometheus_client import REGISTRY, generate_latest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from tests.helpers import eventually
+
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.lifecycle.app import setup
 from edgevm.lifecycle.drivers.connection import HypervisorConnection
@@ -95,12 +97,7 @@ async def main() -> None:
     conn = libvirt.open("test:///default")
     try:
         client = Client(nc, node, timeout=30)
-        for _ in range(100):
-            try:
-                await client.call("vm.list")
-                break
-            except Exception:
-                await asyncio.sleep(0.1)
+        await eventually(lambda: client.call("vm.list"), timeout=30, what="lifecycle answers")
         await define_vms(client, VMS)
         url = f"http://127.0.0.1:{port}/metrics"
         # The per-VM text alone, read the way the service reads it (a libvirt connection of its own kind,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,16 @@ class NodeUp:
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.nats_port}"
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM, as Ctrl-C would; killed if it does not end within `timeout` seconds."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def start_node_up(state: Path, log: Path, world: World | None, env: dict[str, str] | None = None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,13 +68,7 @@ def host_node(tmp_path: Path) -> Iterator[tuple[NodeUp, Path, str]]:
     try:
         yield node, state, prefix
     finally:
-        if node.process.poll() is None:
-            node.process.send_signal(signal.SIGTERM)
-            try:
-                node.process.wait(60)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+        node.stop(60)
         clean_host(prefix)
         shutil.rmtree(state, ignore_errors=True)
 

@@ -261,13 +261,7 @@ def scraped_node(tmp_path: Path, node_world: World) -> Iterator[tuple[str, int, 
     try:
         yield node.url, node.metrics_base, node.log
     finally:
-        if node.process.poll() is None:
-            node.process.send_signal(signal.SIGTERM)
-            try:
-                node.process.wait(20)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+        node.stop()
 
 
 @pytest.mark.root

@@ -74,6 +74,8 @@ _NIC_KEYS = {
     "edgevm_vm_network_receive_errors": "rx.errs", "edgevm_vm_network_transmit_errors": "tx.errs",
     "edgevm_vm_network_receive_drops": "rx.drop", "edgevm_vm_network_transmit_drops": "tx.drop",
 }
+# The device groups of the stats: (libvirt's prefix, our label, family -> key).
+_DEVICES = (("block", "disk", _DISK_KEYS), ("net", "nic", _NIC_KEYS))
 # Per-VM values: family -> (libvirt key, factor to base units). balloon.* are in KiB, cpu.time in ns.
 _VM_KEYS = {
     "edgevm_vm_cpu_seconds": ("cpu.time", 1e-9),
@@ -159,18 +161,13 @@ class VmMetrics:
         if "balloon.available" in values and "balloon.unused" in values:
             used = (values["balloon.available"] - values["balloon.unused"]) * 1024
             series["edgevm_vm_memory_guest_used_bytes"].append(f"{{{labels}}} {used}")
-        for i in range(values.get("block.count", 0)):
-            prefix = f"block.{i}."
-            disk = f'{{{labels},disk="{_escaped(str(values.get(prefix + "name", i)))}"}}'
-            for name, key in _DISK_KEYS.items():
-                if prefix + key in values:
-                    series[name].append(f"{disk} {values[prefix + key]}")
-        for i in range(values.get("net.count", 0)):
-            prefix = f"net.{i}."
-            nic = f'{{{labels},nic="{_escaped(str(values.get(prefix + "name", i)))}"}}'
-            for name, key in _NIC_KEYS.items():
-                if prefix + key in values:
-                    series[name].append(f"{nic} {values[prefix + key]}")
+        for group, label, keys in _DEVICES:
+            for i in range(values.get(f"{group}.count", 0)):
+                prefix = f"{group}.{i}."
+                device = f'{{{labels},{label}="{_escaped(str(values.get(prefix + "name", i)))}"}}'
+                for name, key in keys.items():
+                    if prefix + key in values:
+                        series[name].append(f"{device} {values[prefix + key]}")
 
 
 def _rendered(series: dict[str, list[str]]) -> str:
