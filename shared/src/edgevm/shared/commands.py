@@ -280,13 +280,16 @@ class GwFlowListRequest(Spec):
     limit: Limit = 100
 
 
+NodeState = Literal["up", "unreachable"]
+
+
 class NodeInfo(Struct):
-    """A node as the gateway knows it."""
+    """A node as the gateway knows it: `unreachable` once no heartbeat came for the gateway's timeout (30 s)."""
 
     node: str
     last_seen: str
     vms: int
-    state: Literal["up", "down"]
+    state: NodeState
     services: list[str] = []
 
 
@@ -297,11 +300,12 @@ class NodeList(Struct):
 
 
 class GwVm(Struct):
-    """A VM in the fleet view: a Vm and the node it lives on."""
+    """A VM in the fleet view: a Vm, the node it lives on, and that node's state (its last known VM if unreachable)."""
 
     node: str
     spec: VmSpec
     status: VmStatus
+    node_state: NodeState = "up"
 
 
 class GwVmList(Struct):
@@ -310,12 +314,40 @@ class GwVmList(Struct):
     vms: list[GwVm]
 
 
+class GwTask(Task, kw_only=True):
+    """A Task in the fleet view, with the state of its node."""
+
+    node_state: NodeState = "up"
+
+
+class GwTaskList(Struct):
+    """Reply of gw.task.list, newest first."""
+
+    tasks: list[GwTask]
+
+
+class GwFlow(Flow, kw_only=True):
+    """A Flow in the fleet view, with the state of its node."""
+
+    node_state: NodeState = "up"
+
+
+class GwFlowList(Struct):
+    """Reply of gw.flow.list, newest first."""
+
+    flows: list[GwFlow]
+
+
 __all__ = [
     "Empty",
     "FlowList",
     "FlowListRequest",
     "FlowTerminate",
+    "GwFlow",
+    "GwFlowList",
     "GwFlowListRequest",
+    "GwTask",
+    "GwTaskList",
     "GwTaskListRequest",
     "GwVm",
     "GwVmList",
@@ -328,6 +360,7 @@ __all__ = [
     "NetStatusRequest",
     "NodeInfo",
     "NodeList",
+    "NodeState",
     "SnapshotCreate",
     "SnapshotList",
     "SnapshotListRequest",

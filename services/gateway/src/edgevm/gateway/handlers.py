@@ -5,13 +5,13 @@ from __future__ import annotations
 from edgevm.gateway.model import FleetModel
 from edgevm.shared.commands import (
     Empty,
-    FlowList,
+    GwFlowList,
     GwFlowListRequest,
+    GwTaskList,
     GwTaskListRequest,
     GwVmList,
     GwVmListRequest,
     NodeList,
-    TaskList,
 )
 
 
@@ -29,10 +29,10 @@ class GatewayHandlers:
         """gw.vm.list."""
         return GwVmList(self._model.vm_list(req.node))
 
-    async def task_list(self, req: GwTaskListRequest) -> TaskList:
+    async def task_list(self, req: GwTaskListRequest) -> GwTaskList:
         """gw.task.list."""
-        return TaskList(self._model.task_list(req.node, req.vm, req.limit))
+        return GwTaskList(self._model.task_list(req.node, req.vm, req.limit))
 
-    async def flow_list(self, req: GwFlowListRequest) -> FlowList:
+    async def flow_list(self, req: GwFlowListRequest) -> GwFlowList:
         """gw.flow.list."""
-        return FlowList(self._model.flow_list(req.node, req.vm, req.status, req.limit))
+        return GwFlowList(self._model.flow_list(req.node, req.vm, req.status, req.limit))

@@ -4,28 +4,54 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from edgevm.gateway.model import FleetModel
 
 
 class FleetCollector(Collector):
-    """Exports nodes by state and VMs by node and state."""
+    """Exports nodes by state, VMs by node and state, tasks by node and status, events and lag by node."""
 
     def __init__(self, model: FleetModel) -> None:
         self._model = model
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        """Yield the fleet gauges."""
-        nodes = GaugeMetricFamily("edgevm_fleet_node_up", "1 when the node's heartbeat is recent.", labels=["node"])
+    def collect(self) -> Iterator[Metric]:
+        """Yield the fleet metrics, read from the model as it is now."""
+        up = GaugeMetricFamily("edgevm_fleet_node_up", "1 when the node's heartbeat is recent, 0 when it is "
+                               "unreachable.", labels=["node"])
+        by_state = GaugeMetricFamily("edgevm_fleet_nodes", "Nodes by state (up, unreachable).", labels=["state"])
+        seen = GaugeMetricFamily("edgevm_fleet_node_last_heartbeat_timestamp_seconds",
+                                 "When the node's newest heartbeat was stamped (its clock), Unix time.",
+                                 labels=["node"])
+        vms = GaugeMetricFamily("edgevm_fleet_vms", "VMs by node and state (last known for an unreachable "
+                                "node).", labels=["node", "state"])
+        tasks = GaugeMetricFamily("edgevm_fleet_tasks", "Recent tasks the gateway holds (newest 1,000 per node), "
+                                  "by node and status.", labels=["node", "status"])
+        events = CounterMetricFamily("edgevm_fleet_events", "Events of the node applied since the gateway "
+                                     "started (its start-up replay included).", labels=["node"])
+        lag = GaugeMetricFamily("edgevm_fleet_node_event_lag_seconds", "Seconds from the `at` of the node's "
+                                "newest event to its ingest (clock skew included).", labels=["node"])
+        counts = {"up": 0, "unreachable": 0}
         for info in self._model.node_list():
-            nodes.add_metric([info.node], 1.0 if info.state == "up" else 0.0)
-        yield nodes
-        vms = GaugeMetricFamily("edgevm_fleet_vms", "VMs by node and state.", labels=["node", "state"])
-        counts: dict[tuple[str, str], int] = {}
-        for (node, _), vm in self._model.vms.items():
-            counts[(node, vm.status.state)] = counts.get((node, vm.status.state), 0) + 1
-        for (node, state), count in sorted(counts.items()):
-            vms.add_metric([node, state], count)
-        yield vms
+            counts[info.state] += 1
+            up.add_metric([info.node], 1.0 if info.state == "up" else 0.0)
+        for state, count in counts.items():
+            by_state.add_metric([state], count)
+        for name, record in sorted(self._model.nodes.items()):
+            if record.last_seen:
+                seen.add_metric([name], record.last_seen_at)
+            for key, count in _count(vm.status.state for vm in record.vms.values()):
+                vms.add_metric([name, key], count)
+            for key, count in _count(task.status for task in record.tasks.values()):
+                tasks.add_metric([name, key], count)
+            events.add_metric([name], record.events)
+            lag.add_metric([name], record.last_lag)
+        yield from (up, by_state, seen, vms, tasks, events, lag)
+
+
+def _count(values: Iterator[str]) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return sorted(counts.items())

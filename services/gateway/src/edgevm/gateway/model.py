@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import heapq
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TypeVar
 
-from edgevm.shared.commands import GwVm, NodeInfo
+import msgspec
+
+from edgevm.shared.commands import GwFlow, GwTask, GwVm, NodeInfo, NodeState
 from edgevm.shared.events import (
     AnyEvent,
     FlowEvent,
@@ -19,110 +24,162 @@ from edgevm.shared.events import (
 )
 from edgevm.shared.objects import Flow, Task, Vm
 
-# A node whose last heartbeat is older than this is shown `down` (heartbeats come every 10 s).
-NODE_DOWN_AFTER = 35.0
-MAX_TASKS = 20_000
-MAX_FLOWS = 20_000
+# Heartbeats come every 10 s from each service: a node is `unreachable` after 3 missed (EDGEVM_GW_NODE_TIMEOUT).
+NODE_TIMEOUT = 30.0
+# Recent tasks and flows kept per node (the least recently changed go first): one busy node cannot push
+# another's history out. task.list and flow.list return at most 500.
+MAX_TASKS_PER_NODE = 1_000
+MAX_FLOWS_PER_NODE = 1_000
 T = TypeVar("T")
 
 
+def parse_time(at: str) -> float | None:
+    """Return an RFC 3339 time as seconds since the epoch, None when it is not one."""
+    try:
+        return datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 @dataclass
-class NodeState:
-    """What the gateway knows of one node."""
+class NodeRecord:
+    """What the gateway knows of one node; deadlines are on the gateway's monotonic clock."""
 
     last_seen: str = ""
-    services: dict[str, str] = field(default_factory=dict)  # service -> its last heartbeat
+    last_seen_at: float = 0.0  # last_seen as epoch seconds
+    alive_until: float = float("-inf")
+    services: dict[str, float] = field(default_factory=dict)  # service -> alive until
     cpus: int = 0
     memory_bytes: int = 0
-
-
-def _age(at: str, now: datetime) -> float:
-    try:
-        return (now - datetime.fromisoformat(at.replace("Z", "+00:00"))).total_seconds()
-    except ValueError:
-        return float("inf")
+    events: int = 0
+    last_lag: float = 0.0  # seconds between the newest event's `at` and its ingest
+    vms: dict[str, Vm] = field(default_factory=dict)
+    tasks: OrderedDict[str, Task] = field(default_factory=OrderedDict)
+    flows: OrderedDict[str, Flow] = field(default_factory=OrderedDict)
 
 
 class FleetModel:
-    """Applies events in stream order and answers the gateway's queries from memory."""
+    """Applies events in stream order and answers the gateway's queries from memory.
 
-    def __init__(self) -> None:
-        self.nodes: dict[str, NodeState] = {}
-        self.vms: dict[tuple[str, str], Vm] = {}
-        self.tasks: OrderedDict[tuple[str, str], Task] = OrderedDict()
-        self.flows: OrderedDict[tuple[str, str], Flow] = OrderedDict()
+    Liveness: a heartbeat stamped `at` (the node's clock) and ingested when the gateway's wall clock reads
+    `now` keeps its node up for `timeout - max(0, now - at)` more seconds, counted on the gateway's
+    monotonic clock. So a replayed old heartbeat (older than the timeout) never makes a node look up, a
+    node whose clock runs ahead still goes unreachable `timeout` after its last heartbeat arrived, and a
+    node whose clock lags by s seconds goes unreachable s seconds early (nodes are expected to run NTP).
+    """
+
+    def __init__(
+        self,
+        timeout: float = NODE_TIMEOUT,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.timeout = timeout
+        self._wall = wall
+        self._monotonic = monotonic
+        self.nodes: dict[str, NodeRecord] = {}
         self.applied = 0
 
-    def ingest(self, subject: str, data: bytes) -> None:
-        """Decode and apply the event `data` published on `subject` (`edgevm.evt.<node>.<kind>...`)."""
-        self.apply(subject.split(".", 3)[2], decode_event(data))
+    def ingest(self, subject: str, data: bytes) -> float | None:
+        """Apply the event `data` published on `subject` (`edgevm.evt.<node>.<kind>...`); return its lag in s."""
+        return self.apply(subject.split(".", 3)[2], decode_event(data))
 
-    def apply(self, node: str, event: AnyEvent) -> None:
-        """Apply one event of `node`."""
+    def apply(self, node: str, event: AnyEvent) -> float | None:
+        """Apply one event of `node`; return the seconds between its `at` and now (None if `at` is unreadable)."""
         self.applied += 1
         state = self.nodes.get(node)
         if state is None:
-            state = self.nodes[node] = NodeState()
+            state = self.nodes[node] = NodeRecord()
+        state.events += 1
+        at = parse_time(event.at)
+        lag = None if at is None else self._wall() - at
+        if lag is not None:
+            state.last_lag = lag
         if isinstance(event, Heartbeat):
-            state.last_seen = max(state.last_seen, event.at)
-            for service in event.services:
-                state.services[service] = event.at
-            state.cpus, state.memory_bytes = event.cpus, event.memory_bytes
+            self._heartbeat(state, event, at, lag)
         elif isinstance(event, VmEvent):
-            key = (node, event.vm.spec.name)
             if isinstance(event, VmDeleted):
-                self.vms.pop(key, None)
+                state.vms.pop(event.vm.spec.name, None)
             else:
-                self.vms[key] = event.vm
+                state.vms[event.vm.spec.name] = event.vm
         elif isinstance(event, TaskUpdated):
-            _put_bounded(self.tasks, (node, event.task.id), event.task, MAX_TASKS)
+            _put_bounded(state.tasks, event.task.id, event.task, MAX_TASKS_PER_NODE)
         elif isinstance(event, FlowEvent):
-            _put_bounded(self.flows, (node, event.flow.id), event.flow, MAX_FLOWS)
+            _put_bounded(state.flows, event.flow.id, event.flow, MAX_FLOWS_PER_NODE)
+        return lag
 
-    def node_list(self, now: datetime | None = None) -> list[NodeInfo]:
+    def _heartbeat(self, state: NodeRecord, event: Heartbeat, at: float | None, lag: float | None) -> None:
+        if at is None or lag is None:
+            return
+        if at > state.last_seen_at:
+            state.last_seen, state.last_seen_at = event.at, at
+            state.cpus, state.memory_bytes = event.cpus, event.memory_bytes
+        remaining = self.timeout - max(0.0, lag)
+        if remaining <= 0:
+            return  # a replayed old heartbeat: it says when the node was last seen, not that it is up
+        until = self._monotonic() + remaining
+        state.alive_until = max(state.alive_until, until)
+        for service in event.services:
+            state.services[service] = max(state.services.get(service, float("-inf")), until)
+
+    def node_state(self, node: str) -> NodeState:
+        """Return `up` while a heartbeat of `node` is recent, else `unreachable`."""
+        state = self.nodes.get(node)
+        return "up" if state is not None and self._monotonic() < state.alive_until else "unreachable"
+
+    def node_list(self) -> list[NodeInfo]:
         """Return every node with its VM count, its live services and whether it is up."""
-        now = now or datetime.now(UTC)
-        counts: dict[str, int] = {}
-        for node, _ in self.vms:
-            counts[node] = counts.get(node, 0) + 1
+        clock = self._monotonic()
         nodes = []
         for name in sorted(self.nodes):
             state = self.nodes[name]
-            live = sorted(s for s, at in state.services.items() if _age(at, now) <= NODE_DOWN_AFTER)
-            up = bool(state.last_seen) and _age(state.last_seen, now) <= NODE_DOWN_AFTER
-            nodes.append(NodeInfo(name, state.last_seen, counts.get(name, 0), "up" if up else "down", live))
+            live = sorted(s for s, until in state.services.items() if clock < until)
+            up: NodeState = "up" if clock < state.alive_until else "unreachable"
+            nodes.append(NodeInfo(name, state.last_seen, len(state.vms), up, live))
         return nodes
 
+    def _selected(self, node: str | None) -> Iterable[tuple[str, NodeRecord, NodeState]]:
+        names = sorted(self.nodes) if node is None else [node] if node in self.nodes else []
+        for name in names:
+            yield name, self.nodes[name], self.node_state(name)
+
     def vm_list(self, node: str | None) -> list[GwVm]:
-        """Return the VMs of one node or of all, ordered by node and name."""
+        """Return the VMs of one node or of all, ordered by node and name, each with its node's state."""
         return [
-            GwVm(n, vm.spec, vm.status)
-            for (n, _), vm in sorted(self.vms.items())
-            if node is None or n == node
+            GwVm(name, vm.spec, vm.status, up)
+            for name, state, up in self._selected(node)
+            for _, vm in sorted(state.vms.items())
         ]
 
-    def task_list(self, node: str | None, vm: str | None, limit: int) -> list[Task]:
+    def task_list(self, node: str | None, vm: str | None, limit: int) -> list[GwTask]:
         """Return the newest tasks first (ids sort by creation time), filtered by node and VM."""
-        rows = [
-            t for (n, _), t in self.tasks.items()
-            if (node is None or n == node) and (vm is None or t.vm == vm)
-        ]
-        rows.sort(key=lambda t: t.id, reverse=True)
-        return rows[:limit]
+        rows: list[tuple[Task, NodeState]] = []
+        for _, state, up in self._selected(node):
+            rows.extend((t, up) for t in state.tasks.values() if vm is None or t.vm == vm)
+        newest = heapq.nlargest(limit, rows, key=lambda row: row[0].id)
+        return [_extend(GwTask, t, up) for t, up in newest]
 
-    def flow_list(self, node: str | None, vm: str | None, status: str, limit: int) -> list[Flow]:
+    def flow_list(self, node: str | None, vm: str | None, status: str, limit: int) -> list[GwFlow]:
         """Return the newest flows first, filtered by node, VM and status (active, completed or all)."""
-        def wanted(n: str, f: Flow) -> bool:
-            if (node is not None and n != node) or (vm is not None and f.vm != vm):
+        def wanted(f: Flow) -> bool:
+            if vm is not None and f.vm != vm:
                 return False
             return status == "all" or (f.status == "active") == (status == "active")
 
-        rows = [f for (n, _), f in self.flows.items() if wanted(n, f)]
-        rows.sort(key=lambda f: f.started_at, reverse=True)
-        return rows[:limit]
+        rows: list[tuple[Flow, NodeState]] = []
+        for _, state, up in self._selected(node):
+            rows.extend((f, up) for f in state.flows.values() if wanted(f))
+        newest = heapq.nlargest(limit, rows, key=lambda row: row[0].started_at)
+        return [_extend(GwFlow, f, up) for f, up in newest]
 
 
-def _put_bounded(table: OrderedDict[tuple[str, str], T], key: tuple[str, str], value: T, limit: int) -> None:
+def _extend(kind: Callable[..., T], obj: msgspec.Struct, node_state: NodeState) -> T:
+    """Return `obj` as its fleet-view subclass `kind`, marked with its node's state."""
+    fields = {name: getattr(obj, name) for name in obj.__struct_fields__}
+    return kind(**fields, node_state=node_state)
+
+
+def _put_bounded(table: OrderedDict[str, T], key: str, value: T, limit: int) -> None:
     table[key] = value
     table.move_to_end(key)
     if len(table) > limit:
