@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from edgevm.cli import fleetview
 from edgevm.shared.config import DEFAULT_METRICS_BASE, default_node_id
 
 
@@ -32,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nats", default=os.environ.get("EDGEVM_NATS_URL", "nats://127.0.0.1:4222"),
                         help="NATS URL (default: $EDGEVM_NATS_URL or nats://127.0.0.1:4222)")
     parser.add_argument("--node", default=os.environ.get("EDGEVM_NODE") or default_node_id(),
-                        help="node id (default: $EDGEVM_NODE or this host's name)")
+                        help="node id: whose subjects edgevm.<node>.* to use, also through a hub "
+                             "(default: $EDGEVM_NODE or this host's name)")
+    parser.add_argument("--creds", dest="client_creds", default=os.environ.get("EDGEVM_CREDS") or None,
+                        help="nkey seed file to log in with, e.g. an operator's at a hub (default: $EDGEVM_CREDS)")
     parser.add_argument("--json", action="store_true", help="print replies as JSON")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
     areas = parser.add_subparsers(dest="area", required=True)
@@ -136,7 +140,26 @@ def build_parser() -> argparse.ArgumentParser:
     ft = flow.add_parser("terminate", help="cut an active flow (tcp reset to both ends)")
     ft.add_argument("vm")
     ft.add_argument("id")
+
+    # One `fleet` group: the gateway's read verbs (fleetview) and the hub's set-up verbs register into it.
+    # A verb that runs without a NATS connection sets `local` (a function of args returning the exit code).
+    fleet = areas.add_parser("fleet", help="the fleet through the gateway, and the hub's set-up").add_subparsers(
+        dest="verb", required=True)
+    fleetview.register(fleet)
+    add_node_option(parser)
     return parser
+
+
+def add_node_option(parser: argparse.ArgumentParser) -> None:
+    """Let every verb take `--node` after it too (`edgevm vm list --node n1`), as well as before the area."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                add_node_option(sub)
+            return
+    if "--node" not in parser._option_string_actions:
+        # SUPPRESS: only a given --node replaces the global one (and its default).
+        parser.add_argument("--node", default=argparse.SUPPRESS, help="node id (as before the area)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # Each side imports only what it uses: the launcher of `node up` lives as long as the node, and the
     # client's stack (nats-py, msgspec, YAML) would stay in its memory all that time.
+    if getattr(args, "local", None) is not None:  # a verb that runs here without a NATS connection
+        raise SystemExit(args.local(args))
     if args.area == "node":
         from edgevm.cli.supervisor import NodeOptions, Supervisor
 

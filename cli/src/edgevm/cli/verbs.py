@@ -12,6 +12,7 @@ import msgspec
 import nats
 import yaml
 
+from edgevm.cli import fleetview
 from edgevm.cli.network import flow_verb, net_verb
 from edgevm.cli.output import fail, print_json, print_table
 from edgevm.cli.snapshots import snapshot_verb
@@ -56,7 +57,8 @@ async def run_command(args: argparse.Namespace) -> int:
         # nats-py logs each failed connection attempt with a traceback; main says it in one line instead.
         pass
 
-    nc = await nats.connect(args.nats, connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet)
+    nc = await nats.connect(args.nats, connect_timeout=3, max_reconnect_attempts=1, error_cb=quiet,
+                            nkeys_seed=args.client_creds)
     client = Client(nc, args.node, timeout=args.timeout)
     try:
         return await dispatch(client, args)
@@ -146,6 +148,8 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
         return await net_verb(client, args)
     if area == "flow":
         return await flow_verb(client, args)
+    if area == "fleet":
+        return await fleetview.dispatch(client, args)
     raise AssertionError(f"unknown verb {area} {verb}")
 
 

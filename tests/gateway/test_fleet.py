@@ -1,0 +1,209 @@
+"""The gateway over several nodes' events on a real nats-server: node states, kept objects, filters, restart.
+
+Each node publishes as a real node does: one EventPublisher per service and the services' heartbeat loop
+(here every 0.3 s, with the gateway's timeout set to 2 s by EDGEVM_GW_NODE_TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from edgevm.cli.natsserver import NatsServer
+from edgevm.shared.bus import ensure_jetstream
+from edgevm.shared.client import Client
+from edgevm.shared.clock import now
+from edgevm.shared.commands import GwFlowList, GwTaskList, GwVmList, NodeList
+from edgevm.shared.errors import RemoteError
+from edgevm.shared.events import FlowClosed, FlowOpened, TaskUpdated, VmCreated
+from edgevm.shared.heartbeat import beat_forever
+from edgevm.shared.ids import new_id
+from edgevm.shared.objects import Flow, Task, Vm, VmStatus
+from edgevm.shared.publisher import EventPublisher
+from edgevm.shared.spec import VmSpec
+from tests.helpers import ServiceProcess, eventually
+
+TIMEOUT = 2.0
+BEAT = 0.3
+
+
+def vm(name: str, state: str = "running") -> Vm:
+    return Vm(VmSpec(name=name, image="img", memory=512 * 1024**2), VmStatus(state, 1, now(), now()))  # type: ignore[arg-type]
+
+
+def flow(node: str, vm_name: str, status: str) -> Flow:
+    return Flow(new_id(), node, vm_name, "tcp", "10.0.0.2", 40000, "10.0.0.9", 443, "outbound", status, now())  # type: ignore[arg-type]
+
+
+class FakeNode:
+    """A node's event side: what its services publish (VM, task and flow events, heartbeats)."""
+
+    def __init__(self, nc: NATS, name: str) -> None:
+        self.name = name
+        self.js = nc.jetstream()
+        self.publisher = EventPublisher(self.js, name, "lifecycle")
+        self.beating: asyncio.Task[None] | None = None
+
+    def start_beating(self) -> None:
+        self.beating = asyncio.create_task(beat_forever(self.publisher, self.name, "lifecycle", interval=BEAT))
+
+    async def stop_beating(self) -> None:
+        assert self.beating is not None
+        self.beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.beating
+        await self.publisher.flush()
+
+    async def publish_objects(self) -> tuple[Task, Task]:
+        """Publish two VMs, a task for each and an active and a completed flow of the first VM."""
+        for name in ("web", "db"):
+            await self.publisher.publish(VmCreated(at=now(), vm=vm(name)))
+        tasks = (Task(new_id(), self.name, "vm.start", "succeeded", now(), vm="web", progress=100),
+                 Task(new_id(), self.name, "vm.start", "failed", now(), vm="db", error="boom"))
+        for task in tasks:
+            await self.publisher.publish(TaskUpdated(at=now(), task=task))
+        await self.publisher.publish(FlowOpened(at=now(), flow=flow(self.name, "web", "active")))
+        await self.publisher.publish(FlowClosed(at=now(), flow=flow(self.name, "web", "completed")))
+        await self.publisher.flush()
+        return tasks
+
+
+@pytest.fixture
+async def fleet(nc: NATS) -> AsyncIterator[tuple[FakeNode, FakeNode]]:
+    await ensure_jetstream(nc.jetstream())
+    tag = uuid.uuid4().hex[:6]
+    nodes = (FakeNode(nc, f"a{tag}"), FakeNode(nc, f"b{tag}"))
+    yield nodes
+    for node in nodes:
+        if node.beating is not None and not node.beating.done():
+            await node.stop_beating()
+
+
+def gateway_process(server: NatsServer, tmp_path: Path) -> ServiceProcess:
+    env = {"EDGEVM_NATS_URL": server.url, "EDGEVM_NODE": f"gw{uuid.uuid4().hex[:6]}",
+           "EDGEVM_GW_NODE_TIMEOUT": str(TIMEOUT)}
+    return ServiceProcess("gateway", env, tmp_path / "gateway.log")
+
+
+async def states(client: Client, *names: str) -> dict[str, str]:
+    reply = await client.gateway("node.list", {}, NodeList)
+    return {n.node: n.state for n in reply.nodes if n.node in names}
+
+
+async def test_nodes_go_unreachable_without_heartbeats_and_their_objects_stay_marked(
+    nc: NATS, nats_server: NatsServer, fleet: tuple[FakeNode, FakeNode], tmp_path: Path
+) -> None:
+    a, b = fleet
+    client = Client(nc, "unused")
+    tasks_a = await a.publish_objects()
+    await b.publish_objects()
+    a.start_beating()
+    b.start_beating()
+    gateway = gateway_process(nats_server, tmp_path).start()
+    try:
+        both_up = {a.name: "up", b.name: "up"}
+        await eventually(lambda: _equals(states(client, a.name, b.name), both_up), what="both nodes up")
+        nodes = {n.node: n for n in (await client.gateway("node.list", {}, NodeList)).nodes}
+        assert (nodes[a.name].vms, nodes[a.name].services) == (2, ["lifecycle"])
+
+        await a.stop_beating()
+        cut = asyncio.get_running_loop().time()
+        a_down = {a.name: "unreachable", b.name: "up"}
+        await eventually(lambda: _equals(states(client, a.name, b.name), a_down), timeout=TIMEOUT + 8,
+                         what="node a unreachable, b still up")
+        assert asyncio.get_running_loop().time() - cut >= TIMEOUT - BEAT, "not before the timeout"
+
+        vms = (await client.gateway("vm.list", {}, GwVmList)).vms
+        mine = sorted((v.node, v.spec.name, v.status.state, v.node_state) for v in vms if v.node in (a.name, b.name))
+        assert mine == [(a.name, "db", "running", "unreachable"), (a.name, "web", "running", "unreachable"),
+                        (b.name, "db", "running", "up"), (b.name, "web", "running", "up")]
+        tasks = (await client.gateway("task.list", {"node": a.name}, GwTaskList)).tasks
+        assert [(t.id, t.node_state) for t in tasks] == [(tasks_a[1].id, "unreachable"), (tasks_a[0].id, "unreachable")]
+        flows = (await client.gateway("flow.list", {"node": a.name}, GwFlowList)).flows
+        assert {(f.status, f.node_state) for f in flows} == {("active", "unreachable"), ("completed", "unreachable")}
+
+        a.start_beating()
+        await eventually(lambda: _equals(states(client, a.name, b.name), both_up), what="node a back up")
+        vms = (await client.gateway("vm.list", {"node": a.name}, GwVmList)).vms
+        assert {v.node_state for v in vms} == {"up"}
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
+async def test_filters_of_the_fleet_queries(
+    nc: NATS, nats_server: NatsServer, fleet: tuple[FakeNode, FakeNode], tmp_path: Path
+) -> None:
+    a, b = fleet
+    client = Client(nc, "unused")
+    tasks_a = await a.publish_objects()
+    tasks_b = await b.publish_objects()
+    gateway = gateway_process(nats_server, tmp_path).start()
+    try:
+        await eventually(lambda: _count_vms(client, b.name, 2), what="gateway replayed both nodes")
+        vms = (await client.gateway("vm.list", {"node": a.name}, GwVmList)).vms
+        assert [(v.node, v.spec.name) for v in vms] == [(a.name, "db"), (a.name, "web")]
+        assert (await client.gateway("vm.list", {"node": "nosuchnode"}, GwVmList)).vms == []
+
+        ours = {t.id for t in tasks_a + tasks_b}
+        every = (await client.gateway("task.list", {"limit": 500}, GwTaskList)).tasks
+        assert [t.id for t in every if t.id in ours] == sorted(ours, reverse=True), "newest first, all nodes"
+        by_vm = (await client.gateway("task.list", {"node": b.name, "vm": "db"}, GwTaskList)).tasks
+        assert [(t.id, t.status) for t in by_vm] == [(tasks_b[1].id, "failed")]
+        one = (await client.gateway("task.list", {"node": a.name, "limit": 1}, GwTaskList)).tasks
+        assert [t.id for t in one] == [tasks_a[1].id]
+
+        active = (await client.gateway("flow.list", {"node": b.name, "status": "active"}, GwFlowList)).flows
+        assert [(f.node, f.vm, f.status) for f in active] == [(b.name, "web", "active")]
+        done = (await client.gateway("flow.list", {"node": b.name, "vm": "web", "status": "completed"}, GwFlowList))
+        assert [f.status for f in done.flows] == ["completed"]
+        assert (await client.gateway("flow.list", {"node": b.name, "vm": "db"}, GwFlowList)).flows == []
+
+        with pytest.raises(RemoteError) as bad:
+            await client.gateway("task.list", {"node": "Not_A_Node"}, GwTaskList)
+        assert (bad.value.code, bad.value.field) == ("400", "node")
+        with pytest.raises(RemoteError) as bad:
+            await client.gateway("flow.list", {"status": "open"}, GwFlowList)
+        assert (bad.value.code, bad.value.field) == ("400", "status")
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
+async def test_a_restart_replays_old_heartbeats_without_making_a_silent_node_up(
+    nc: NATS, nats_server: NatsServer, fleet: tuple[FakeNode, FakeNode], tmp_path: Path
+) -> None:
+    a, b = fleet
+    client = Client(nc, "unused")
+    await a.publish_objects()
+    a.start_beating()
+    await asyncio.sleep(3 * BEAT)
+    await a.stop_beating()  # a's last heartbeat is now in the stream, and it ages
+    await asyncio.sleep(TIMEOUT + 0.5)
+    b.start_beating()
+    gateway = gateway_process(nats_server, tmp_path).start()
+    try:
+        await eventually(lambda: _count_vms(client, a.name, 2), what="gateway replayed a's VMs")
+        # Right after the replay: with heartbeats judged by their arrival, a would show up for TIMEOUT s.
+        assert await states(client, a.name) == {a.name: "unreachable"}
+        await eventually(lambda: _equals(states(client, b.name), {b.name: "up"}), what="b up")
+        assert await states(client, a.name) == {a.name: "unreachable"}
+        assert (await _node(client, a.name)).last_seen != ""
+    finally:
+        assert gateway.stop() == 0, gateway.log()
+
+
+async def _equals(value: object, expected: object) -> bool:
+    return await value == expected  # type: ignore[misc]
+
+
+async def _count_vms(client: Client, node: str, count: int) -> bool:
+    return len((await client.gateway("vm.list", {"node": node}, GwVmList)).vms) == count
+
+
+async def _node(client: Client, name: str) -> object:
+    return next(n for n in (await client.gateway("node.list", {}, NodeList)).nodes if n.node == name)
