@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from edgevm.gateway.model import FleetModel
-from edgevm.shared.events import Heartbeat, TaskUpdated
-from edgevm.shared.objects import Task
+from edgevm.shared.commands import GwVmList
+from edgevm.shared.events import Heartbeat, TaskUpdated, VmCreated, VmDeleted, VmUpdated
+from edgevm.shared.objects import Task, Vm, VmStatus
+from edgevm.shared.spec import VmSpec
 
 START = 1_800_000_000.0  # the gateway's wall clock at the start of each case
 
@@ -112,3 +115,23 @@ def test_a_node_seen_only_through_other_events_is_unreachable_and_never_seen(mod
     assert (info.node, info.state, info.last_seen) == ("n2", "unreachable", "")
     [row] = model.task_list("n2", None, 10)
     assert (row.id, row.node_state) == (task.id, "unreachable")
+
+
+def test_the_encoded_vm_list_is_the_vm_list_after_every_change(model: FleetModel, clocks: Clocks) -> None:
+    def vm(name: str, revision: int) -> Vm:
+        return Vm(VmSpec(name=name, image="img"), VmStatus("running", revision, stamp(START), stamp(START)))
+
+    def same(node: str | None) -> bool:
+        return model.vm_list_json(node) == msgspec.json.encode(GwVmList(model.vm_list(node)))
+
+    for node in ("n1", "n2"):
+        model.apply(node, beat(START))
+        for name in ("b", "a"):
+            model.apply(node, VmCreated(at=stamp(START), vm=vm(name, 1)))
+    assert same(None) and same("n1") and same("nosuch")
+    model.apply("n2", VmUpdated(at=stamp(START), vm=vm("a", 2)))
+    model.apply("n1", VmDeleted(at=stamp(START), vm=vm("b", 1)))
+    assert same(None) and [v.status.revision for v in model.vm_list("n2")] == [2, 1]
+    clocks.advance(31)
+    assert same(None) and {v.node_state for v in model.vm_list(None)} == {"unreachable"}
+    assert msgspec.json.decode(model.vm_list_json("n1"))["vms"][0]["node_state"] == "unreachable"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from edgevm.gateway.model import FleetModel
 from edgevm.shared.commands import (
     Empty,
@@ -9,7 +11,6 @@ from edgevm.shared.commands import (
     GwFlowListRequest,
     GwTaskList,
     GwTaskListRequest,
-    GwVmList,
     GwVmListRequest,
     NodeList,
 )
@@ -25,9 +26,9 @@ class GatewayHandlers:
         """gw.node.list."""
         return NodeList(self._model.node_list())
 
-    async def vm_list(self, req: GwVmListRequest) -> GwVmList:
-        """gw.vm.list."""
-        return GwVmList(self._model.vm_list(req.node))
+    async def vm_list(self, req: GwVmListRequest) -> msgspec.Raw:
+        """gw.vm.list: a GwVmList, encoded by the model (it keeps each node's part encoded)."""
+        return msgspec.Raw(self._model.vm_list_json(req.node))
 
     async def task_list(self, req: GwTaskListRequest) -> GwTaskList:
         """gw.task.list."""
