@@ -118,7 +118,7 @@ async def test_fleet_metrics_follow_node_states_tasks_and_lag(
         assert f'edgevm_fleet_node_last_heartbeat_timestamp_seconds{{node="{b.name}"}}' in text
         assert f'edgevm_fleet_node_last_heartbeat_timestamp_seconds{{node="{a.name}"}}' not in text
         live = re.search(r"edgevm_fleet_event_lag_seconds_count (\S+)", text)
-        assert live is not None and float(live.group(1)) >= 8, "b's heartbeats and objects, live"
+        assert live is not None and float(live.group(1)) >= 6, "b's six object events came live"
         lag = re.search(rf'edgevm_fleet_node_event_lag_seconds{{node="{b.name}"}} (\S+)', text)
         assert lag is not None and 0 <= float(lag.group(1)) < 5
     finally:
