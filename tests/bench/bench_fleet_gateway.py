@@ -234,9 +234,11 @@ async def run(url: str, server_pid: int) -> None:
                f"{replay / floor:.2f}x bare", "-", True)
         report("RSS gateway after the replay", f"{rss_mib(gateway.pid):.0f} MiB", "-", "-", "reported", True)
     finally:
-        for task in beats:
-            task.cancel()
-        await asyncio.gather(*beats, return_exceptions=True)
+        # Cancel until done: Python 3.11's wait_for (inside nats-py's publish_async) can drop a cancellation.
+        while not all(task.done() for task in beats):
+            for task in beats:
+                task.cancel()
+            await asyncio.wait(beats, timeout=1)
         gateway.terminate()
         gateway.wait(15)
         for nc in conns:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Mapping
 
@@ -19,7 +20,7 @@ from edgevm.shared.runtime import main as run
 async def setup(ctx: ServiceContext, timeout: float = NODE_TIMEOUT) -> None:
     """Build the model, follow the event stream and serve `edgevm.gw.*`."""
     model = FleetModel(timeout=timeout)
-    collector = FleetCollector(model)
+    collector = FleetCollector(model, asyncio.get_running_loop())
     REGISTRY.register(collector)
     ctx.stack.callback(REGISTRY.unregister, collector)
     subscription = await follow_events(ctx.js, model)

@@ -1,7 +1,12 @@
-"""Fleet metrics computed from the read model at scrape time."""
+"""Fleet metrics computed from the read model at scrape time.
+
+prometheus_client scrapes in its own thread while the event loop changes the model: the collector asks
+the loop to read the model (`run_coroutine_threadsafe`), so a scrape never sees a table mid-change.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -9,15 +14,31 @@ from prometheus_client.registry import Collector
 
 from edgevm.gateway.model import FleetModel
 
+SCRAPE_TIMEOUT = 5.0  # the loop is blocked for longer: the scrape fails rather than hangs
+
 
 class FleetCollector(Collector):
     """Exports nodes by state, VMs by node and state, tasks by node and status, events and lag by node."""
 
-    def __init__(self, model: FleetModel) -> None:
+    def __init__(self, model: FleetModel, loop: asyncio.AbstractEventLoop) -> None:
         self._model = model
+        self._loop = loop
+
+    def describe(self) -> list[Metric]:
+        """Return the metric families (registration calls it on the loop's own thread, so read directly)."""
+        return self.read()
 
     def collect(self) -> Iterator[Metric]:
-        """Yield the fleet metrics, read from the model as it is now."""
+        """Yield the fleet metrics, read from the model by the event loop that owns it."""
+        if self._loop.is_closed():
+            return
+        yield from asyncio.run_coroutine_threadsafe(self._read(), self._loop).result(timeout=SCRAPE_TIMEOUT)
+
+    async def _read(self) -> list[Metric]:
+        return self.read()
+
+    def read(self) -> list[Metric]:
+        """Return the fleet metrics as the model is now (call it on the model's event loop)."""
         up = GaugeMetricFamily("edgevm_fleet_node_up", "1 when the node's heartbeat is recent, 0 when it is "
                                "unreachable.", labels=["node"])
         by_state = GaugeMetricFamily("edgevm_fleet_nodes", "Nodes by state (up, unreachable).", labels=["state"])
@@ -47,7 +68,7 @@ class FleetCollector(Collector):
                 tasks.add_metric([name, key], count)
             events.add_metric([name], record.events)
             lag.add_metric([name], record.last_lag)
-        yield from (up, by_state, seen, vms, tasks, events, lag)
+        return [up, by_state, seen, vms, tasks, events, lag]
 
 
 def _count(values: Iterator[str]) -> list[tuple[str, int]]:
