@@ -1,7 +1,7 @@
 """Fleet metrics computed from the read model at scrape time.
 
-prometheus_client scrapes in its own thread while the event loop changes the model: the collector asks
-the loop to read the model (`run_coroutine_threadsafe`), so a scrape never sees a table mid-change.
+Scrapes run on the metrics server's threads while the event loop changes the model: the collector has the
+loop read the model (shared.metrics.on_loop), so a scrape never sees a table mid-change.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from edgevm.gateway.model import FleetModel
-
-SCRAPE_TIMEOUT = 5.0  # the loop is blocked for longer: the scrape fails rather than hangs
+from edgevm.shared.metrics import on_loop
 
 
 class FleetCollector(Collector):
@@ -23,6 +22,7 @@ class FleetCollector(Collector):
     def __init__(self, model: FleetModel, loop: asyncio.AbstractEventLoop) -> None:
         self._model = model
         self._loop = loop
+        self._read_on_loop = on_loop(self._read, loop)
 
     def describe(self) -> list[Metric]:
         """Return the metric families (registration calls it on the loop's own thread, so read directly)."""
@@ -30,9 +30,8 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Yield the fleet metrics, read from the model by the event loop that owns it."""
-        if self._loop.is_closed():
-            return
-        yield from asyncio.run_coroutine_threadsafe(self._read(), self._loop).result(timeout=SCRAPE_TIMEOUT)
+        if not self._loop.is_closed():
+            yield from self._read_on_loop()
 
     async def _read(self) -> list[Metric]:
         return self.read()
