@@ -1,11 +1,18 @@
 """Benchmark of the gateway at fleet scale: 100 simulated nodes x 50 VMs publishing heartbeats and events.
 
-Run: `.venv/bin/python tests/bench/bench_fleet_gateway.py` (`make bench` runs it). What it measures, on
-the topology it names in its first line of output:
+Run: `.venv/bin/python tests/bench/bench_fleet_gateway.py` (`make bench` runs it). Each simulated node
+publishes on its own connection, as its services would. Two topologies, each on a nats-server of its own
+(`BENCH_FLEET_TOPOLOGIES=single,sourced` picks):
 
-- `single`: one nats-server with JetStream holding every node's events in one EDGEVM_EVENTS (what the
-  gateway reads on a lone node, and the same stream shape the hub's sourcing stream has); each simulated
-  node publishes on its own connection, as its services would.
+- `single`: one EDGEVM_EVENTS holding every node's events (what the gateway reads on a lone node);
+- `sourced`: 100 node streams, each storing only `edgevm.evt.<node>.>`, sourced into an EDGEVM_EVENTS with
+  no subjects of its own: the hub's stream shape and the gateway reading it, but with local sources in
+  one server instead of 100 leaf servers and JetStream domains (the leaf links, TLS and the cross-domain
+  sourcing are measured by bench_fleet.py's catch-up). It needs a service start that keeps a hub's
+  EDGEVM_EVENTS as it is (bus.ensure_jetstream); without it the gateway cannot start and the line says so.
+
+What it measures:
+
 - ingest: every event the nodes publish (5,000 vm.created, then 20,000 vm.updated and task.updated in a
   burst, heartbeats of 5 services per node every 10 s throughout) reaches the gateway's model with no loss:
   the gateway's applied count equals the stream's message count, none skipped, and every VM shows the
@@ -30,7 +37,8 @@ from pathlib import Path
 
 import msgspec
 import nats
-from nats.js.api import DeliverPolicy
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, RetentionPolicy, StorageType, StreamConfig, StreamSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -167,12 +175,47 @@ def p99(samples: list[float]) -> float:
     return samples[min(len(samples) - 1, int(len(samples) * 0.99))]
 
 
-async def run(url: str, server_pid: int) -> None:
-    print(f"topology: single (one nats-server, one EDGEVM_EVENTS holding {NODES} nodes' events; no leaf links)",
-          flush=True)
+TOPOLOGIES = {
+    "single": "one nats-server, one EDGEVM_EVENTS holding {n} nodes' events; no leaf links",
+    "sourced": "one nats-server, {n} node streams (edgevm.evt.<node>.> each) sourced into the hub's EDGEVM_EVENTS "
+               "(no subjects of its own), local sources, no leaf links",
+}
+
+
+async def make_streams(js: JetStreamContext, topology: str, names: list[str]) -> None:
+    """Create the event streams of `topology` (the gateway's own start makes the rest)."""
+    if topology == "single":
+        await ensure_jetstream(js)
+        return
+    for name in names:
+        await js.add_stream(StreamConfig(name=f"EVT_{name}", subjects=[subjects.all_events(name)],
+                                         storage=StorageType.FILE, retention=RetentionPolicy.LIMITS))
+    await js.add_stream(StreamConfig(name="EDGEVM_EVENTS", subjects=[], storage=StorageType.FILE,
+                                     sources=[StreamSource(name=f"EVT_{name}") for name in names]))
+
+
+async def stored_events(js: JetStreamContext, topology: str, names: list[str]) -> int:
+    """Return how many events the gateway's stream holds, once it holds every one the nodes stored."""
+    if topology == "single":
+        return int((await js.stream_info("EDGEVM_EVENTS")).state.messages)
+    total = 0
+    for name in names:
+        total += (await js.stream_info(f"EVT_{name}")).state.messages
+
+    async def sourced() -> bool:
+        return bool((await js.stream_info("EDGEVM_EVENTS")).state.messages >= total)
+
+    took = await until(sourced)
+    report("sourcing: every node stream in the hub's", f"{took * 1e3:.0f} ms", "-", "-", "-", True)
+    return int((await js.stream_info("EDGEVM_EVENTS")).state.messages)
+
+
+async def run(url: str, server_pid: int, topology: str) -> None:
+    print(f"topology: {topology} ({TOPOLOGIES[topology].format(n=NODES)})", flush=True)
     admin = await nats.connect(url)
     js = admin.jetstream()
-    await ensure_jetstream(js)
+    names = [f"node-{i:03d}" for i in range(NODES)]
+    await make_streams(js, topology, names)
     metrics_port = free_port()
     env = {**os.environ, "EDGEVM_NATS_URL": url, "EDGEVM_NODE": "hub", "EDGEVM_METRICS_PORT": str(metrics_port),
            "EDGEVM_LOG_LEVEL": "WARNING"}
@@ -188,10 +231,15 @@ async def run(url: str, server_pid: int) -> None:
             'edgevm_gateway_events_total{result="skipped"}', 0) >= count
 
     conns = [await nats.connect(url) for _ in range(NODES)]
-    nodes = [SimNode(f"node-{i:03d}", nc) for i, nc in enumerate(conns)]
+    nodes = [SimNode(name, nc) for name, nc in zip(names, conns, strict=True)]
     beats: list[asyncio.Task[None]] = []
     try:
-        await until(lambda: _answers(admin), timeout=30)
+        try:
+            await until(lambda: _answers(admin, gateway), timeout=30)
+        except (TimeoutError, RuntimeError) as exc:
+            report(f"{topology}: the gateway at start", "not serving", "-", "-", "serving", False)
+            print(f"  {exc}", flush=True)
+            return
         beats = [asyncio.create_task(n.beat_forever(HEARTBEAT_INTERVAL * i / NODES)) for i, n in enumerate(nodes)]
         start = time.perf_counter()
         await asyncio.gather(*(n.create_all() for n in nodes))
@@ -199,7 +247,7 @@ async def run(url: str, server_pid: int) -> None:
             await nodes[i % NODES].update(i // NODES)
         await asyncio.wait_for(asyncio.gather(*(n.settle() for n in nodes)), 120)
         published = time.perf_counter() - start
-        stored = (await js.stream_info("EDGEVM_EVENTS")).state.messages
+        stored = await stored_events(js, topology, names)
         lag = await until(lambda: applied_at_least(stored))
         events = NODES * VMS_PER_NODE + BURST_EVENTS
         report(f"live: {events:,} events published by {NODES} nodes", f"{events / published:,.0f}/s", "-", "-",
@@ -223,7 +271,7 @@ async def run(url: str, server_pid: int) -> None:
         # A restart: the new gateway replays the whole stream (the hub's case after its own downtime).
         gateway.terminate()
         gateway.wait(15)
-        stored = (await js.stream_info("EDGEVM_EVENTS")).state.messages
+        stored = await stored_events(js, topology, names)
         gateway = subprocess.Popen([sys.executable, "-m", "edgevm.gateway"], env=env)
         started = time.perf_counter()
         await until(lambda: applied_at_least(stored), step=0.01)
@@ -246,7 +294,9 @@ async def run(url: str, server_pid: int) -> None:
         await admin.close()
 
 
-async def _answers(nc: nats.NATS) -> bool:
+async def _answers(nc: nats.NATS, gateway: subprocess.Popen[bytes]) -> bool:
+    if gateway.poll() is not None:
+        raise RuntimeError(f"the gateway exited with code {gateway.returncode} (its log above says why)")
     try:
         await nc.request(subjects.gateway("node.list"), b"{}", timeout=1)
         return True
@@ -307,13 +357,14 @@ async def list_latency(nc: nats.NATS, url: str, nodes: list[SimNode]) -> None:
 
 
 async def main() -> None:
-    store = Path(tempfile.mkdtemp(prefix="edgevm-bench-fleet-"))
-    server = start_nats_server(store, port=free_port())
-    try:
-        await run(server.url, server.process.pid)
-    finally:
-        server.stop()
-        shutil.rmtree(store, ignore_errors=True)
+    for topology in os.environ.get("BENCH_FLEET_TOPOLOGIES", "single,sourced").split(","):
+        store = Path(tempfile.mkdtemp(prefix="edgevm-bench-fleet-"))
+        server = start_nats_server(store, port=free_port())
+        try:
+            await run(server.url, server.process.pid, topology)
+        finally:
+            server.stop()
+            shutil.rmtree(store, ignore_errors=True)
 
 
 if __name__ == "__main__":
