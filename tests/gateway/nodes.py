@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
@@ -84,3 +85,8 @@ def gateway_process(server: NatsServer, tmp_path: Path) -> ServiceProcess:
 async def states(client: Client, *names: str) -> dict[str, str]:
     reply = await client.gateway("node.list", {}, NodeList)
     return {n.node: n.state for n in reply.nodes if n.node in names}
+
+
+async def equals(pending: Awaitable[object], expected: object) -> bool:
+    """Await `pending` and compare it with `expected` (for `eventually`)."""
+    return await pending == expected

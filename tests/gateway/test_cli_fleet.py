@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from edgevm.cli.natsserver import NatsServer, free_port
 from edgevm.shared.client import Client
 from edgevm.shared.commands import GwVmList
-from tests.gateway.nodes import TIMEOUT, FakeNode, gateway_process, states
+from tests.gateway.nodes import TIMEOUT, FakeNode, equals, gateway_process, states
 from tests.helpers import eventually
 
 
@@ -39,7 +39,7 @@ async def test_fleet_verbs_show_every_node_and_mark_an_unreachable_one(
     gateway = gateway_process(nats_server, tmp_path).start()
     client = Client(nc, "unused")
     try:
-        await eventually(lambda: _is(states(client, a.name, b.name), {a.name: "unreachable", b.name: "up"}),
+        await eventually(lambda: equals(states(client, a.name, b.name), {a.name: "unreachable", b.name: "up"}),
                          timeout=TIMEOUT + 10, what="a unreachable (never beat), b up")
         nodes = await edgevm(nats_server, "fleet", "nodes")
         assert nodes.returncode == 0, nodes.stderr
@@ -104,7 +104,7 @@ async def test_fleet_metrics_follow_node_states_tasks_and_lag(
     client = Client(nc, "unused")
     url = f"http://127.0.0.1:{process.env['EDGEVM_METRICS_PORT']}/metrics"
     try:
-        await eventually(lambda: _is(states(client, a.name, b.name), {a.name: "unreachable", b.name: "up"}),
+        await eventually(lambda: equals(states(client, a.name, b.name), {a.name: "unreachable", b.name: "up"}),
                          timeout=TIMEOUT + 10, what="a unreachable, b up")
         await b.publish_objects()  # live events, after the gateway's start
         await eventually(lambda: _count(client, b.name), what="b's VMs ingested live")
@@ -124,9 +124,6 @@ async def test_fleet_metrics_follow_node_states_tasks_and_lag(
     finally:
         assert gateway.stop() == 0, gateway.log()
 
-
-async def _is(value: object, expected: object) -> bool:
-    return await value == expected  # type: ignore[misc]
 
 
 async def _count(client: Client, node: str) -> bool:

@@ -16,7 +16,7 @@ from edgevm.cli.natsserver import NatsServer
 from edgevm.shared.client import Client
 from edgevm.shared.commands import GwFlowList, GwTaskList, GwVmList, NodeList
 from edgevm.shared.errors import RemoteError
-from tests.gateway.nodes import BEAT, TIMEOUT, FakeNode, gateway_process, states
+from tests.gateway.nodes import BEAT, TIMEOUT, FakeNode, equals, gateway_process, states
 from tests.helpers import eventually
 
 
@@ -32,14 +32,14 @@ async def test_nodes_go_unreachable_without_heartbeats_and_their_objects_stay_ma
     gateway = gateway_process(nats_server, tmp_path).start()
     try:
         both_up = {a.name: "up", b.name: "up"}
-        await eventually(lambda: _equals(states(client, a.name, b.name), both_up), what="both nodes up")
+        await eventually(lambda: equals(states(client, a.name, b.name), both_up), what="both nodes up")
         nodes = {n.node: n for n in (await client.gateway("node.list", {}, NodeList)).nodes}
         assert (nodes[a.name].vms, nodes[a.name].services) == (2, ["lifecycle"])
 
         await a.stop_beating()
         cut = asyncio.get_running_loop().time()
         a_down = {a.name: "unreachable", b.name: "up"}
-        await eventually(lambda: _equals(states(client, a.name, b.name), a_down), timeout=TIMEOUT + 8,
+        await eventually(lambda: equals(states(client, a.name, b.name), a_down), timeout=TIMEOUT + 8,
                          what="node a unreachable, b still up")
         assert asyncio.get_running_loop().time() - cut >= TIMEOUT - BEAT, "not before the timeout"
 
@@ -53,7 +53,7 @@ async def test_nodes_go_unreachable_without_heartbeats_and_their_objects_stay_ma
         assert {(f.status, f.node_state) for f in flows} == {("active", "unreachable"), ("completed", "unreachable")}
 
         a.start_beating()
-        await eventually(lambda: _equals(states(client, a.name, b.name), both_up), what="node a back up")
+        await eventually(lambda: equals(states(client, a.name, b.name), both_up), what="node a back up")
         vms = (await client.gateway("vm.list", {"node": a.name}, GwVmList)).vms
         assert {v.node_state for v in vms} == {"up"}
     finally:
@@ -114,15 +114,12 @@ async def test_a_restart_replays_old_heartbeats_without_making_a_silent_node_up(
         await eventually(lambda: _count_vms(client, a.name, 2), what="gateway replayed a's VMs")
         # Right after the replay: with heartbeats judged by their arrival, a would show up for TIMEOUT s.
         assert await states(client, a.name) == {a.name: "unreachable"}
-        await eventually(lambda: _equals(states(client, b.name), {b.name: "up"}), what="b up")
+        await eventually(lambda: equals(states(client, b.name), {b.name: "up"}), what="b up")
         assert await states(client, a.name) == {a.name: "unreachable"}
         assert (await _node(client, a.name)).last_seen != ""
     finally:
         assert gateway.stop() == 0, gateway.log()
 
-
-async def _equals(value: object, expected: object) -> bool:
-    return await value == expected  # type: ignore[misc]
 
 
 async def _count_vms(client: Client, node: str, count: int) -> bool:
