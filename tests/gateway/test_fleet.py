@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 
 from edgevm.cli.natsserver import NatsServer
 from edgevm.shared.client import Client
-from edgevm.shared.commands import GwFlowList, GwTaskList, GwVmList, NodeList
+from edgevm.shared.commands import GwFlowList, GwTaskList, GwVmList, NodeInfo, NodeList
 from edgevm.shared.errors import RemoteError
 from tests.gateway.nodes import BEAT, TIMEOUT, FakeNode, equals, gateway_process, states
 from tests.helpers import eventually
@@ -126,5 +126,5 @@ async def _count_vms(client: Client, node: str, count: int) -> bool:
     return len((await client.gateway("vm.list", {"node": node}, GwVmList)).vms) == count
 
 
-async def _node(client: Client, name: str) -> object:
+async def _node(client: Client, name: str) -> NodeInfo:
     return next(n for n in (await client.gateway("node.list", {}, NodeList)).nodes if n.node == name)
