@@ -76,3 +76,25 @@ async def test_a_cancelled_closer_is_cancelled_itself() -> None:
     finally:
         give_up.set()
         await owner.drain(1)
+
+
+async def test_close_cancels_again_a_task_that_lost_its_cancellation() -> None:
+    owner = Background("test")
+    cancels: list[int] = []
+
+    async def swallows_the_first_cancel() -> None:
+        # What Python 3.11's asyncio.wait_for (inside nats-py's publish) does to a cancel that arrives as
+        # the wrapped call ends: the cancellation is lost and the loop goes on.
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancels.append(1)
+                if len(cancels) > 1:
+                    raise
+
+    owner.start(swallows_the_first_cancel(), "stubborn")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(owner.close(), 5)
+
+    assert len(cancels) == 2 and len(owner) == 0

@@ -17,6 +17,7 @@ __all__ = ["Background"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+RECANCEL_AFTER = 0.5  # seconds a cancelled task gets to end before it is cancelled again
 
 
 class Background:
@@ -51,11 +52,14 @@ class Background:
 
     async def close(self) -> None:
         """Cancel every task and wait until all have ended."""
-        tasks = set(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:  # wait, not gather: a cancelled closer stops waiting at once, and cancels no task twice
-            await asyncio.wait(tasks)
+        pending = set(self._tasks)
+        # wait, not gather: a cancelled closer stops waiting at once. A task can lose one cancellation
+        # (Python 3.11's asyncio.wait_for, inside nats-py's publish, drops a cancel that arrives as the
+        # wrapped call ends), so a task still running after a short wait is cancelled again.
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_AFTER)
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
