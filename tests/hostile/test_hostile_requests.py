@@ -90,6 +90,13 @@ def vm(**fields: Any) -> dict[str, Any]:
     return {"name": "hx", "image": "base", **fields}
 
 
+def billion_laughs(head: str, levels: int = 10) -> str:
+    """YAML of 9 aliases of 9 aliases ... `levels` deep: 9**levels values in under 1 KB."""
+    lines = [head, "a0: &a0 [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
 def deep_object(depth: int) -> Any:
     value: Any = 1
     for _ in range(depth):
@@ -143,6 +150,11 @@ CASES = [
          field="cloud_init.network_config"),
     Case("network-config-40-deep", "vm.create", vm(cloud_init={"network_config": json.dumps(deep_object(40))}),
          field="cloud_init.network_config", says=f"deeper than {MAX_DEPTH}"),
+    # Aliases of aliases: a walk of the expansion held lifecycle's event loop for minutes (no reply, no PING).
+    Case("user-data-billion-laughs", "vm.create", vm(cloud_init={"user_data": billion_laughs("#cloud-config")}),
+         field="cloud_init.user_data", says="aliases"),
+    Case("network-config-billion-laughs", "vm.update", {"name": "web", "revision": 1, "cloud_init": {
+        "network_config": billion_laughs("version: 2", 30)}}, field="cloud_init.network_config", says="aliases"),
     # 5: names ending in a newline.
     Case("image-name-newline", "image.import", {"name": "imp\n", "path": "base.qcow2"}, field="name"),
     Case("image-get-newline", "image.get", {"name": "base\n"}, field="name"),

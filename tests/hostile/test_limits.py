@@ -12,7 +12,7 @@ import msgspec.inspect
 import pytest
 
 from edgevm.netplumb.ipam import unusable_because
-from edgevm.shared.limits import depth_of, excerpt, too_deep_at
+from edgevm.shared.limits import depth_of, excerpt, shape_of, too_deep_at
 from edgevm.shared.units import parse_size
 
 
@@ -31,6 +31,20 @@ def test_depth_of_stops_counting_past_the_limit() -> None:
     for _ in range(10_000):
         deep = [deep]
     assert depth_of(deep, 32) == 33
+
+
+def test_shape_of_counts_shared_values_once_per_reference_without_walking_the_expansion() -> None:
+    leaf = ["lol"] * 9
+    level: Any = leaf
+    for _ in range(29):
+        level = [level] * 9  # one list, referenced 9 times: what a YAML alias of an alias builds
+    assert shape_of({"a": level}) == (31, 1 + sum(9**i for i in range(31)))
+
+
+def test_shape_of_stops_at_a_value_that_holds_itself() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    assert shape_of(loop, 32)[0] == 33
 
 
 @pytest.mark.parametrize(("data", "limit", "path"), [

@@ -46,22 +46,41 @@ def clip(text: str, limit: int) -> str:
 
 def depth_of(value: Any, limit: int = MAX_DEPTH) -> int:
     """Return how deep `value` (decoded JSON or YAML) nests, counting up to `limit` + 1 and no further."""
-    deepest = 0
-    todo: list[tuple[Any, int]] = [(value, 0)]
-    while todo:
-        item, depth = todo.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        depth += 1
-        deepest = max(deepest, depth)
-        if depth > limit:
-            return deepest
-        todo.extend((child, depth) for child in children)
-    return deepest
+    return shape_of(value, limit)[0]
+
+
+def shape_of(value: Any, limit: int = MAX_DEPTH) -> tuple[int, int]:
+    """Return how deep `value` (decoded JSON or YAML) nests, counting up to `limit` + 1 and no further, and how
+    many values it holds when every shared value (a YAML alias) is counted once per reference.
+
+    Linear in the distinct values, however they are shared: YAML aliases make a graph whose expansion is
+    exponential in its size ("billion laughs": 9 aliases of 9 aliases ... is 9**10 values in 900 bytes), and a
+    walk of the expansion would hold the service's event loop for minutes. One level at a time, each distinct
+    value once per level, with the number of references that reach it.
+    """
+    level: dict[int, tuple[Any, int]] = {id(value): (value, 1)}
+    depth = values = 0
+    while level:
+        below: dict[int, tuple[Any, int]] = {}
+        nested = False
+        for item, count in level.values():
+            values += count
+            if isinstance(item, dict):
+                children: Any = item.values()
+            elif isinstance(item, list):
+                children = item
+            else:
+                continue
+            nested = True
+            for child in children:
+                seen = below.get(id(child))
+                below[id(child)] = (child, count + (seen[1] if seen else 0))
+        if nested:
+            depth += 1
+            if depth > limit:
+                return depth, values
+        level = below
+    return depth, values
 
 
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{},:]', re.S)

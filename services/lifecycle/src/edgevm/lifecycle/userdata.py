@@ -12,7 +12,8 @@ decides those.
 network-config is YAML (at most 64 KiB) that parses to a mapping with `version: 1` or `version: 2` (or
 `config: disabled`), at the top or under a `network:` key (cloud-init accepts both). meta_data is extra
 NoCloud meta-data (at most 64 KiB as JSON); it may not set `instance-id` or `local-hostname`, which
-edgevm owns (see seed.py).
+edgevm owns (see seed.py). YAML nests at most 32 levels and holds at most 65536 values with its aliases
+expanded (no "billion laughs").
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ import msgspec
 import yaml
 
 from edgevm.shared.errors import FieldError
-from edgevm.shared.limits import MAX_DEPTH, depth_of
+from edgevm.shared.limits import MAX_DEPTH, shape_of
 
 MAX_USER_DATA_BYTES = 64 * 1024
 MAX_NETWORK_CONFIG_BYTES = 64 * 1024
 MAX_META_DATA_BYTES = 64 * 1024
+# The most values a YAML document may hold with its aliases expanded: more than 64 KiB of YAML holds without
+# aliases (a value takes at least two bytes), far less than a "billion laughs" of aliases of aliases, which
+# the guest's cloud-init would expand (it writes the combined config out as JSON) until it runs out of memory.
+MAX_YAML_VALUES = 64 * 1024
 RESERVED_META_DATA_KEYS = ("instance-id", "local-hostname")
 ACCEPTED_FORMS = (
     "'#cloud-config' followed by YAML, a script starting with '#!', '#cloud-boothook', "
@@ -131,8 +136,11 @@ def _load_yaml(text: str, field: str) -> dict[str, Any] | None:
         raise CloudInitInvalid(field, f"is not valid YAML: {exc}") from None
     except RecursionError:  # PyYAML's composer recurses once per level of nesting
         raise CloudInitInvalid(field, f"nests deeper than {MAX_DEPTH} levels of mappings and lists") from None
-    if depth_of(loaded) > MAX_DEPTH:
+    depth, values = shape_of(loaded, MAX_DEPTH)
+    if depth > MAX_DEPTH:
         raise CloudInitInvalid(field, f"nests deeper than {MAX_DEPTH} levels of mappings and lists")
+    if values > MAX_YAML_VALUES:
+        raise CloudInitInvalid(field, f"holds more than {MAX_YAML_VALUES} values with its YAML aliases expanded")
     if loaded is not None and not isinstance(loaded, dict):
         raise CloudInitInvalid(field, f"must be a YAML mapping (key: value), not a {_yaml_kind(loaded)}")
     return loaded
