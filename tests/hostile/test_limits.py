@@ -63,6 +63,9 @@ def test_too_deep_at_names_where_nesting_passes_the_limit(data: bytes, limit: in
     ("1025TiB", "at most 1024TiB"),
     ("1.0000000000000000000000000000001KB", "not a whole number"),
     ("1" + " " * 100_000 + "!", "got '1 "),
+    ("\u0661\u0662\u0668MB", "got '\u0661"),  # Arabic-Indic digits: int() reads them, the protocol does not
+    ("\uff11\uff12\uff18MB", "got '\uff11"),  # fullwidth digits
+    ("128\u2003MB", "got '128"),  # an em space between number and unit
 ])
 def test_sizes_past_the_maximum_or_malformed_are_refused(value: int | str, rule: str) -> None:
     with pytest.raises(ValueError, match=re.escape(rule)):

@@ -23,8 +23,9 @@ _UNITS = {
     "tb": 1024**4,
     "tib": 1024**4,
 }
-# Digits, spaces and letters are disjoint, so this never backtracks (the value is stripped first).
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-zA-Z]*)")
+# Digits, spaces and letters are disjoint, so this never backtracks (the value is stripped first). ASCII only:
+# Python's \d and int() take any script's digits ("\u0661\u0662\u0668MB" would be 128 MiB).
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)[ \t]*([a-zA-Z]*)")
 
 SIZE_RULE = (
     "must be a number of bytes or a string '<n><unit>' with unit B, KB, MB, GB, TB (binary) or KiB, MiB, GiB, TiB"
