@@ -7,6 +7,7 @@ traceback, and the node's images, VMs, VRFs, virtual networks and tasks are as t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -329,6 +330,52 @@ async def assert_every_service_answers(hostile_node: HostileNode) -> None:
     assert info.value.code == "404"
     assert (await client.call("flow.list", {"vm": "web"}))["flows"] == []
     assert "nodes" in await client.gateway("node.list")
+
+
+async def discovery_replies(hostile_node: HostileNode, subject: str, headers: dict[str, str]) -> set[str]:
+    """Send one discovery request to `subject` with `headers`; return the names of the services that answer."""
+    nc = hostile_node.nc
+    wanted = {f"edgevm-{s}" for s in hostile_node.services}
+    inbox = await nc.subscribe(nc.new_inbox())
+    try:
+        await nc.publish(subject, b"", reply=inbox.subject, headers=headers)
+        names: set[str] = set()
+        while names != wanted:
+            try:
+                msg = await inbox.next_msg(timeout=DEADLINE)
+            except TimeoutError:
+                break
+            names.add(json.loads(msg.data)["name"])
+        return names
+    finally:
+        await inbox.unsubscribe()
+
+
+@pytest.mark.parametrize("verb", ["PING", "INFO", "STATS"])
+async def test_discovery_with_headers_near_max_payload_is_answered_by_every_service(
+        hostile_node: HostileNode, before: dict[str, Any], verb: str) -> None:
+    # nats.micro's discovery replies used to echo the request's headers: one $SRV.PING with 8 MB of them made
+    # every service's reply too large for NATS, and the server closed all five connections at once.
+    headers = {"X-Pad": "p" * (hostile_node.nc.max_payload - 64)}
+    names = await discovery_replies(hostile_node, f"$SRV.{verb}", headers)
+    assert names == {f"edgevm-{s}" for s in hostile_node.services}
+    assert "exited with code" not in hostile_node.log()
+
+
+async def test_requests_without_a_reply_subject_are_served_quietly(hostile_node: HostileNode,
+                                                                   before: dict[str, Any]) -> None:
+    start = len(hostile_node.log())
+    for verb in ("vm.get", "net.status", "snapshot.list", "flow.list", "gw.vm.list"):
+        await hostile_node.nc.publish(subject_of(verb), json.dumps({"name": "web"} if verb == "vm.get" else
+                                                                   {} if verb.startswith("gw.") else
+                                                                   {"vm": "web"}).encode())
+    for service in hostile_node.services:
+        await hostile_node.nc.publish(f"$SRV.PING.edgevm-{service}", b"")
+    await assert_every_service_answers(hostile_node)  # served after the publishes, on the same connections
+    await asyncio.sleep(1)  # a service's log reaches the file a moment after its reply (only absence is checked)
+    logged = hostile_node.log()[start:]
+    assert "Traceback" not in logged and "no reply subject" not in logged, logged
+
 
 
 async def test_after_the_attack_the_node_answers_and_is_unchanged(hostile_node: HostileNode,

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from nats.micro.service import Service, ServiceConfig
 
@@ -94,6 +95,34 @@ def request_type_of(handler: Handler) -> type[Any]:
     return typing.get_type_hints(handler)[params[0]]  # type: ignore[no-any-return]
 
 
+class DiscoveryService(Service):
+    """nats.micro's Service, whose `$SRV.PING|INFO|STATS` replies never carry the request's headers.
+
+    nats.micro answers them with `Msg.respond`, which copies the request's headers into the reply: one
+    `$SRV.PING` with 8 MB of headers made every service's reply larger than max_payload, and the server closed
+    the connection of every service at once. A discovery request without a reply subject is dropped
+    (nats.micro would raise, and the connection's error callback log it).
+    """
+
+    async def _handle_ping_request(self, msg: Msg) -> None:
+        if _answerable(msg):
+            await super()._handle_ping_request(msg)
+
+    async def _handle_info_request(self, msg: Msg) -> None:
+        if _answerable(msg):
+            await super()._handle_info_request(msg)
+
+    async def _handle_stats_request(self, msg: Msg) -> None:
+        if _answerable(msg):
+            await super()._handle_stats_request(msg)
+
+
+def _answerable(msg: Msg) -> bool:
+    """Return whether `msg` has a reply subject; drop its headers, which the reply would otherwise echo."""
+    msg.headers = None
+    return bool(msg.reply)
+
+
 class CommandService:
     """A nats.micro service of typed command handlers, one per `edgevm.<node>.<verb>` subject.
 
@@ -105,7 +134,7 @@ class CommandService:
     def __init__(self, nc: NATS, name: str, version: str = "1.0.0", description: str = "") -> None:
         self._nc = nc
         self.name = name
-        self._service = Service(nc, ServiceConfig(name=name, version=version, description=description))
+        self._service = DiscoveryService(nc, ServiceConfig(name=name, version=version, description=description))
         self._inflight: set[asyncio.Task[None]] = set()
         self._accepting = True
 
@@ -151,8 +180,10 @@ class CommandService:
             code = headers[ERROR_CODE_HEADER] if headers else "200"
             try:
                 await request.respond(body, headers=headers)
-            except Exception:
-                log.warning("%s: the reply could not be sent", verb, exc_info=True)
+            except ValueError:  # nats.micro: the request had no reply subject (a plain publish); nobody waits
+                pass
+            except Exception as exc:
+                log.warning("%s: the reply could not be sent (%s)", verb, exc)
             counter = counters.get(code)
             if counter is None:
                 counter = counters[code] = COMMANDS.labels(self.name, verb, code)
