@@ -261,36 +261,56 @@ def _copy(src_path: Path, out: Any, report: Callable[[int], None], stop: threadi
     except OSError as exc:
         raise ImageRejected("path", f"cannot be opened: {exc.strerror}") from None
     with os.fdopen(fd, "rb", buffering=0) as src:
+        # O_NOFOLLOW guards the last component only: a directory on the way swapped for a symbolic link between
+        # the request's confinement and this task would lead anywhere (the file it opened is what counts).
+        if os.readlink(f"/proc/self/fd/{fd}") != str(src_path):
+            raise ImageRejected("path", "was moved or replaced by a symbolic link while the import waited")
         info = os.fstat(src.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise ImageRejected("path", "is not a regular file")
         total = info.st_size
         if total == 0:
             raise ImageRejected("path", "is an empty file")
-        digest = hashlib.sha256()
-        buffer = bytearray(_CHUNK)
-        view = memoryview(buffer)
-        zeros = bytes(_CHUNK)
-        done = 0
-        shown = -1
-        while n := src.readinto(buffer):
-            if stop.is_set():
-                raise _Stopped
-            chunk = view[:n]
-            digest.update(chunk)
-            if (buffer == zeros) if n == _CHUNK else (bytes(chunk) == bytes(n)):
-                out.seek(n, os.SEEK_CUR)  # keep sparse images sparse
-            else:
-                out.write(chunk)
-            done += n
-            percent = min(99, done * 100 // total)
-            if percent != shown:
-                report(percent)
-                shown = percent
+        done, sha256 = _copy_bytes(src, out, total, report, stop)
+        if done != total or _changed(info, os.fstat(src.fileno())):
+            # A file still being written (or rewritten) would be kept half old, half new: refuse it.
+            raise ImageRejected("path", "changed while it was imported: import it again once it is complete")
         out.truncate(done)
         out.flush()
         os.fsync(out.fileno())
-        return done, digest.hexdigest()
+        return done, sha256
+
+
+def _copy_bytes(
+    src: Any, out: Any, total: int, report: Callable[[int], None], stop: threading.Event
+) -> tuple[int, str]:
+    """Copy at most `total` bytes (a file that grows is not followed) while hashing them; keep holes sparse."""
+    digest = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    zeros = bytes(_CHUNK)
+    done = 0
+    shown = -1
+    while done < total and (n := src.readinto(view[: min(_CHUNK, total - done)])):
+        if stop.is_set():
+            raise _Stopped
+        chunk = view[:n]
+        digest.update(chunk)
+        if (buffer == zeros) if n == _CHUNK else (bytes(chunk) == bytes(n)):
+            out.seek(n, os.SEEK_CUR)  # keep sparse images sparse
+        else:
+            out.write(chunk)
+        done += n
+        percent = min(99, done * 100 // total)
+        if percent != shown:
+            report(percent)
+            shown = percent
+    return done, digest.hexdigest()
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (after.st_size, after.st_mtime_ns,
+                                                                       after.st_ctime_ns)
 
 
 def _has_iso_magic(path: Path) -> bool:
