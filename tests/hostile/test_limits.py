@@ -11,7 +11,8 @@ import msgspec
 import msgspec.inspect
 import pytest
 
-from edgevm.netplumb.ipam import unusable_because
+from edgevm.netplumb.errors import ExhaustedError
+from edgevm.netplumb.ipam import DEFAULT_UPLINK_POOL, allocate_uplink, unusable_because
 from edgevm.shared.limits import depth_of, excerpt, shape_of, too_deep_at
 from edgevm.shared.units import parse_size
 
@@ -135,3 +136,29 @@ def test_unusable_subnets_say_why(net: str, reason: str) -> None:
 @pytest.mark.parametrize("net", ["10.0.0.0/8", "172.16.0.0/12", "192.168.1.0/24", "100.64.0.0/10", "8.8.8.0/24"])
 def test_ordinary_subnets_are_usable(net: str) -> None:
     assert unusable_because(IPv4Network(net)) is None
+
+
+@pytest.mark.parametrize(("taken", "expected"), [
+    ([], "169.254.64.0/31"),
+    (["169.254.64.2/31", "169.254.64.0/31"], "169.254.64.4/31"),  # in any order
+    (["169.254.64.0/30", "169.254.64.6/31"], "169.254.64.4/31"),  # wider networks block every /31 they cover
+    (["169.254.0.0/16"], None),  # a network around the whole pool
+    (["10.0.0.0/8", "169.254.64.2/31"], "169.254.64.0/31"),  # networks outside the pool block nothing
+    (["169.254.64.0/29"], None),
+])
+def test_allocate_uplink_takes_the_first_31_no_taken_network_overlaps(taken: list[str], expected: str | None) -> None:
+    pool = IPv4Network("169.254.64.0/29")
+    nets = [IPv4Network(net) for net in taken]
+    if expected is None:
+        with pytest.raises(ExhaustedError):
+            allocate_uplink(pool, nets)
+    else:
+        assert allocate_uplink(pool, nets) == IPv4Network(expected)
+
+
+@pytest.mark.timeout(20)  # the quadratic search took minutes here: 8,191 taken uplinks of the default pool
+def test_the_last_free_uplink_of_a_nearly_full_pool_is_found_at_once() -> None:
+    slots = list(DEFAULT_UPLINK_POOL.subnets(new_prefix=31))
+    taken = slots[:-1][::-1]
+    for _ in range(20):  # as 20 VRFs created one after the other would ask
+        assert allocate_uplink(DEFAULT_UPLINK_POOL, taken) == slots[-1]

@@ -60,9 +60,22 @@ def mac_address(node: str, vm: str, index: int, taken: Iterable[str] = ()) -> st
 
 
 def allocate_uplink(pool: IPv4Network, taken: Iterable[IPv4Network]) -> IPv4Network:
-    """The first /31 of the pool that overlaps none of the taken uplink networks."""
-    used = list(taken)
-    for candidate in pool.subnets(new_prefix=31):
-        if not any(candidate.overlaps(net) for net in used):
-            return candidate
-    raise ExhaustedError(f"no free /31 uplink network left in {pool}")
+    """The first /31 of the pool that overlaps none of the taken uplink networks.
+
+    Sorted spans of taken /31 slots, not a check of every slot against every taken network: that was quadratic,
+    and held the event loop 2 s per net.vrf.create at 2,000 VRFs (8 s at 4,000).
+    """
+    base, last = int(pool.network_address), int(pool.broadcast_address)
+    spans = sorted(
+        ((max(int(net.network_address), base) - base) // 2, (min(int(net.broadcast_address), last) - base) // 2)
+        for net in taken
+        if net.overlaps(pool)
+    )
+    free = 0
+    for first, final in spans:
+        if first > free:
+            break
+        free = max(free, final + 1)
+    if free >= pool.num_addresses // 2:
+        raise ExhaustedError(f"no free /31 uplink network left in {pool}")
+    return IPv4Network((base + 2 * free, 31))
