@@ -32,8 +32,8 @@ def _report_unawaited(task: asyncio.Task[Any]) -> None:
 class NodeNetwork:
     """The node's network: owns its records and kernel; changes run one at a time, each to its end once started.
 
-    A command's deadline may end the wait for a change but never the change: it is shielded, so records
-    and kernel never part half-way. Kernel work runs on a single worker thread.
+    A command's deadline may end the wait for a change but never a change that has begun: it is shielded, so
+    records and kernel never part half-way. Kernel work runs on a single worker thread.
     """
 
     def __init__(
@@ -54,17 +54,27 @@ class NodeNetwork:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
     async def exclusive(self, change: Callable[[], Awaitable[T]]) -> T:
-        """Runs `change` alone, to its end even when the caller stops waiting."""
+        """Runs `change` alone, to its end even when the caller stops waiting once it has begun.
+
+        A change still queued behind others when its caller stops waiting (the command's deadline: a 503) never
+        begins: the 503 is then the truth, and a flood of commands leaves no backlog that runs on for minutes.
+        """
+        began = False
 
         async def locked() -> T:
+            nonlocal began
             async with self._lock:
+                began = True
                 return await change()
 
         task = self._changes.start(locked(), "a change", log_failure=False)  # the caller hears
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(_report_unawaited)  # no one is left to hear how it ended
+            if began:
+                task.add_done_callback(_report_unawaited)  # no one is left to hear how it ended
+            else:
+                task.cancel()  # still waiting for the lock: nothing was changed
             raise
 
     def desired(self) -> Desired:
