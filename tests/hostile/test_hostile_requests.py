@@ -156,6 +156,16 @@ CASES = [
          field="cloud_init.user_data", says="aliases"),
     Case("network-config-billion-laughs", "vm.update", {"name": "web", "revision": 1, "cloud_init": {
         "network_config": billion_laughs("version: 2", 30)}}, field="cloud_init.network_config", says="aliases"),
+    # Control characters in a description: libvirt's XML refused them only once the snapshot task ran.
+    Case("snapshot-description-control", "snapshot.create", {"vm": "web", "name": "s", "description": "a\u0001b"},
+         field="description"),
+    Case("snapshot-description-nul", "snapshot.create", {"vm": "web", "name": "s", "description": "a\u0000b"},
+         field="description"),
+    Case("snapshot-description-fffe", "snapshot.create", {"vm": "web", "name": "s", "description": "\ufffe"},
+         field="description"),
+    Case("vm-description-control", "vm.create", vm(description="a\u001bb"), field="description"),
+    Case("update-description-nul", "vm.update", {"name": "web", "revision": 1, "description": "\u0000"},
+         field="description"),
     # 5: names ending in a newline.
     Case("image-name-newline", "image.import", {"name": "imp\n", "path": "base.qcow2"}, field="name"),
     Case("image-get-newline", "image.get", {"name": "base\n"}, field="name"),

@@ -13,6 +13,7 @@ from edgevm.shared.objects import Flow, Image, Snapshot, Task, Vm, VmStatus, Vne
 from edgevm.shared.spec import (
     Bus,
     CloudInit,
+    Description,
     Firmware,
     ImageRefName,
     Ipv4Address,
@@ -79,7 +80,7 @@ class UpdateVm(Spec):
     image: ImageRefName | UnsetType = UNSET
     firmware: Firmware | UnsetType = UNSET
     device_bus: Bus | UnsetType = UNSET
-    description: Annotated[str, Meta(max_length=1024)] | UnsetType = UNSET
+    description: Description | UnsetType = UNSET
     hostname: str | UnsetType | None = UNSET
     stop_timeout: Annotated[int, Meta(ge=1, le=3600)] | UnsetType = UNSET
     auto_start: bool | UnsetType = UNSET
@@ -121,7 +122,7 @@ class SnapshotCreate(Spec):
 
     vm: Name
     name: Name
-    description: Annotated[str, Meta(max_length=1024)] = ""
+    description: Description = ""
 
 
 class SnapshotRef(Spec):
