@@ -14,6 +14,7 @@ import pytest
 from edgevm.netplumb.errors import ExhaustedError
 from edgevm.netplumb.ipam import DEFAULT_UPLINK_POOL, allocate_uplink, unusable_because
 from edgevm.shared.limits import depth_of, excerpt, shape_of, too_deep_at
+from edgevm.shared.spec import TEXT_PATTERN  # free text (descriptions): newlines belong there
 from edgevm.shared.units import parse_size
 
 
@@ -85,7 +86,7 @@ def _patterns() -> list[tuple[str, str]]:
     found: dict[str, str] = {}
 
     def walk(info: Any, where: str, seen: set[int]) -> None:
-        if isinstance(info, msgspec.inspect.StrType) and info.pattern:
+        if isinstance(info, msgspec.inspect.StrType) and info.pattern and info.pattern != TEXT_PATTERN:
             found[info.pattern] = where
         elif isinstance(info, msgspec.inspect.StructType):
             if id(info.cls) in seen:

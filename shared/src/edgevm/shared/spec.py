@@ -29,7 +29,8 @@ InterfaceName = Annotated[str, Meta(pattern=r"^(?!\.\.?\Z)[^/\s:]{1,15}\Z")]
 Port = Annotated[int, Meta(ge=1, le=65535)]
 # Free text libvirt keeps in XML (a snapshot's <description>): XML 1.0 holds no control character but tab,
 # newline and carriage return, and neither U+FFFE nor U+FFFF (libvirt refused them only once the task ran).
-Description = Annotated[str, Meta(max_length=1024, pattern=r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]*\Z")]
+TEXT_PATTERN = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]*\Z"
+Description = Annotated[str, Meta(max_length=1024, pattern=TEXT_PATTERN)]
 # Checked by ipaddress after decoding; the lengths bound what an error message can quote
 # ("255.255.255.255", "255.255.255.255/255.255.255.255").
 Ipv4Address = Annotated[str, Meta(max_length=15)]
