@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from edgevm.cli import fleetview
+from edgevm.cli import fleetsetup, fleetview
 from edgevm.shared.config import DEFAULT_METRICS_BASE, default_node_id
 
 
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{DEFAULT_METRICS_BASE})")
     up.add_argument("--libvirt-uri", default=env_default("EDGEVM_LIBVIRT_URI", None),
                     help="libvirt connection (default: $EDGEVM_LIBVIRT_URI or qemu:///system)")
+    up.add_argument("--hub", default=env_default("EDGEVM_HUB", None),
+                    help="join a fleet: the hub's leaf-node URL, nats-leaf://HOST:7422 (default: $EDGEVM_HUB)")
+    up.add_argument("--creds", type=Path, default=env_default("EDGEVM_HUB_CREDS", None),
+                    help="this node's credentials file from `edgevm fleet add-node` (default: $EDGEVM_HUB_CREDS)")
+    fleetsetup.add_hub_parser(areas)
 
     image = areas.add_parser("image", help="images in the node's store").add_subparsers(dest="verb", required=True)
     imp = image.add_parser("import", help="import a file on the node as an image")
@@ -146,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = areas.add_parser("fleet", help="the fleet through the gateway, and the hub's set-up").add_subparsers(
         dest="verb", required=True)
     fleetview.register(fleet)
+    fleetsetup.add_fleet_verbs(fleet)
     add_node_option(parser)
     return parser
 
@@ -164,12 +170,15 @@ def add_node_option(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `edgevm`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # Each side imports only what it uses: the launcher of `node up` lives as long as the node, and the
     # client's stack (nats-py, msgspec, YAML) would stay in its memory all that time.
     if getattr(args, "local", None) is not None:  # a verb that runs here without a NATS connection
         raise SystemExit(args.local(args))
     if args.area == "node":
+        if (args.hub is None) != (args.creds is None):
+            parser.error("node up: --hub and --creds go together (the hub's URL and this node's credentials)")
         from edgevm.cli.supervisor import NodeOptions, Supervisor
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -181,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             nats_port=args.nats_port,
             metrics_base_port=args.metrics_base_port,
             libvirt_uri=args.libvirt_uri,
+            hub_url=args.hub,
+            creds=args.creds,
         )
         asyncio.run(Supervisor(options).run())
         return

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from edgevm.cli.secretfile import write_secret
 
 
 def find_nats_server() -> str:
@@ -67,6 +72,10 @@ class NatsServer:
                 self.process.kill()
                 self.process.wait()
 
+    def reload(self) -> None:
+        """Make the server re-read its configuration file (SIGHUP: a reload, never a restart)."""
+        self.process.send_signal(signal.SIGHUP)
+
 
 # The largest message the server takes: NATS's default is 1 MB, and 8 MB is the most NATS recommends. A reply
 # over it cannot be sent (the endpoint adapter answers 422 instead), so a big `vm.list` needs the headroom.
@@ -74,17 +83,24 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 
 
 def start_nats_server(
-    store_dir: Path, host: str = "127.0.0.1", port: int = 4222, log_file: Path | None = None
+    store_dir: Path, host: str = "127.0.0.1", port: int = 4222, log_file: Path | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> NatsServer:
     """Start nats-server with JetStream storing under `store_dir`; return once it accepts connections.
 
-    Settings without a command-line flag (max_payload) go in `nats-server.conf` inside `store_dir`.
+    Settings without a command-line flag (max_payload, and `extra`: e.g. a JetStream domain and a leaf-node
+    uplink) go in `nats-server.conf` inside `store_dir`, written 0600 since a leaf-node uplink holds a seed.
     """
     store_dir.mkdir(parents=True, exist_ok=True)
-    config = store_dir / "nats-server.conf"
-    config.write_text(f"max_payload: {MAX_PAYLOAD}\n")
-    args = [find_nats_server(), "--config", str(config), "--jetstream", "--store_dir", str(store_dir),
-            "--addr", host, "--port", str(port)]
+    config = {"max_payload": MAX_PAYLOAD, "jetstream": {"store_dir": str(store_dir)}, **(extra or {})}
+    config_path = store_dir / "nats-server.conf"
+    write_secret(config_path, json.dumps(config, indent=2) + "\n")
+    return launch_nats_server(config_path, host, port, log_file, store_dir)
+
+
+def launch_nats_server(config: Path, host: str, port: int, log_file: Path | None, store_dir: Path) -> NatsServer:
+    """Run nats-server with the configuration file `config`; return once it accepts connections on host:port."""
+    args = [find_nats_server(), "--config", str(config), "--addr", host, "--port", str(port)]
     if log_file is not None:
         args += ["--log", str(log_file)]
     process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevm.cli.natsserver import NatsServer, start_nats_server
+from edgevm.cli.uplink import Uplink, follow_link, uplink
 from edgevm.shared.config import SERVICES
 
 log = logging.getLogger("edgevm.node")
@@ -69,10 +70,14 @@ class NodeOptions:
     nats_port: int
     metrics_base_port: int
     libvirt_uri: str | None
+    hub_url: str | None = None  # join a fleet: the hub's leaf-node URL ...
+    creds: Path | None = None  # ... and this node's credentials file
 
 
 class Supervisor:
     """Runs the node: NATS (unless external), then the services, until stopped."""
+
+    role = "node"
 
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
@@ -102,6 +107,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal)
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.options.nats_url
+        link = self._uplink()
         if nats_url is None:
             self.nats = await asyncio.to_thread(
                 start_nats_server,
@@ -109,6 +115,7 @@ class Supervisor:
                 self.options.nats_host,
                 self.options.nats_port,
                 self.options.state_dir / "nats.log",
+                link.config if link is not None else None,
             )
             nats_url = self.nats.url
         print(f"edgevm node {self.options.node}: NATS on {nats_url}"
@@ -123,6 +130,21 @@ class Supervisor:
             else:
                 print(f"  edgevm-{name}: not installed (not built yet), not started", flush=True)
         self.children = [Child(name, env) for name in names]
+        follower = None
+        if link is not None and link.config is not None and self.nats is not None:
+            follower = asyncio.create_task(follow_link(self.options.state_dir / "nats.log", link.hub_url))
+        try:
+            await self.supervise()
+        finally:
+            if follower is not None:
+                follower.cancel()
+            if self.nats is not None:
+                print(f"edgevm node {self.options.node}: services stopped; stopping NATS", flush=True)
+                await asyncio.to_thread(self.nats.stop)
+            print(f"edgevm node {self.options.node}: stopped", flush=True)
+
+    async def supervise(self) -> None:
+        """Start the children, restart each one that exits until stopped, then stop them all."""
         try:
             for child in self.children:
                 await child.spawn()
@@ -134,12 +156,26 @@ class Supervisor:
         finally:
             # Services first, so they drain (answer what is in flight, publish their last events) while
             # NATS still runs; NATS last.
-            print(f"edgevm node {self.options.node}: stopping the services", flush=True)
+            print(f"edgevm {self.role} {self.options.node}: stopping the services", flush=True)
             await self._stop_children()
-            if self.nats is not None:
-                print(f"edgevm node {self.options.node}: services stopped; stopping NATS", flush=True)
-                await asyncio.to_thread(self.nats.stop)
-            print(f"edgevm node {self.options.node}: stopped", flush=True)
+
+    def _uplink(self) -> Uplink | None:
+        """Return the fleet uplink asked for (None: not asked), saying at once when it cannot be made."""
+        if self.options.hub_url is None or self.options.creds is None:
+            return None
+        if self.options.nats_url is not None:
+            link = Uplink(self.options.hub_url, None, "--hub needs the embedded NATS: with --nats, make that "
+                                                      "server a leaf node of the hub (docs/operations.md)")
+        else:
+            link = uplink(self.options.node, self.options.hub_url, self.options.creds,
+                          self.options.state_dir / "nats")
+        if link.config is None:
+            print(f"edgevm node {self.options.node}: NOT joining the fleet: {link.problem}; running on its own",
+                  flush=True)
+        else:
+            print(f"edgevm node {self.options.node}: joining the fleet at {link.hub_url} "
+                  f"(JetStream domain {self.options.node})", flush=True)
+        return link
 
     async def _watch(self, child: Child) -> None:
         """Restart `child` whenever it exits, with exponential backoff, until the node stops."""
@@ -169,7 +205,7 @@ class Supervisor:
                 process.terminate()
         if not running:
             return
-        print(f"edgevm node {self.options.node}: the services finish what they are doing (up to {timeout:g} s; "
+        print(f"edgevm {self.role} {self.options.node}: the services finish what they are doing (up to {timeout:g} s; "
               "Ctrl-C again kills them now)", flush=True)
         ended = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in running)))
         hurry = asyncio.create_task(self._hurry.wait())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from edgevm.shared import subjects
@@ -27,7 +28,7 @@ DAY = 24 * 3600
 
 EVENTS_STREAM = StreamConfig(
     name="EDGEVM_EVENTS",
-    subjects=[f"{subjects.EVENTS}.>"],
+    subjects=[f"{subjects.EVENTS}.>"],  # a node stores only its own: see events_stream
     retention=RetentionPolicy.LIMITS,
     max_age=7 * DAY,
     max_bytes=1 << 30,
@@ -35,6 +36,19 @@ EVENTS_STREAM = StreamConfig(
     discard=DiscardPolicy.OLD,
     duplicate_window=120,
 )
+
+
+def events_stream(node: str | None) -> StreamConfig:
+    """Return node `node`'s EDGEVM_EVENTS: its own events only (`edgevm.evt.<node>.>`), all with None.
+
+    Per node because in a fleet two JetStream domains storing the same subject would both keep it.
+    """
+    if node is None:
+        return EVENTS_STREAM
+    config: StreamConfig = EVENTS_STREAM.evolve(subjects=[subjects.all_events(node)])
+    return config
+
+
 FLOWS_STREAM = StreamConfig(
     name="EDGEVM_FLOWS",
     subjects=[f"{subjects.FLOW_LOG}.>"],
@@ -74,11 +88,12 @@ STREAMS = (EVENTS_STREAM, FLOWS_STREAM, SNAPSHOT_WORK_STREAM)
 BUCKETS = (VMS, IMAGES, NET, TASKS, LOCKS)
 
 
-async def connect(url: str, name: str, closed: asyncio.Event | None = None) -> NATS:
+async def connect(url: str, name: str, closed: asyncio.Event | None = None, seed_file: str | None = None) -> NATS:
     """Connect to NATS, reconnecting forever, with bounded timeouts for every step.
 
     The connection can still close for good (e.g. the server drops it for a protocol violation, and nats-py
     does not reconnect then); `closed` is set when it does, so the service can exit and be restarted.
+    `seed_file`: an nkey seed file to log in with (a fleet hub requires one; a lone node's NATS does not).
     """
 
     client: NATS | None = None
@@ -111,13 +126,23 @@ async def connect(url: str, name: str, closed: asyncio.Event | None = None) -> N
         reconnected_cb=on_reconnect,
         error_cb=on_error,
         closed_cb=on_closed,
+        nkeys_seed=seed_file,
     )
     return client
 
 
-async def ensure_jetstream(js: JetStreamContext) -> dict[str, KeyValue]:
-    """Create or update every stream and KV bucket (idempotent); return the buckets by name."""
+async def ensure_jetstream(js: JetStreamContext, node: str | None = None) -> dict[str, KeyValue]:
+    """Create or update every stream and KV bucket (idempotent); return the buckets by name.
+
+    With `node`, EDGEVM_EVENTS holds only that node's events. A fleet hub's EDGEVM_EVENTS (which sources every
+    node's and has no subjects of its own) is left as it is.
+    """
     for config in STREAMS:
+        if config is EVENTS_STREAM:
+            config = events_stream(node)
+            with contextlib.suppress(NotFoundError):
+                if (await js.stream_info(str(config.name))).config.sources:
+                    continue
         await _ensure_stream(js, config)
     buckets = {}
     for bucket in BUCKETS:

@@ -35,6 +35,7 @@ class Config:
     metrics_port: int | None
     log_level: str
     network: str = "netplumb"  # "none": VMs get no NIC (a node without netplumb, e.g. libvirt's test driver)
+    nats_seed_file: str | None = None  # EDGEVM_NATS_SEED: an nkey seed file to log in to NATS with (at a hub)
 
     def __post_init__(self) -> None:
         if self.network not in NETWORK_MODES:
@@ -55,6 +56,7 @@ class Config:
             metrics_port=int(port) if port else None,
             log_level=env.get("EDGEVM_LOG_LEVEL", "INFO"),
             network=env.get("EDGEVM_NETWORK", "netplumb"),
+            nats_seed_file=env.get("EDGEVM_NATS_SEED") or None,
         )
 
     def metrics_port_for(self, service: str) -> int:

@@ -96,16 +96,17 @@ class ConnectionLost(Exception):
     """The service's NATS connection closed for good: the process must exit (non-zero) to be restarted."""
 
 
-async def connect_when_ready(url: str, name: str, stop: asyncio.Event, closed: asyncio.Event | None = None) -> NATS:
+async def connect_when_ready(url: str, name: str, stop: asyncio.Event, closed: asyncio.Event | None = None,
+                             seed_file: str | None = None) -> NATS:
     """Connect to NATS, retrying with backoff while the server is not up yet (e.g. during node start).
 
-    `closed` is set if the connection later closes for good (see bus.connect).
+    `closed` is set if the connection later closes for good (see bus.connect); `seed_file` logs in with nkeys.
     """
     delay = 0.2
     while True:
         # A connect attempt can itself retry for long (nats-py keeps trying an unreachable server):
         # race it with `stop`, so SIGTERM ends a service that never reached NATS.
-        attempt = asyncio.ensure_future(connect(url, name, closed))
+        attempt = asyncio.ensure_future(connect(url, name, closed, seed_file))
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({attempt, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
@@ -134,13 +135,14 @@ async def serve(name: str, setup: Setup, config: Config | None = None, stop: asy
     stop = stop or asyncio.Event()
     closed = asyncio.Event()
     try:
-        nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop, closed)
+        nc = await connect_when_ready(config.nats_url, f"edgevm-{name}@{config.node}", stop, closed,
+                                      config.nats_seed_file)
     except ServiceStopped as exc:
         log.info("%s", exc)
         return
     js = nc.jetstream(timeout=5)
     async with contextlib.AsyncExitStack() as stack:
-        buckets = await ensure_jetstream(js)
+        buckets = await ensure_jetstream(js, config.node)
         publisher = EventPublisher(js, config.node, name)
         commands = CommandService(nc, f"edgevm-{name}", description=f"edgevm {name} on {config.node}")
         ctx = ServiceContext(name, config, nc, js, buckets, publisher, commands, stack)

@@ -1,0 +1,141 @@
+"""`edgevm fleet add-node|remove-node|rotate-node|add-operator|remove-operator`: who belongs to the fleet.
+
+Each command changes fleet.json under the hub's state directory, rewrites the hub's nats-server configuration
+from it and, when the hub runs, applies it there: a config reload (SIGHUP to its nats-server, never a restart)
+and the sources of the hub's event stream. A node's or operator's seed goes only into the `--out` file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import nats
+
+from edgevm.cli.fleetconfig import HubListen, write_hub_config
+from edgevm.cli.fleetstate import FleetError, HubState, check_name, new_user_seed, public_key, write_node_creds
+from edgevm.cli.secretfile import write_secret
+from edgevm.cli.sourcing import set_sources
+
+
+def running_nats_pid(state: HubState) -> int | None:
+    """Return the pid of the hub's running nats-server, or None when it does not run."""
+    try:
+        pid = int(state.pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    # A stale pid file may name another process by now: only a nats-server run on this config counts.
+    if not cmdline or not cmdline[0].endswith(b"nats-server") or str(state.nats_config).encode() not in cmdline:
+        return None
+    return pid
+
+
+async def apply(state: HubState) -> str:
+    """Rewrite the hub's config from fleet.json and apply it to the running hub; return what was done."""
+    info = state.hub_info()
+    if info is None:
+        return "the hub has not run yet: it takes the change at its start"
+    listen = HubListen(info["host"], info["nats_port"], info["leaf_port"], info["tls"])
+    write_hub_config(state, listen)
+    pid = running_nats_pid(state)
+    if pid is None:
+        return "the hub is not running: it takes the change at its next start"
+    os.kill(pid, signal.SIGHUP)
+    nodes = sorted(state.load().nodes)
+    nc = await nats.connect(info["client_url"], nkeys_seed_str=state.seed("admin"), connect_timeout=5,
+                            max_reconnect_attempts=3)
+    try:
+        await set_sources(nc.jetstream(timeout=10), nodes)
+    finally:
+        await nc.close()
+    return "applied to the running hub (configuration reloaded, event sources updated)"
+
+
+async def add_node(state: HubState, node: str, out: Path, rotate: bool = False) -> str:
+    """Add node `node` (or give it a new key with `rotate`) and write its credentials file `out`."""
+    check_name("node", node)
+    with state.locked():
+        state.require_initialized()
+        registry = state.load()
+        if rotate and node not in registry.nodes:
+            raise FleetError(f"node {node!r} is not in the fleet: add it with `edgevm fleet add-node {node}`")
+        if not rotate and node in registry.nodes:
+            raise FleetError(f"node {node!r} is already in the fleet (a new key: `edgevm fleet rotate-node {node}`)")
+        seed = new_user_seed()
+        write_node_creds(out, node, seed, (state.ca_dir / "ca.pem").read_text())
+        registry.nodes[node] = public_key(seed)
+        state.save(registry)
+        done = await apply(state)
+    return f"node {node} {'has a new key' if rotate else 'added'}; its credentials are in {out} (mode 0600); {done}"
+
+
+async def remove_node(state: HubState, node: str) -> str:
+    """Remove node `node`: its link is refused from the reload on; the events the hub has of it stay."""
+    with state.locked():
+        state.require_initialized()
+        registry = state.load()
+        if registry.nodes.pop(node, None) is None:
+            raise FleetError(f"node {node!r} is not in the fleet")
+        state.save(registry)
+        done = await apply(state)
+    return f"node {node} removed; {done}"
+
+
+async def add_operator(state: HubState, name: str, out: Path) -> str:
+    """Add operator `name` (commands every node through the hub) and write its seed file `out`."""
+    check_name("operator", name)
+    with state.locked():
+        state.require_initialized()
+        registry = state.load()
+        if name in registry.operators:
+            raise FleetError(f"operator {name!r} already exists (remove it first for a new key)")
+        seed = new_user_seed()
+        write_secret(out, seed + "\n")
+        registry.operators[name] = public_key(seed)
+        state.save(registry)
+        done = await apply(state)
+    return f"operator {name} added; its nkey seed is in {out} (mode 0600); {done}"
+
+
+async def remove_operator(state: HubState, name: str) -> str:
+    """Remove operator `name`: its connections are refused from the reload on."""
+    with state.locked():
+        state.require_initialized()
+        registry = state.load()
+        if registry.operators.pop(name, None) is None:
+            raise FleetError(f"operator {name!r} does not exist")
+        state.save(registry)
+        done = await apply(state)
+    return f"operator {name} removed; {done}"
+
+
+
+
+async def run_admin_verb(args: argparse.Namespace) -> str:
+    """Run one fleet set-up verb; return the line to print."""
+    state = HubState(args.state_dir)
+    if args.verb == "add-node":
+        return await add_node(state, args.name, args.out)
+    if args.verb == "rotate-node":
+        return await add_node(state, args.name, args.out, rotate=True)
+    if args.verb == "remove-node":
+        return await remove_node(state, args.name)
+    if args.verb == "add-operator":
+        return await add_operator(state, args.name, args.out)
+    return await remove_operator(state, args.name)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `edgevm fleet <set-up verb>`: 0 done, else the reason on stderr."""
+    try:
+        print(asyncio.run(run_admin_verb(args)))
+    except FleetError as exc:
+        raise SystemExit(f"edgevm fleet {args.verb}: {exc}") from None
+    except (OSError, nats.errors.Error) as exc:
+        raise SystemExit(f"edgevm fleet {args.verb}: the change is saved, but the running hub could not take it: "
+                         f"{exc}; it takes it at its next start") from None
+    return 0

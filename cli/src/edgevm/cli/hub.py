@@ -1,0 +1,116 @@
+"""`edgevm hub up`: the fleet's hub in the foreground: its nats-server (leaf-node listener, JetStream domain
+`hub`), the stream that sources every node's events, and the gateway, until Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nats
+
+from edgevm.cli.fleetca import ensure_ca, hub_names, issue_hub_cert
+from edgevm.cli.fleetconfig import HubListen, write_hub_config
+from edgevm.cli.fleetstate import HUB_DOMAIN, HubState
+from edgevm.cli.natsserver import NatsServer, launch_nats_server
+from edgevm.cli.sourcing import ensure_hub_streams
+from edgevm.cli.supervisor import Child, supervise
+from edgevm.shared.config import DEFAULT_METRICS_BASE, SERVICES
+
+log = logging.getLogger("edgevm.hub")
+
+
+@dataclass
+class HubOptions:
+    """What `edgevm hub up` was asked for."""
+
+    state_dir: Path
+    listen: str = "0.0.0.0"
+    nats_port: int = 4222
+    leaf_port: int = 7422
+    tls: bool = True
+    names: list[str] = field(default_factory=list)  # extra names (DNS or IP) for the leaf certificate
+    metrics_port: int = DEFAULT_METRICS_BASE + SERVICES.index("gateway")
+    gateway: bool = True
+
+
+def client_host(listen: str) -> str:
+    """Return the address a local client uses to reach a server listening on `listen`."""
+    return "127.0.0.1" if listen in ("0.0.0.0", "", "::") else listen
+
+
+def prepare(options: HubOptions) -> HubState:
+    """Make the fleet's identities and CA on the first start, a fresh leaf certificate, and the config."""
+    state = HubState(options.state_dir)
+    listen = HubListen(options.listen, options.nats_port, options.leaf_port, options.tls)
+    with state.locked():
+        first = not state.is_initialized()
+        state.initialize()
+        ensure_ca(state.ca_dir)
+        if options.tls:
+            issue_hub_cert(state.ca_dir, state.tls_dir, hub_names(options.listen, options.names))
+        state.nats_dir.mkdir(parents=True, exist_ok=True)
+        write_hub_config(state, listen)
+        info = {**asdict(listen), "client_url": f"nats://{client_host(options.listen)}:{options.nats_port}"}
+        state.hub_info_path.write_text(json.dumps(info, indent=2) + "\n")
+    if first:
+        print(f"edgevm hub: made the fleet's identities and CA in {state.root}", flush=True)
+    return state
+
+
+async def run_hub(options: HubOptions) -> None:
+    """Run the hub until SIGTERM/SIGINT."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    state = await asyncio.to_thread(prepare, options)
+    host = client_host(options.listen)
+    server: NatsServer = await asyncio.to_thread(
+        launch_nats_server, state.nats_config, host, options.nats_port, state.root / "nats.log", state.nats_dir)
+    try:
+        nodes = sorted(state.load().nodes)
+        admin = await nats.connect(server.url, nkeys_seed_str=state.seed("admin"), connect_timeout=5)
+        try:
+            await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
+        finally:
+            await admin.close()
+        tls = f"TLS, fleet CA {state.ca_dir / 'ca.pem'}" if options.tls else "no TLS"
+        print(f"edgevm hub: NATS on {server.url} (JetStream domain {HUB_DOMAIN}); leaf nodes on "
+              f"nats-leaf://{options.listen}:{options.leaf_port} ({tls}); {len(nodes)} node(s): "
+              f"{', '.join(nodes) or '-'}", flush=True)
+        children = [Child("gateway", gateway_env(state, server.url, options))] if options.gateway else []
+        if children:
+            print(f"  edgevm-gateway: metrics on http://127.0.0.1:{options.metrics_port}/metrics", flush=True)
+        await supervise(children, stopping)
+    finally:
+        await asyncio.to_thread(server.stop)
+        print("edgevm hub: stopped", flush=True)
+
+
+def gateway_env(state: HubState, url: str, options: HubOptions) -> dict[str, str]:
+    """Return the environment of the hub's gateway: the hub's NATS, logged in as the gateway."""
+    env = {
+        **os.environ,
+        "EDGEVM_NODE": HUB_DOMAIN,
+        "EDGEVM_NATS_URL": url,
+        "EDGEVM_NATS_SEED": str(state.seed_path("gateway")),
+        "EDGEVM_STATE_DIR": str(state.root / "services"),
+        "EDGEVM_METRICS_PORT": str(options.metrics_port),
+    }
+    return env
+
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `edgevm hub up` in the foreground."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    options = HubOptions(args.state_dir, args.listen, args.nats_port, args.leaf_port, args.tls, args.tls_name,
+                         args.metrics_port, args.gateway)
+    asyncio.run(run_hub(options))
+    return 0
