@@ -134,14 +134,15 @@ async def connect(url: str, name: str, closed: asyncio.Event | None = None, seed
 async def ensure_jetstream(js: JetStreamContext, node: str | None = None) -> dict[str, KeyValue]:
     """Create or update every stream and KV bucket (idempotent); return the buckets by name.
 
-    With `node`, EDGEVM_EVENTS holds only that node's events. A fleet hub's EDGEVM_EVENTS (which sources every
-    node's and has no subjects of its own) is left as it is.
+    With `node`, EDGEVM_EVENTS holds only that node's events. A fleet hub's EDGEVM_EVENTS (no event subjects
+    of its own: it sources every node's) is left as it is.
     """
     for config in STREAMS:
         if config is EVENTS_STREAM:
             config = events_stream(node)
             with contextlib.suppress(NotFoundError):
-                if (await js.stream_info(str(config.name))).config.sources:
+                existing = (await js.stream_info(str(config.name))).config.subjects or []
+                if not any(subject.startswith(subjects.EVENTS) for subject in existing):
                     continue
         await _ensure_stream(js, config)
     buckets = {}
