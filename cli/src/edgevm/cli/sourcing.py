@@ -71,6 +71,6 @@ async def set_sources(js: JetStreamContext, nodes: list[str]) -> list[str]:
     info = await js.stream_info(str(EVENTS_STREAM.name))
     before = [node for node in (source_node(s) for s in info.config.sources or []) if node is not None]
     if sorted(before) != sorted(nodes):
-        await js.update_stream(info.config.evolve(sources=[node_source(node) for node in sorted(nodes)]))
+        await js.update_stream(info.config.evolve(subjects=[], sources=[node_source(node) for node in sorted(nodes)]))
     return before
 
