@@ -1,7 +1,8 @@
 """A fleet on loopback: `edgevm hub up` and nodes joined by `edgevm node up --hub`, as a user starts them.
 
-Each node runs in its own process group with libvirt's test driver (its own state per process, so two nodes
-never share a domain) and networking off; each node's uplink goes through a TCP relay the tests can cut.
+Each node runs in its own process group with networking off; node `a` on qemu:///system (its snapshotter must
+see the domains its lifecycle made, which libvirt's per-process test driver cannot give), `b` on the test
+driver. Each node's uplink goes through a TCP relay the tests can cut. VM names carry a random suffix.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from edgevm.cli.natsserver import free_port, wait_for_port
 from edgevm.shared.client import Client
 from tests.e2e.conftest import free_port_run
 from tests.helpers import eventually
+from tests.lifecycle.conftest import STATE_BASE, state_dir
 
 EDGEVM = str(Path(sys.executable).parent / "edgevm")
 
@@ -130,6 +133,7 @@ class Node:
     nats_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     netns: str = field(default_factory=lambda: f"edgevm-t-fl-{secrets.token_hex(3)}")
+    libvirt_uri: str = "test:///default"
 
     @property
     def url(self) -> str:
@@ -140,7 +144,7 @@ class Node:
         # netplumb and flowwatch plumb and watch a namespace of the node's own, not the host's.
         if self.netns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout:
             subprocess.run(["ip", "netns", "add", self.netns], check=True)
-        env = {**os.environ, "EDGEVM_LIBVIRT_URI": "test:///default", "EDGEVM_NETWORK": "none",
+        env = {**os.environ, "EDGEVM_LIBVIRT_URI": self.libvirt_uri, "EDGEVM_NETWORK": "none",
                "EDGEVM_NODE_NETNS": self.netns, "EDGEVM_NETNS_PREFIX": f"{self.netns}-"}
         env.pop("EDGEVM_METRICS_PORT", None)
         args = [EDGEVM, "--node", self.name, "node", "up", "--state-dir", str(self.state), "--nats-port",
@@ -154,6 +158,19 @@ class Node:
     def stop(self) -> None:
         if self.process is not None:
             _stop_group(self.process)
+
+    async def delete_vms(self) -> None:
+        """Delete every VM of the node (through its own NATS), so no domain outlives the test."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        nc = await nats.connect(self.url, connect_timeout=3)
+        try:
+            client = Client(nc, self.name, timeout=15)
+            for vm in (await client.call("vm.list"))["vms"]:
+                with contextlib.suppress(Exception):
+                    await wait_task(client, (await client.call("vm.delete", {"name": vm["spec"]["name"]}))["task"]["id"])
+        finally:
+            await nc.close()
 
     def remove_netns(self) -> None:
         for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
@@ -182,7 +199,7 @@ class Fleet:
         return await nats.connect(self.hub.url, nkeys_seed=str(self.hub.state / "keys" / "admin.seed"))
 
 
-async def start_node(tmp: Path, hub: Hub, name: str, relay: bool = True) -> Node:
+async def start_node(tmp: Path, hub: Hub, name: str, relay: bool = True, libvirt_uri: str = "test:///default") -> Node:
     """Add node `name` to the fleet and start it with its uplink through a relay."""
     creds = tmp / f"{name}.creds"
     added = await asyncio.to_thread(hub.fleet, "add-node", name, "--out", str(creds))
@@ -191,7 +208,10 @@ async def start_node(tmp: Path, hub: Hub, name: str, relay: bool = True) -> Node
     if link is not None:
         await link.open()
     port = link.port if link is not None else hub.leaf_port
-    node = Node(name, tmp / name, tmp / f"{name}.log", link, creds, f"nats-leaf://127.0.0.1:{port}")
+    # QEMU runs as its own user: a node on qemu:///system keeps its state where that user can reach it.
+    state = state_dir() if libvirt_uri.startswith("qemu:") else tmp / name
+    node = Node(name, state, tmp / f"{name}.log", link, creds, f"nats-leaf://127.0.0.1:{port}",
+                libvirt_uri=libvirt_uri)
     await asyncio.to_thread(node.start)
     return node
 
@@ -225,18 +245,26 @@ async def fleet(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet
         await asyncio.to_thread(hub.start)
         added = await asyncio.to_thread(hub.fleet, "add-operator", "ops", "--out", str(tmp / "ops.seed"))
         assert added.returncode == 0, added.stderr
-        for name in ("a", "b"):
-            nodes[name] = await start_node(tmp, hub, name)
+        nodes["a"] = await start_node(tmp, hub, "a", libvirt_uri="qemu:///system")
+        nodes["b"] = await start_node(tmp, hub, "b")
         yield Fleet(hub, nodes, tmp / "ops.seed", tmp)
     finally:
         for node in nodes.values():
+            with contextlib.suppress(Exception):
+                await node.delete_vms()
             await asyncio.to_thread(node.stop)
             await asyncio.to_thread(node.remove_netns)
+            if node.state.is_relative_to(STATE_BASE):
+                shutil.rmtree(node.state, ignore_errors=True)
             if node.relay is not None:
                 await node.relay.cut()
         await asyncio.to_thread(hub.stop)
 
 
-def tag() -> str:
-    """Return a random suffix for names a test creates."""
-    return secrets.token_hex(3)
+# VM names of this run: node a's domains live in the host's libvirt, beside other runs'.
+TAG = secrets.token_hex(3)
+
+
+def vm_name(base: str) -> str:
+    """Return `base` with this run's suffix."""
+    return f"{base}-{TAG}"

@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 
 from edgevm.shared.client import Client
 from edgevm.shared.errors import EdgevmError
-from tests.fleet.conftest import Fleet, prepare_image, wait_task
+from tests.fleet.conftest import Fleet, prepare_image, vm_name, wait_task
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(600)
@@ -80,18 +80,115 @@ async def test_a_client_of_the_hub_creates_and_starts_a_vm_on_each_node(fleet: F
             await eventually(lambda client=client: client.call("vm.list"), timeout=60,
                              what=f"node {node} answers through the hub")
             await prepare_image(client, fleet.nodes[node].state)
-            vm = await client.call("vm.create", {"name": f"web-{node}", "image": "base"})
+            vm = await client.call("vm.create", {"name": vm_name(f"web-{node}"), "image": "base"})
             assert vm["status"]["state"] == "defined"
-            await wait_task(client, (await client.call("vm.start", {"name": f"web-{node}"}))["task"]["id"])
-            assert (await client.call("vm.get", {"name": f"web-{node}"}))["status"]["state"] == "running"
+            await wait_task(client, (await client.call("vm.start", {"name": vm_name(f"web-{node}")}))["task"]["id"])
+            assert (await client.call("vm.get", {"name": vm_name(f"web-{node}")}))["status"]["state"] == "running"
 
         async def both_listed() -> bool:
             reply = await Client(nc, "a", timeout=5).gateway("vm.list")
             names = {(v.get("node"), v["spec"]["name"]) for v in reply["vms"]}
-            return {("a", "web-a"), ("b", "web-b")} <= names
+            return {("a", vm_name("web-a")), ("b", vm_name("web-b"))} <= names
 
         for node in ("a", "b"):
             await caught_up(fleet, node)
         await eventually(both_listed, timeout=30, what="gw.vm.list at the hub shows both nodes' VMs")
     finally:
         await nc.close()
+
+
+async def test_a_nodes_credentials_reach_only_its_own_subjects(fleet: Fleet) -> None:
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    creds = json.loads((fleet.tmp / "a.creds").read_text())
+    as_a = await nats.connect(fleet.hub.url, nkeys_seed_str=creds["seed"], error_cb=on_error)
+    operator = await fleet.operator()
+    try:
+        b = Client(operator, "b", timeout=10)
+        before = await b.call("vm.get", {"name": vm_name("web-b")})
+        assert before["status"]["state"] == "running"
+        body = json.dumps({"name": vm_name("web-b"), "force": True}).encode()
+        await as_a.publish("edgevm.b.vm.stop", body, reply="_INBOX.x")
+        await as_a.subscribe("edgevm.evt.b.>")
+        await as_a.subscribe("$JS.b.API.>")
+        await as_a.flush()
+        await eventually(lambda: asyncio.sleep(0, len(errors) >= 3), timeout=5, what="three refusals")
+        assert any('permissions violation for publish to "edgevm.b.vm.stop"' in e for e in errors), errors
+        assert any('permissions violation for subscription to "edgevm.evt.b.>"' in e for e in errors), errors
+        assert any('permissions violation for subscription to "$js.b.api.>"' in e.lower() for e in errors), errors
+        await asyncio.sleep(1)
+        after = await b.call("vm.get", {"name": vm_name("web-b")})
+        assert after["status"]["state"] == "running" and after["status"]["revision"] == before["status"]["revision"]
+
+        # On node a's own NATS, b's commands lead nowhere either: the leaf link does not carry them.
+        local = await nats.connect(fleet.nodes["a"].url)
+        try:
+            with pytest.raises(EdgevmError):
+                await Client(local, "b", timeout=2).call("vm.stop", {"name": vm_name("web-b"), "force": True})
+        finally:
+            await local.close()
+        assert (await b.call("vm.get", {"name": vm_name("web-b")}))["status"]["state"] == "running"
+
+        # The operator may do all of it.
+        seen = await operator.subscribe("edgevm.evt.b.>")
+        js_api = await operator.subscribe("$JS.b.API.>")
+        await operator.flush()
+        assert operator.last_error is None
+        await seen.unsubscribe()
+        await js_api.unsubscribe()
+        stopped = await b.call("vm.stop", {"name": vm_name("web-b"), "force": True})
+        await wait_task(b, stopped["task"]["id"])
+        assert (await b.call("vm.get", {"name": vm_name("web-b")}))["status"]["state"] == "stopped"
+    finally:
+        await as_a.close()
+        await operator.close()
+
+
+async def test_a_cut_node_works_alone_and_the_hub_catches_up_in_order(fleet: Fleet) -> None:
+    a = fleet.nodes["a"]
+    assert a.relay is not None
+    operator = await fleet.operator()
+    try:
+        through_hub = Client(operator, "a", timeout=2)
+        await through_hub.call("vm.get", {"name": vm_name("web-a")})
+        await a.relay.cut()
+        cut_at = time.monotonic()
+        with pytest.raises(EdgevmError):
+            await through_hub.call("vm.get", {"name": vm_name("web-a")})
+
+        local = await nats.connect(a.url)
+        try:
+            alone = Client(local, "a", timeout=15)
+            await alone.call("vm.create", {"name": vm_name("cut-a"), "image": "base"})
+            await wait_task(alone, (await alone.call("vm.start", {"name": vm_name("cut-a")}))["task"]["id"])
+            await wait_task(alone, (await alone.call("vm.stop", {"name": vm_name("cut-a"), "force": True}))["task"]["id"])
+            snap = await alone.call("snapshot.create", {"vm": vm_name("cut-a"), "name": "s1"})
+            await wait_task(alone, snap["task"]["id"])
+            assert (await alone.call("vm.get", {"name": vm_name("cut-a")}))["status"]["state"] == "stopped"
+        finally:
+            await local.close()
+
+        async def unreachable() -> bool:
+            nodes = (await Client(operator, "a", timeout=5).gateway("node.list"))["nodes"]
+            return any(n["node"] == "a" and n["state"] == "unreachable" for n in nodes)
+
+        await eventually(unreachable, timeout=max(1.0, 40 - (time.monotonic() - cut_at)),
+                         what="gw.node.list marks a unreachable within 40 s of the cut")
+
+        await a.relay.open()
+        reopened = time.monotonic()
+        await eventually(lambda: through_hub.call("vm.get", {"name": vm_name("cut-a")}), timeout=30,
+                         what="a answers through the hub again")
+        await caught_up(fleet, "a")
+        print(f"caught up {time.monotonic() - reopened:.1f} s after the link returned")
+
+        async def new_state_shown() -> bool:
+            vms = (await Client(operator, "a", timeout=5).gateway("vm.list", {"node": "a"}))["vms"]
+            return any(v["spec"]["name"] == vm_name("cut-a") and v["status"]["state"] == "stopped" for v in vms)
+
+        await eventually(new_state_shown, timeout=30, what="gw.vm.list shows what a did while cut off")
+    finally:
+        await operator.close()
