@@ -17,9 +17,9 @@ import nats
 from edgevm.cli.fleetca import ensure_ca, hub_names, issue_hub_cert
 from edgevm.cli.fleetconfig import HubListen, write_hub_config
 from edgevm.cli.fleetstate import HUB_DOMAIN, HubState
-from edgevm.cli.natsserver import NatsServer, launch_nats_server
+from edgevm.cli.natsserver import launch_nats_server
 from edgevm.cli.sourcing import ensure_hub_streams
-from edgevm.cli.supervisor import Child, supervise
+from edgevm.cli.supervisor import Child, NodeOptions, Supervisor
 from edgevm.shared.config import DEFAULT_METRICS_BASE, SERVICES
 
 log = logging.getLogger("edgevm.hub")
@@ -63,34 +63,42 @@ def prepare(options: HubOptions) -> HubState:
     return state
 
 
-async def run_hub(options: HubOptions) -> None:
-    """Run the hub until SIGTERM/SIGINT."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    state = await asyncio.to_thread(prepare, options)
-    host = client_host(options.listen)
-    server: NatsServer = await asyncio.to_thread(
-        launch_nats_server, state.nats_config, host, options.nats_port, state.root / "nats.log", state.nats_dir)
-    try:
-        nodes = sorted(state.load().nodes)
-        admin = await nats.connect(server.url, nkeys_seed_str=state.seed("admin"), connect_timeout=5)
+class HubSupervisor(Supervisor):
+    """Runs the hub: its nats-server and streams, then the gateway, until stopped."""
+
+    role = "hub"
+
+    def __init__(self, options: HubOptions) -> None:
+        super().__init__(NodeOptions(HUB_DOMAIN, options.state_dir, None, client_host(options.listen),
+                                     options.nats_port, options.metrics_port, None))
+        self.hub = options
+
+    async def run(self) -> None:
+        """Start everything, supervise until SIGTERM/SIGINT, then stop everything."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        state = await asyncio.to_thread(prepare, self.hub)
+        self.nats = await asyncio.to_thread(launch_nats_server, state.nats_config, self.options.nats_host,
+                                            self.hub.nats_port, state.root / "nats.log", state.nats_dir)
         try:
-            await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
+            nodes = sorted(state.load().nodes)
+            admin = await nats.connect(self.nats.url, nkeys_seed_str=state.seed("admin"), connect_timeout=5)
+            try:
+                await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
+            finally:
+                await admin.close()
+            tls = f"TLS, fleet CA {state.ca_dir / 'ca.pem'}" if self.hub.tls else "no TLS"
+            print(f"edgevm hub: NATS on {self.nats.url} (JetStream domain {HUB_DOMAIN}); leaf nodes on "
+                  f"nats-leaf://{self.hub.listen}:{self.hub.leaf_port} ({tls}); {len(nodes)} node(s): "
+                  f"{', '.join(nodes) or '-'}", flush=True)
+            if self.hub.gateway:
+                self.children = [Child("gateway", gateway_env(state, self.nats.url, self.hub))]
+                print(f"  edgevm-gateway: metrics on http://127.0.0.1:{self.hub.metrics_port}/metrics", flush=True)
+            await self.supervise()
         finally:
-            await admin.close()
-        tls = f"TLS, fleet CA {state.ca_dir / 'ca.pem'}" if options.tls else "no TLS"
-        print(f"edgevm hub: NATS on {server.url} (JetStream domain {HUB_DOMAIN}); leaf nodes on "
-              f"nats-leaf://{options.listen}:{options.leaf_port} ({tls}); {len(nodes)} node(s): "
-              f"{', '.join(nodes) or '-'}", flush=True)
-        children = [Child("gateway", gateway_env(state, server.url, options))] if options.gateway else []
-        if children:
-            print(f"  edgevm-gateway: metrics on http://127.0.0.1:{options.metrics_port}/metrics", flush=True)
-        await supervise(children, stopping)
-    finally:
-        await asyncio.to_thread(server.stop)
-        print("edgevm hub: stopped", flush=True)
+            await asyncio.to_thread(self.nats.stop)
+            print("edgevm hub: stopped", flush=True)
 
 
 def gateway_env(state: HubState, url: str, options: HubOptions) -> dict[str, str]:
@@ -112,5 +120,5 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     options = HubOptions(args.state_dir, args.listen, args.nats_port, args.leaf_port, args.tls, args.tls_name,
                          args.metrics_port, args.gateway)
-    asyncio.run(run_hub(options))
+    asyncio.run(HubSupervisor(options).run())
     return 0

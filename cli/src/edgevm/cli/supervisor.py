@@ -13,10 +13,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgevm.cli.natsserver import NatsServer, start_nats_server
-from edgevm.cli.uplink import Uplink, follow_link, uplink
 from edgevm.shared.config import SERVICES
+
+if TYPE_CHECKING:
+    from edgevm.cli.uplink import Uplink
 
 log = logging.getLogger("edgevm.node")
 BACKOFF_START, BACKOFF_MAX = 0.5, 30.0
@@ -132,6 +135,8 @@ class Supervisor:
         self.children = [Child(name, env) for name in names]
         follower = None
         if link is not None and link.config is not None and self.nats is not None:
+            from edgevm.cli.uplink import follow_link
+
             follower = asyncio.create_task(follow_link(self.options.state_dir / "nats.log", link.hub_url))
         try:
             await self.supervise()
@@ -163,6 +168,7 @@ class Supervisor:
         """Return the fleet uplink asked for (None: not asked), saying at once when it cannot be made."""
         if self.options.hub_url is None or self.options.creds is None:
             return None
+        from edgevm.cli.uplink import Uplink, uplink  # only a node of a fleet needs nkeys
         if self.options.nats_url is not None:
             link = Uplink(self.options.hub_url, None, "--hub needs the embedded NATS: with --nats, make that "
                                                       "server a leaf node of the hub (docs/operations.md)")
