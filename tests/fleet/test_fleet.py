@@ -192,3 +192,50 @@ async def test_a_cut_node_works_alone_and_the_hub_catches_up_in_order(fleet: Fle
         await eventually(new_state_shown, timeout=30, what="gw.vm.list shows what a did while cut off")
     finally:
         await operator.close()
+
+
+async def test_a_hub_restarted_during_a_cut_still_catches_up(fleet: Fleet) -> None:
+    a = fleet.nodes["a"]
+    assert a.relay is not None
+    await caught_up(fleet, "a")
+    await a.relay.cut()
+    await asyncio.to_thread(fleet.hub.stop)
+    await asyncio.to_thread(fleet.hub.start)
+    local = await nats.connect(a.url)
+    try:
+        alone = Client(local, "a", timeout=15)
+        await alone.call("vm.create", {"name": vm_name("late-a"), "image": "base"})
+        await asyncio.sleep(15)  # the restarted hub tries its source while the node is away
+    finally:
+        await local.close()
+    await a.relay.open()
+    reopened = time.monotonic()
+    await caught_up(fleet, "a")
+    print(f"after a hub restart: caught up {time.monotonic() - reopened:.1f} s after the link returned")
+
+
+async def test_a_removed_node_is_refused_and_keeps_working_alone(fleet: Fleet) -> None:
+    b = fleet.nodes["b"]
+    removed = await asyncio.to_thread(fleet.hub.fleet, "remove-node", "b")
+    assert removed.returncode == 0, removed.stderr
+    assert "applied to the running hub" in removed.stdout
+    operator = await fleet.operator()
+    try:
+        async def unreachable_through_hub() -> bool:
+            try:
+                await Client(operator, "b", timeout=1).call("vm.list")
+            except EdgevmError:
+                return True
+            return False
+
+        await eventually(unreachable_through_hub, timeout=20, what="b no longer reachable through the hub")
+    finally:
+        await operator.close()
+    await eventually(lambda: asyncio.sleep(0, "refused by the hub" in b.output()), timeout=30,
+                     what="node b says the hub refuses its credentials")
+    assert "Authorization Violation" in (fleet.hub.state / "nats.log").read_text()
+    local = await nats.connect(b.url)
+    try:
+        assert (await Client(local, "b", timeout=5).call("vm.get", {"name": vm_name("web-b")}))["spec"]
+    finally:
+        await local.close()

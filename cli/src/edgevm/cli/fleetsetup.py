@@ -42,6 +42,8 @@ def add_hub_parser(areas: argparse._SubParsersAction) -> None:  # type: ignore[t
     up.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_BASE + SERVICES.index("gateway"),
                     help="the gateway's metrics port")
     up.add_argument("--no-gateway", dest="gateway", action="store_false", help="do not run the gateway here")
+    up.add_argument("--no-source-watch", dest="source_watch", action="store_false",
+                    help="leave an idle event source to nats-server's own retries (to measure them)")
     up.set_defaults(local=_hub_up)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -12,14 +13,14 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import nats
-
 from edgevm.cli.fleetca import ensure_ca, hub_names, issue_hub_cert
 from edgevm.cli.fleetconfig import HubListen, write_hub_config
 from edgevm.cli.fleetstate import HUB_DOMAIN, HubState
 from edgevm.cli.natsserver import launch_nats_server
+from edgevm.cli.sourcewatch import watch_sources
 from edgevm.cli.sourcing import ensure_hub_streams
 from edgevm.cli.supervisor import Child, NodeOptions, Supervisor
+from edgevm.shared.bus import connect
 from edgevm.shared.config import DEFAULT_METRICS_BASE, SERVICES
 
 log = logging.getLogger("edgevm.hub")
@@ -37,6 +38,7 @@ class HubOptions:
     names: list[str] = field(default_factory=list)  # extra names (DNS or IP) for the leaf certificate
     metrics_port: int = DEFAULT_METRICS_BASE + SERVICES.index("gateway")
     gateway: bool = True
+    source_watch: bool = True  # restart a source left idle while its node answers (see sourcewatch)
 
 
 def client_host(listen: str) -> str:
@@ -72,6 +74,7 @@ class HubSupervisor(Supervisor):
         super().__init__(NodeOptions(HUB_DOMAIN, options.state_dir, None, client_host(options.listen),
                                      options.nats_port, options.metrics_port, None))
         self.hub = options
+        self.stack = contextlib.AsyncExitStack()
 
     async def run(self) -> None:
         """Start everything, supervise until SIGTERM/SIGINT, then stop everything."""
@@ -83,11 +86,12 @@ class HubSupervisor(Supervisor):
                                             self.hub.nats_port, state.root / "nats.log", state.nats_dir)
         try:
             nodes = sorted(state.load().nodes)
-            admin = await nats.connect(self.nats.url, nkeys_seed_str=state.seed("admin"), connect_timeout=5)
-            try:
-                await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
-            finally:
-                await admin.close()
+            admin = await connect(self.nats.url, "edgevm-hub", str(state.seed_path("admin")))
+            self.stack.push_async_callback(admin.close)
+            await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
+            if self.hub.source_watch:
+                watch = asyncio.create_task(watch_sources(admin), name="watch-sources")
+                self.stack.callback(watch.cancel)
             tls = f"TLS, fleet CA {state.ca_dir / 'ca.pem'}" if self.hub.tls else "no TLS"
             print(f"edgevm hub: NATS on {self.nats.url} (JetStream domain {HUB_DOMAIN}); leaf nodes on "
                   f"nats-leaf://{self.hub.listen}:{self.hub.leaf_port} ({tls}); {len(nodes)} node(s): "
@@ -97,6 +101,7 @@ class HubSupervisor(Supervisor):
                 print(f"  edgevm-gateway: metrics on http://127.0.0.1:{self.hub.metrics_port}/metrics", flush=True)
             await self.supervise()
         finally:
+            await self.stack.aclose()
             await asyncio.to_thread(self.nats.stop)
             print("edgevm hub: stopped", flush=True)
 
@@ -119,6 +124,6 @@ def main(args: argparse.Namespace) -> int:
     """Run `edgevm hub up` in the foreground."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     options = HubOptions(args.state_dir, args.listen, args.nats_port, args.leaf_port, args.tls, args.tls_name,
-                         args.metrics_port, args.gateway)
+                         args.metrics_port, args.gateway, args.source_watch)
     asyncio.run(HubSupervisor(options).run())
     return 0

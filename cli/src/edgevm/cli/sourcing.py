@@ -27,7 +27,11 @@ def node_source(node: str) -> StreamSource:
 
 def source_node(source: StreamSource) -> str | None:
     """Return the node a source of the hub's stream reads from (None for any other source)."""
-    api = source.external.api if source.external is not None else None
+    return node_of_api(source.external.api if source.external is not None else None)
+
+
+def node_of_api(api: str | None) -> str | None:
+    """Return the node of a JetStream API prefix `$JS.<node>.API` (None for anything else)."""
     if api is None or not api.startswith("$JS.") or not api.endswith(".API"):
         return None
     return api[len("$JS."):-len(".API")]
