@@ -268,3 +268,15 @@ TAG = secrets.token_hex(3)
 def vm_name(base: str) -> str:
     """Return `base` with this run's suffix."""
     return f"{base}-{TAG}"
+
+
+@pytest.fixture(scope="module")
+async def lone_hub(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Hub]:
+    """A hub with no node yet."""
+    tmp = tmp_path_factory.mktemp("hub")
+    hub = Hub(tmp / "hub", free_port(), free_port(), free_port(), tmp / "hub.log")
+    try:
+        await asyncio.to_thread(hub.start)
+        yield hub
+    finally:
+        await asyncio.to_thread(hub.stop)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 from pathlib import Path
@@ -34,8 +35,13 @@ def running_nats_pid(state: HubState) -> int | None:
     return pid
 
 
-async def apply(state: HubState) -> str:
-    """Rewrite the hub's config from fleet.json and apply it to the running hub; return what was done."""
+async def apply(state: HubState, relink: bool = False) -> str:
+    """Rewrite the hub's config from fleet.json and apply it to the running hub; return what was done.
+
+    `relink`: close every leaf link after the reload. nats-server re-checks client connections on a reload but
+    not leaf links, so a removed (or re-keyed) node would stay linked; the others reconnect within seconds
+    (their events wait in their own streams meanwhile) and only the removed one is refused.
+    """
     info = state.hub_info()
     if info is None:
         return "the hub has not run yet: it takes the change at its start"
@@ -52,7 +58,25 @@ async def apply(state: HubState) -> str:
         await set_sources(nc.jetstream(timeout=10), nodes)
     finally:
         await nc.close()
+    if relink:
+        closed = await close_leaf_links(info["client_url"], state.seed("system"))
+        return f"applied to the running hub (configuration reloaded, event sources updated, {closed} leaf " \
+               f"link(s) closed to log in again)"
     return "applied to the running hub (configuration reloaded, event sources updated)"
+
+
+async def close_leaf_links(url: str, system_seed: str) -> int:
+    """Close every leaf link of the hub at `url` through its system account; return how many."""
+    nc = await nats.connect(url, nkeys_seed_str=system_seed, connect_timeout=5, max_reconnect_attempts=3)
+    try:
+        reply = json.loads((await nc.request("$SYS.REQ.SERVER.PING.LEAFZ", b"{}", timeout=5)).data)
+        server_id = reply["server"]["id"]
+        links = [leaf["id"] for leaf in (reply.get("data") or {}).get("leafs") or []]
+        for cid in links:
+            await nc.request(f"$SYS.REQ.SERVER.{server_id}.KICK", json.dumps({"cid": cid}).encode(), timeout=5)
+        return len(links)
+    finally:
+        await nc.close()
 
 
 async def add_node(state: HubState, node: str, out: Path, rotate: bool = False) -> str:
@@ -69,7 +93,7 @@ async def add_node(state: HubState, node: str, out: Path, rotate: bool = False) 
         write_node_creds(out, node, seed, (state.ca_dir / "ca.pem").read_text())
         registry.nodes[node] = public_key(seed)
         state.save(registry)
-        done = await apply(state)
+        done = await apply(state, relink=rotate)
     return f"node {node} {'has a new key' if rotate else 'added'}; its credentials are in {out} (mode 0600); {done}"
 
 
@@ -81,7 +105,7 @@ async def remove_node(state: HubState, node: str) -> str:
         if registry.nodes.pop(node, None) is None:
             raise FleetError(f"node {node!r} is not in the fleet")
         state.save(registry)
-        done = await apply(state)
+        done = await apply(state, relink=True)
     return f"node {node} removed; {done}"
 
 

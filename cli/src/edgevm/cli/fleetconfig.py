@@ -89,6 +89,9 @@ def hub_config(state: HubState, registry: Registry, listen: HubListen) -> dict[s
         "jetstream": {"store_dir": str(state.nats_dir), "domain": HUB_DOMAIN},
         "leafnodes": leafnodes,
         "authorization": {"users": users},
+        # The hub's system identity: `fleet remove-node` closes leaf links through it (a reload leaves them).
+        "accounts": {"SYS": {"users": [{"nkey": public_key(state.seed("system"))}]}},
+        "system_account": "SYS",
     }
 
 

@@ -4,6 +4,7 @@ Layout under H (`--state-dir`):
   fleet.json            who belongs to the fleet: nodes and operators by public nkey (no secrets)
   keys/admin.seed       the hub's own identity (stream set-up, fleet commands), 0600
   keys/gateway.seed     the gateway's identity (reads every event, serves edgevm.gw.*), 0600
+  keys/system.seed      the hub's system-account identity (closes the leaf links of removed nodes), 0600
   ca/ca.pem, ca.key     the fleet's CA (key 0600); tls/hub.pem, hub.key: the leaf listener's certificate
   nats/                 the hub's nats-server: its generated config, pid file, JetStream store
   hub.json              where the running hub listens (for the fleet commands)
@@ -104,7 +105,7 @@ class HubState:
         return self.root / "hub.json"
 
     def seed_path(self, identity: str) -> Path:
-        """Return the seed file of the hub's own identity `admin` or `gateway`."""
+        """Return the seed file of the hub's own identity `admin`, `gateway` or `system`."""
         return self.keys_dir / f"{identity}.seed"
 
     @contextlib.contextmanager
@@ -117,11 +118,11 @@ class HubState:
 
     def is_initialized(self) -> bool:
         """Return whether the hub's first start has made the identities."""
-        return self.registry_path.exists() and self.seed_path("admin").exists()
+        return self.registry_path.exists() and all(self.seed_path(i).exists() for i in ("admin", "gateway", "system"))
 
     def initialize(self) -> None:
         """Make the hub's own identities and the registry unless they exist (the hub's first start)."""
-        for identity in ("admin", "gateway"):
+        for identity in ("admin", "gateway", "system"):
             path = self.seed_path(identity)
             if not path.exists():
                 write_secret(path, new_user_seed() + "\n")
