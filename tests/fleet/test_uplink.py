@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -71,8 +70,11 @@ async def test_credentials_the_hub_does_not_know(lone_hub: Hub, run_node: Callab
     assert "Authorization Violation" in node.output()
     # nats-server retries by itself: the hub sees the node try again and again.
     hub_log = lone_hub.state / "nats.log"
-    await eventually(lambda: asyncio.sleep(0, len(re.findall("Authorization Violation", hub_log.read_text())) >= 3),
+    refused = "Leafnode connection closed: Authentication Failure"
+    await eventually(lambda: asyncio.sleep(0, hub_log.read_text().count(refused) >= 3),
                      timeout=30, what="three refused attempts at the hub")
+    assert node.output().count("hub link refused") == 1, "told once, not at every retry"
+    assert "hub link up" not in node.output()
     assert json.loads(creds.read_text())["seed"] not in node.output() + hub_log.read_text() + lone_hub.log.read_text()
 
 

@@ -111,6 +111,8 @@ class Supervisor:
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.options.nats_url
         link = self._uplink()
+        nats_log = self.options.state_dir / "nats.log"
+        logged_before = nats_log.stat().st_size if nats_log.exists() else 0  # what the uplink's watch skips
         if nats_url is None:
             self.nats = await asyncio.to_thread(
                 start_nats_server,
@@ -137,7 +139,7 @@ class Supervisor:
         if link is not None and link.config is not None and self.nats is not None:
             from edgevm.cli.uplink import follow_link
 
-            follower = asyncio.create_task(follow_link(self.options.state_dir / "nats.log", link.hub_url))
+            follower = asyncio.create_task(follow_link(nats_log, link.hub_url, logged_before))
         try:
             await self.supervise()
         finally:

@@ -49,33 +49,34 @@ def uplink(node: str, hub_url: str, creds_path: Path, nats_dir: Path) -> Uplink:
     return Uplink(hub_url, node_leaf_config(node, url, creds.seed, ca_file, nats_dir))
 
 
-# What nats-server logs about the leaf link, and what a person should read instead.
-_LINES: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"Leafnode connection created"), "up: connected to the hub {hub}"),
-    (re.compile(r"Authorization Violation|authorization violation", re.I),
+# What nats-server logs about the leaf link: the state it means, and what a person should read instead.
+_LINES: list[tuple[re.Pattern[str], str, str]] = [
+    # Logged once the hub accepted the node (a TCP connection alone is "Leafnode connection created").
+    (re.compile(r"JetStream using domains"), "up", "up: connected to the hub {hub}"),
+    (re.compile(r"Authorization Violation|authorization violation|Authentication", re.I), "refused",
      "refused by the hub {hub}: Authorization Violation (this node's credentials are wrong, or the node was "
      "removed or given a new key at the hub); retrying"),
-    (re.compile(r"x509|certificate|tls:", re.I),
-     "TLS with the hub {hub} failed: {detail}; retrying"),
-    (re.compile(r"Error trying to connect as leafnode"), "cannot reach the hub {hub}: {detail}; retrying"),
-    (re.compile(r"Leafnode connection closed"), "down: lost the link to the hub {hub}; retrying"),
+    (re.compile(r"x509|certificate|tls:", re.I), "tls", "TLS with the hub {hub} failed: {detail}; retrying"),
+    (re.compile(r"Error trying to connect as leafnode"), "unreachable",
+     "cannot reach the hub {hub}: {detail}; retrying"),
+    (re.compile(r"Leafnode connection closed"), "down", "down: lost the link to the hub {hub}; retrying"),
 ]
 
 
-def describe(line: str, hub: str) -> str | None:
-    """Return what a nats-server log line says about the uplink, in plain words (None: not about it)."""
-    if "eafnode" not in line and "Authorization" not in line and "x509" not in line:
+def describe(line: str, hub: str) -> tuple[str, str] | None:
+    """Return the uplink state a nats-server log line tells and a plain sentence (None: not about it)."""
+    if "eafnode" not in line and "Authorization" not in line and "x509" not in line and "domains" not in line:
         return None
-    for pattern, text in _LINES:
+    for pattern, state, text in _LINES:
         if pattern.search(line):
             detail = line.split("] ", 1)[-1].split(" - ")[-1].strip()
-            return "hub link " + text.format(hub=hub, detail=detail)
+            return state, "hub link " + text.format(hub=hub, detail=detail)
     return None
 
 
-async def follow_link(log_file: Path, hub: str, poll: float = 0.5) -> None:
-    """Print each change of the uplink's state read from the node's nats-server log, until cancelled."""
-    offset = log_file.stat().st_size if log_file.exists() else 0
+async def follow_link(log_file: Path, hub: str, offset: int = 0, poll: float = 0.5) -> None:
+    """Print each change of the uplink's state read from the node's nats-server log (from byte `offset` on),
+    until cancelled. A refused or failing link is told once, not at every retry."""
     last = ""
     while True:
         await asyncio.sleep(poll)
@@ -88,7 +89,8 @@ async def follow_link(log_file: Path, hub: str, poll: float = 0.5) -> None:
         complete = chunk.rfind(b"\n") + 1
         offset += complete
         for raw in chunk[:complete].decode(errors="replace").splitlines():
-            message = describe(raw, hub)
-            if message is not None and message != last:
-                print(f"edgevm node: {message}", flush=True)
-                last = message
+            told = describe(raw, hub)
+            if told is None or told[0] == last or (told[0] == "down" and last != "up"):
+                continue
+            last = told[0]
+            print(f"edgevm node: {told[1]}", flush=True)
