@@ -12,6 +12,7 @@ packages=(
   nftables conntrack iproute2 kmod
   busybox-static extlinux syslinux-common mtools dosfstools e2fsprogs fdisk systemd-boot-efi binutils cpio
   prometheus cloud-init
+  systemd
 )
 
 log() { printf 'bootstrap: %s\n' "$*"; }
