@@ -26,52 +26,11 @@ from nats.aio.client import Client as NATS
 from edgevm.cli.natsserver import free_port, wait_for_port
 from edgevm.shared.client import Client
 from tests.e2e.conftest import free_port_run
+from tests.fleet.relay import Relay
 from tests.helpers import eventually
 from tests.lifecycle.conftest import STATE_BASE, state_dir
 
 EDGEVM = str(Path(sys.executable).parent / "edgevm")
-
-
-class Relay:
-    """A TCP relay 127.0.0.1:port -> target that a test can cut (every connection closed, nothing accepted)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def open(self) -> None:
-        """Accept and relay connections (again)."""
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
-
-    async def cut(self) -> None:
-        """Close the listener and every relayed connection."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
 
 
 def _stop_group(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
