@@ -107,15 +107,21 @@ async def publish_events(node_nc: NATS, count: int, spread: float) -> None:
 async def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgevm-bench-fleet-"))
     hub_port, leaf_port = free_port(), free_port()
-    hub = subprocess.Popen([EDGEVM, "hub", "up", "--state-dir", str(tmp / "hub"), "--listen", "127.0.0.1",
-                            "--nats-port", str(hub_port), "--leaf-port", str(leaf_port), "--no-gateway", *([] if TLS else ["--no-tls"])],
-                           stdout=(tmp / "hub.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    hub_args = [EDGEVM, "hub", "up", "--state-dir", str(tmp / "hub"), "--listen", "127.0.0.1", "--nats-port",
+                str(hub_port), "--leaf-port", str(leaf_port), "--no-gateway", *([] if TLS else ["--no-tls"])]
+
+    def start_hub(*extra: str) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([*hub_args, *extra], stdout=(tmp / "hub.log").open("ab"), stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        wait_for_port("127.0.0.1", hub_port, 30, process)
+        return process
+
+    hub = start_hub()
     node_server = None
     stop = asyncio.Event()
     service = None
     relay = Relay(leaf_port)
     try:
-        wait_for_port("127.0.0.1", hub_port, 30, hub)
         for args in (["add-node", NODE, "--out", str(tmp / "node.creds")],
                      ["add-operator", "bench", "--out", str(tmp / "bench.seed")]):
             subprocess.run([EDGEVM, "fleet", *args, "--state-dir", str(tmp / "hub")], check=True, capture_output=True)
@@ -143,6 +149,14 @@ async def main() -> None:
         await bench_catch_up(node_nc, admin, relay)
         for nc in (node_nc, operator, admin):
             await nc.close()
+        for extra, what in (((), "the hub's source watch"), (("--no-source-watch",), "nats-server alone")):
+            await relay.cut()
+            os.killpg(hub.pid, signal.SIGTERM)
+            hub.wait(30)
+            hub = start_hub(*extra)
+            seconds = await bench_hub_restart(node_server.url, hub_port, tmp, relay)
+            report(f"catch-up after a hub restart ({what})", f"{seconds:.1f} s", "-", "-", "bounded", seconds < 20
+                   or bool(extra))
     finally:
         stop.set()
         if service is not None:
@@ -153,6 +167,21 @@ async def main() -> None:
         os.killpg(hub.pid, signal.SIGTERM)
         hub.wait(30)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def bench_hub_restart(node_url: str, hub_port: int, tmp: Path, relay: Relay) -> float:
+    """With the link cut and the hub just restarted: publish, wait, restore the link; return the catch-up time."""
+    node_nc = await nats.connect(node_url)
+    admin = await nats.connect(f"nats://127.0.0.1:{hub_port}", nkeys_seed=str(tmp / "hub" / "keys" / "admin.seed"))
+    try:
+        await publish_events(node_nc, 1000, 0)
+        await asyncio.sleep(20)  # the restarted hub asks for its source while the node is away
+        expected = (await node_nc.jetstream().stream_info("EDGEVM_EVENTS")).state.messages
+        await relay.open()
+        return await wait_count(admin, expected, 300)
+    finally:
+        await node_nc.close()
+        await admin.close()
 
 
 async def bench_command(node_nc: NATS, operator: NATS, tmp: Path) -> None:
