@@ -16,8 +16,6 @@ from edgevm.shared.bus import EVENTS_STREAM, events_stream
 
 DAY = 24 * 3600
 HUB_EVENTS = "EDGEVM_HUB_EVENTS"
-# The hub keeps the fleet's events as long as a node keeps its own, in up to this many bytes in all.
-HUB_MAX_BYTES = 16 << 30
 
 
 def node_source(node: str) -> StreamSource:
@@ -44,8 +42,9 @@ def fleet_stream(nodes: list[str]) -> StreamConfig:
         subjects=[],
         sources=[node_source(node) for node in sorted(nodes)],
         retention=RetentionPolicy.LIMITS,
+        # As long as a node keeps its own. No byte limit of its own: a fixed one would have to fit every hub's
+        # disk (JetStream refuses a stream whose limit exceeds the store), so the server's store limit bounds it.
         max_age=EVENTS_STREAM.max_age,
-        max_bytes=HUB_MAX_BYTES,
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
     )
