@@ -7,6 +7,8 @@ node's lifecycle service (libvirt test driver) in this process. Baselines are me
 - 10,000 events published on the node during a CUT_SECONDS cut, then the time from the link's return until
   the hub's stream holds all of them, against the hub sourcing 10,000 events with the link up. Every event
   is checked by its source sequence: none lost, none twice.
+- the hub restarted during a cut, the link back RESTART_WAIT s later: the catch-up time with the hub's source
+  watch against nats-server's own retries (`--no-source-watch`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ROUNDS = 300
 EVENTS = 10_000
 CUT_SECONDS = float(os.environ.get("EDGEVM_BENCH_CUT", "60"))
 TLS = os.environ.get("EDGEVM_BENCH_TLS", "1") != "0"  # 0: a plain TCP leaf link, to see what TLS costs
+RESTART_WAIT = 20.0  # the link returns this long after the hub restarted
 EDGEVM = str(Path(sys.executable).parent / "edgevm")
 
 
@@ -149,14 +152,15 @@ async def main() -> None:
         await bench_catch_up(node_nc, admin, relay)
         for nc in (node_nc, operator, admin):
             await nc.close()
-        for extra, what in (((), "the hub's source watch"), (("--no-source-watch",), "nats-server alone")):
+        took = {}
+        for extra in (("--no-source-watch",), ()):
             await relay.cut()
             os.killpg(hub.pid, signal.SIGTERM)
             hub.wait(30)
             hub = start_hub(*extra)
-            seconds = await bench_hub_restart(node_server.url, hub_port, tmp, relay)
-            report(f"catch-up after a hub restart ({what})", f"{seconds:.1f} s", "-", "-", "bounded", seconds < 20
-                   or bool(extra))
+            took[bool(extra)] = await bench_hub_restart(node_server.url, hub_port, tmp, relay)
+        report(f"catch-up after a hub restart ({RESTART_WAIT:g} s into a cut)", f"{took[False]:.1f} s",
+               f"{took[True]:.1f} s", "server alone", "< 10 s", took[False] < 10)
     finally:
         stop.set()
         if service is not None:
@@ -175,7 +179,7 @@ async def bench_hub_restart(node_url: str, hub_port: int, tmp: Path, relay: Rela
     admin = await nats.connect(f"nats://127.0.0.1:{hub_port}", nkeys_seed=str(tmp / "hub" / "keys" / "admin.seed"))
     try:
         await publish_events(node_nc, 1000, 0)
-        await asyncio.sleep(20)  # the restarted hub asks for its source while the node is away
+        await asyncio.sleep(RESTART_WAIT)  # the restarted hub asks for its source while the node is away
         expected = (await node_nc.jetstream().stream_info("EDGEVM_EVENTS")).state.messages
         await relay.open()
         return await wait_count(admin, expected, 300)
