@@ -86,7 +86,7 @@ class HubSupervisor(Supervisor):
                                             self.hub.nats_port, state.root / "nats.log", state.nats_dir)
         try:
             nodes = sorted(state.load().nodes)
-            admin = await connect(self.nats.url, "edgevm-hub", str(state.seed_path("admin")))
+            admin = await connect(self.nats.url, "edgevm-hub", seed_file=str(state.seed_path("admin")))
             self.stack.push_async_callback(admin.close)
             await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
             if self.hub.source_watch:
