@@ -142,13 +142,22 @@ async def ensure_jetstream(js: JetStreamContext, node: str | None = None) -> dic
             config = events_stream(node)
             with contextlib.suppress(NotFoundError):
                 existing = (await js.stream_info(str(config.name))).config.subjects or []
-                if not any(subject.startswith(subjects.EVENTS) for subject in existing):
+                if _keeps(existing, node):
                     continue
         await _ensure_stream(js, config)
     buckets = {}
     for bucket in BUCKETS:
         buckets[bucket.name] = await _ensure_bucket(js, bucket)
     return buckets
+
+
+def _keeps(existing: list[str], node: str | None) -> bool:
+    """Return whether an existing EDGEVM_EVENTS is left as it is: a hub's (no event subjects of its own), or one
+    that already stores the node's events (e.g. `edgevm.evt.>` from before fleets, or a server several test
+    nodes share; no other node's events reach a fleet node's stream, its leaf link does not carry them)."""
+    own = [subject for subject in existing if subject.startswith(subjects.EVENTS)]
+    covering = (f"{subjects.EVENTS}.>", subjects.all_events(), subjects.all_events(node or "*"))
+    return not own or any(subject in own for subject in covering)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
