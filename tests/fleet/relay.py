@@ -19,7 +19,9 @@ class Relay:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
-        """Accept and relay connections (again)."""
+        """Accept and relay connections (again); nothing to do when open."""
+        if self._server is not None:
+            return
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port, reuse_address=True)
 
     async def cut(self) -> None:
