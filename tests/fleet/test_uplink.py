@@ -10,7 +10,9 @@ from pathlib import Path
 import nats
 import pytest
 
+from edgevm.cli.fleetca import ensure_ca
 from edgevm.cli.natsserver import free_port
+from edgevm.cli.secretfile import write_secret
 from edgevm.shared.client import Client
 from tests.fleet.conftest import Hub, Node
 from tests.helpers import eventually
@@ -76,6 +78,7 @@ async def test_credentials_the_hub_does_not_know(lone_hub: Hub, run_node: Callab
     assert node.output().count("hub link refused") == 1, "told once, not at every retry"
     assert "hub link up" not in node.output()
     assert json.loads(creds.read_text())["seed"] not in node.output() + hub_log.read_text() + lone_hub.log.read_text()
+    assert creds.stat().st_mode & 0o777 == 0o600
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -94,3 +97,16 @@ async def test_a_creds_file_that_cannot_be_used(lone_hub: Hub, run_node: Callabl
     await answers_locally(node)
     text = node.output()
     assert "NOT joining the fleet" in text and expected in text and "running on its own" in text
+
+
+async def test_a_hub_certificate_from_another_ca_is_refused(lone_hub: Hub, run_node: Callable, tmp_path: Path) -> None:
+    creds = tmp_path / "wary.creds"
+    assert (await asyncio.to_thread(lone_hub.fleet, "add-node", "wary", "--out", str(creds))).returncode == 0
+    other_ca, _ = ensure_ca(tmp_path / "other-ca")
+    data = json.loads(creds.read_text())
+    write_secret(creds, json.dumps({**data, "ca": other_ca.read_text()}))
+    node = await run_node("wary", f"nats-leaf://127.0.0.1:{lone_hub.leaf_port}", creds)
+    await answers_locally(node)
+    await says(node, "hub link TLS with the hub")
+    assert "hub link up" not in node.output()
+    assert (node.state / "nats" / "nats-server.conf").stat().st_mode & 0o777 == 0o600, "it holds the node's seed"

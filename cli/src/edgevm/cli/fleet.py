@@ -35,7 +35,19 @@ def running_nats_pid(state: HubState) -> int | None:
     return pid
 
 
+class NotApplied(Exception):
+    """The change is saved in fleet.json, but the running hub could not take it now."""
+
+
 async def apply(state: HubState, relink: bool = False) -> str:
+    """See `_apply`; raise NotApplied when the running hub cannot be reached."""
+    try:
+        return await _apply(state, relink)
+    except (OSError, nats.errors.Error) as exc:
+        raise NotApplied(str(exc) or type(exc).__name__) from None
+
+
+async def _apply(state: HubState, relink: bool = False) -> str:
     """Rewrite the hub's config from fleet.json and apply it to the running hub; return what was done.
 
     `relink`: close every leaf link after the reload. nats-server re-checks client connections on a reload but
@@ -159,7 +171,10 @@ def main(args: argparse.Namespace) -> int:
         print(asyncio.run(run_admin_verb(args)))
     except FleetError as exc:
         raise SystemExit(f"edgevm fleet {args.verb}: {exc}") from None
-    except (OSError, nats.errors.Error) as exc:
+    except NotApplied as exc:
         raise SystemExit(f"edgevm fleet {args.verb}: the change is saved, but the running hub could not take it: "
                          f"{exc}; it takes it at its next start") from None
+    except OSError as exc:  # e.g. --out in a directory that does not exist: nothing was changed
+        raise SystemExit(f"edgevm fleet {args.verb}: {exc.strerror or exc}: {exc.filename or ''} "
+                         f"(nothing was changed)") from None
     return 0

@@ -33,6 +33,7 @@ HUB_DOMAIN = "hub"
 # the hub's domain, the gateway's, the events', the flow log's and the snapshot work queue's subjects.
 RESERVED_NODE_NAMES = frozenset({HUB_DOMAIN, "gw", "evt", "flowlog", "work"})
 CREDS_FORMAT = "edgevm-fleet-creds/1"
+IDENTITIES = ("admin", "gateway", "system")  # the hub's own
 
 
 class FleetError(Exception):
@@ -117,12 +118,17 @@ class HubState:
             yield
 
     def is_initialized(self) -> bool:
-        """Return whether the hub's first start has made the identities."""
-        return self.registry_path.exists() and all(self.seed_path(i).exists() for i in ("admin", "gateway", "system"))
+        """Return whether the hub's first start has made the identities and the CA."""
+        made = [self.registry_path, self.ca_dir / "ca.pem", *(self.seed_path(i) for i in IDENTITIES)]
+        return all(path.exists() for path in made)
 
     def initialize(self) -> None:
-        """Make the hub's own identities and the registry unless they exist (the hub's first start)."""
-        for identity in ("admin", "gateway", "system"):
+        """Make the hub's own identities, the CA and the registry unless they exist (the hub's first start)."""
+        from edgevm.cli.fleetca import ensure_ca
+
+        ensure_ca(self.ca_dir)
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        for identity in IDENTITIES:
             path = self.seed_path(identity)
             if not path.exists():
                 write_secret(path, new_user_seed() + "\n")

@@ -7,9 +7,11 @@ from pathlib import Path
 
 
 def write_secret(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` atomically with mode 0600 (never readable by others, not even briefly)."""
+    """Write `data` to `path` atomically with mode 0600 (never readable by others, not even briefly).
+
+    The directory must exist: a mistyped `--out` is an error, not a new directory.
+    """
     raw = data.encode() if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
