@@ -33,7 +33,7 @@ def state(tmp_path: Path) -> Path:
     (["add-node", "edge-1", "--out", "x.creds"], "node 'edge-1' is already in the fleet"),
     (["rotate-node", "edge-9", "--out", "x.creds"], "node 'edge-9' is not in the fleet"),
     (["remove-node", "edge-9"], "node 'edge-9' is not in the fleet"),
-    (["remove-operator", "alice"], "operator 'alice' does not exist"),
+    (["remove-operator", "alice"], "operator 'alice' is not in the fleet"),
     (["add-operator", "Bad!", "--out", "x.seed"], "operator name 'Bad!' must match"),
     (["add-node", "edge-2", "--out", "no-such-dir/x.creds"], "No such file or directory"),
 ])

@@ -109,18 +109,6 @@ async def add_node(state: HubState, node: str, out: Path, rotate: bool = False) 
     return f"node {node} {'has a new key' if rotate else 'added'}; its credentials are in {out} (mode 0600); {done}"
 
 
-async def remove_node(state: HubState, node: str) -> str:
-    """Remove node `node`: its link is refused from the reload on; the events the hub has of it stay."""
-    with state.locked():
-        state.require_initialized()
-        registry = state.load()
-        if registry.nodes.pop(node, None) is None:
-            raise FleetError(f"node {node!r} is not in the fleet")
-        state.save(registry)
-        done = await apply(state, relink=True)
-    return f"node {node} removed; {done}"
-
-
 async def add_operator(state: HubState, name: str, out: Path) -> str:
     """Add operator `name` (commands every node through the hub) and write its seed file `out`."""
     check_name("operator", name)
@@ -137,19 +125,20 @@ async def add_operator(state: HubState, name: str, out: Path) -> str:
     return f"operator {name} added; its nkey seed is in {out} (mode 0600); {done}"
 
 
-async def remove_operator(state: HubState, name: str) -> str:
-    """Remove operator `name`: its connections are refused from the reload on."""
+async def remove_member(state: HubState, kind: str, name: str) -> str:
+    """Remove node or operator `name`: refused from the reload on (a node's leaf link is closed too).
+
+    The events the hub holds of a removed node stay.
+    """
     with state.locked():
         state.require_initialized()
         registry = state.load()
-        if registry.operators.pop(name, None) is None:
-            raise FleetError(f"operator {name!r} does not exist")
+        members = registry.nodes if kind == "node" else registry.operators
+        if members.pop(name, None) is None:
+            raise FleetError(f"{kind} {name!r} is not in the fleet")
         state.save(registry)
-        done = await apply(state)
-    return f"operator {name} removed; {done}"
-
-
-
+        done = await apply(state, relink=kind == "node")
+    return f"{kind} {name} removed; {done}"
 
 async def run_admin_verb(args: argparse.Namespace) -> str:
     """Run one fleet set-up verb; return the line to print."""
@@ -158,11 +147,9 @@ async def run_admin_verb(args: argparse.Namespace) -> str:
         return await add_node(state, args.name, args.out)
     if args.verb == "rotate-node":
         return await add_node(state, args.name, args.out, rotate=True)
-    if args.verb == "remove-node":
-        return await remove_node(state, args.name)
     if args.verb == "add-operator":
         return await add_operator(state, args.name, args.out)
-    return await remove_operator(state, args.name)
+    return await remove_member(state, "node" if args.verb == "remove-node" else "operator", args.name)
 
 
 def main(args: argparse.Namespace) -> int:
