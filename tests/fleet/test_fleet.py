@@ -215,6 +215,36 @@ async def test_a_hub_restarted_during_a_cut_still_catches_up(fleet: Fleet) -> No
     print(f"after a hub restart: caught up {time.monotonic() - reopened:.1f} s after the link returned")
 
 
+async def test_a_rotated_node_is_refused_until_it_has_its_new_key(fleet: Fleet) -> None:
+    b = fleet.nodes["b"]
+    assert b.creds is not None
+    old_seed = json.loads(b.creds.read_text())["seed"]
+    new_creds = fleet.tmp / "b-new.creds"
+    rotated = await asyncio.to_thread(fleet.hub.fleet, "rotate-node", "b", "--out", str(new_creds))
+    assert rotated.returncode == 0, rotated.stderr
+    assert "leaf link(s) closed" in rotated.stdout
+    assert json.loads(new_creds.read_text())["seed"] != old_seed
+    operator = await fleet.operator()
+    try:
+        through_hub = Client(operator, "b", timeout=1)
+        # a keeps its link (it logs in again at once); b is refused with its old key.
+        await eventually(lambda: Client(operator, "a", timeout=2).call("vm.list"), timeout=30,
+                         what="a answers through the hub after the links were closed")
+        await eventually(lambda: asyncio.sleep(0, "hub link refused by the hub" in b.output()), timeout=30,
+                         what="b is refused with its old key")
+        with pytest.raises(EdgevmError):
+            await through_hub.call("vm.list")
+        # b restarted with its new key: back in the fleet.
+        await asyncio.to_thread(b.stop)
+        b.creds = new_creds
+        await asyncio.to_thread(b.start)
+        await eventually(lambda: Client(operator, "b", timeout=2).call("vm.list"), timeout=60,
+                         what="b answers through the hub with its new key")
+    finally:
+        await operator.close()
+    await caught_up(fleet, "b")
+
+
 async def test_a_removed_node_is_refused_and_keeps_working_alone(fleet: Fleet) -> None:
     b = fleet.nodes["b"]
     removed = await asyncio.to_thread(fleet.hub.fleet, "remove-node", "b")
