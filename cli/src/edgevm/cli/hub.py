@@ -13,7 +13,7 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edgevm.cli.fleetca import ensure_ca, hub_names, issue_hub_cert
+from edgevm.cli.fleetca import hub_names, issue_hub_cert
 from edgevm.cli.fleetconfig import HubListen, write_hub_config
 from edgevm.cli.fleetstate import HUB_DOMAIN, HubState
 from edgevm.cli.natsserver import launch_nats_server
@@ -53,7 +53,6 @@ def prepare(options: HubOptions) -> HubState:
     with state.locked():
         first = not state.is_initialized()
         state.initialize()
-        ensure_ca(state.ca_dir)
         if options.tls:
             issue_hub_cert(state.ca_dir, state.tls_dir, hub_names(options.listen, options.names))
         state.nats_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +90,7 @@ class HubSupervisor(Supervisor):
             await ensure_hub_streams(admin.jetstream(timeout=10), nodes)
             if self.hub.source_watch:
                 watch = asyncio.create_task(watch_sources(admin), name="watch-sources")
-                self.stack.callback(watch.cancel)
+                self.stack.push_async_callback(_cancelled, watch)
             tls = f"TLS, fleet CA {state.ca_dir / 'ca.pem'}" if self.hub.tls else "no TLS"
             print(f"edgevm hub: NATS on {self.nats.url} (JetStream domain {HUB_DOMAIN}); leaf nodes on "
                   f"nats-leaf://{self.hub.listen}:{self.hub.leaf_port} ({tls}); {len(nodes)} node(s): "
@@ -108,16 +107,21 @@ class HubSupervisor(Supervisor):
 
 def gateway_env(state: HubState, url: str, options: HubOptions) -> dict[str, str]:
     """Return the environment of the hub's gateway: the hub's NATS, logged in as the gateway."""
-    env = {
+    return {
         **os.environ,
-        "EDGEVM_NODE": HUB_DOMAIN,
+        "EDGEVM_NODE": HUB_DOMAIN,  # its own heartbeats go to EDGEVM_HUB_EVENTS, not among the nodes'
         "EDGEVM_NATS_URL": url,
         "EDGEVM_NATS_SEED": str(state.seed_path("gateway")),
         "EDGEVM_STATE_DIR": str(state.root / "services"),
         "EDGEVM_METRICS_PORT": str(options.metrics_port),
     }
-    return env
 
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancel `task` and wait until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def main(args: argparse.Namespace) -> int:
