@@ -67,7 +67,10 @@ def prepare(options: HubOptions) -> HubState:
 class HubSupervisor(Supervisor):
     """Runs the hub: its nats-server and streams, then the gateway, until stopped."""
 
-    role = "hub"
+    @property
+    def label(self) -> str:
+        """Return what the output calls what runs."""
+        return "hub"
 
     def __init__(self, options: HubOptions) -> None:
         super().__init__(NodeOptions(HUB_DOMAIN, options.state_dir, None, client_host(options.listen),

@@ -80,7 +80,10 @@ class NodeOptions:
 class Supervisor:
     """Runs the node: NATS (unless external), then the services, until stopped."""
 
-    role = "node"
+    @property
+    def label(self) -> str:
+        """Return what the output calls what runs: `node <id>`."""
+        return f"node {self.options.node}"
 
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
@@ -163,7 +166,7 @@ class Supervisor:
         finally:
             # Services first, so they drain (answer what is in flight, publish their last events) while
             # NATS still runs; NATS last.
-            print(f"edgevm {self.role} {self.options.node}: stopping the services", flush=True)
+            print(f"edgevm {self.label}: stopping the services", flush=True)
             await self._stop_children()
 
     def _uplink(self) -> Uplink | None:
@@ -213,7 +216,7 @@ class Supervisor:
                 process.terminate()
         if not running:
             return
-        print(f"edgevm {self.role} {self.options.node}: the services finish what they are doing (up to {timeout:g} s; "
+        print(f"edgevm {self.label}: the services finish what they are doing (up to {timeout:g} s; "
               "Ctrl-C again kills them now)", flush=True)
         ended = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in running)))
         hurry = asyncio.create_task(self._hurry.wait())
