@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 
 import nats
@@ -13,7 +14,7 @@ from nats.aio.client import Client as NATS
 
 from edgevm.shared.client import Client
 from edgevm.shared.errors import EdgevmError
-from tests.fleet.conftest import Fleet, prepare_image, vm_name, wait_task
+from tests.fleet.conftest import EDGEVM, Fleet, prepare_image, vm_name, wait_task
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(600)
@@ -95,6 +96,18 @@ async def test_a_client_of_the_hub_creates_and_starts_a_vm_on_each_node(fleet: F
         await eventually(both_listed, timeout=30, what="gw.vm.list at the hub shows both nodes' VMs")
     finally:
         await nc.close()
+
+    # The same through the `edgevm` command with the operator's seed, connected only to the hub.
+    def edgevm(*args: str) -> dict:
+        done = subprocess.run([EDGEVM, "--nats", fleet.hub.url, "--creds", str(fleet.operator_seed), "--json", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    nodes = await asyncio.to_thread(edgevm, "fleet", "nodes")
+    assert {n["node"]: n["state"] for n in nodes["nodes"]} == {"a": "up", "b": "up"}
+    vm = await asyncio.to_thread(edgevm, "--node", "b", "vm", "get", vm_name("web-b"))
+    assert vm["status"]["state"] == "running"
 
 
 async def test_a_nodes_credentials_reach_only_its_own_subjects(fleet: Fleet) -> None:
