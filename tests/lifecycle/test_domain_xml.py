@@ -11,8 +11,8 @@ import libvirt
 import pytest
 
 from edgevm.lifecycle.drivers.domain_xml import build_domain_xml, disk_targets, target_name
-from edgevm.lifecycle.drivers.metadata import NAMESPACE, DomainMetadata, parse_metadata
 from edgevm.lifecycle.drivers.plan import DiskBus, DiskPlan, DomainPlan, NicPlan
+from edgevm.shared.libvirt.metadata import NAMESPACE, DomainMetadata, parse_metadata
 
 libvirt.registerErrorHandler(lambda _context, _error: None, None)  # errors are raised; don't print them too
 

@@ -8,15 +8,9 @@ import logging
 import os
 from pathlib import Path
 
-from edgevm.lifecycle import errormap
-from edgevm.lifecycle.drivers.connection import HypervisorConnection
-from edgevm.lifecycle.drivers.domains import Domains
-from edgevm.lifecycle.drivers.events import LifecycleEvents
 from edgevm.lifecycle.drivers.host import detect_domain_type, guest_user
-from edgevm.lifecycle.drivers.states import EventKind
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import ImageStore
-from edgevm.lifecycle.layout import Layout
 from edgevm.lifecycle.network import NetplumbNetwork, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
@@ -30,6 +24,10 @@ from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
 from edgevm.shared.heartbeat import host_memory_bytes
+from edgevm.shared.layout import Layout
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.events import LifecycleEvents
+from edgevm.shared.libvirt.states import EventKind
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
@@ -52,7 +50,6 @@ def import_roots(state_dir: Path) -> list[Path]:
 
 async def setup(ctx: ServiceContext) -> None:
     """Wire the lifecycle service into `ctx` and start its background work."""
-    errormap.register()
     config = ctx.config
     node = config.node
     layout = Layout(config.service_dir("lifecycle"))
@@ -61,10 +58,9 @@ async def setup(ctx: ServiceContext) -> None:
     for root in roots[:1]:
         root.mkdir(parents=True, exist_ok=True)
 
-    connection = HypervisorConnection(config.libvirt_uri)
+    connection = HypervisorConnection(config.libvirt_uri, events=True)
     await connection.open()
     ctx.stack.push_async_callback(connection.close)
-    domains = Domains(connection)
     domain_type = await detect_domain_type(connection) if config.libvirt_uri.startswith("qemu") else "qemu"
     log.info("libvirt %s: guests run as domain type %s", config.libvirt_uri, domain_type)
     guest = await guest_user(connection, domain_type) if config.libvirt_uri.startswith("qemu") else None
@@ -86,7 +82,7 @@ async def setup(ctx: ServiceContext) -> None:
     await images.load()
     network: VmNetwork = NoNetwork() if config.network == "none" else NetplumbNetwork(Client(ctx.nc, node, NET_TIMEOUT))
     log.info("VM networks: %s", "none (EDGEVM_NETWORK=none)" if config.network == "none" else "from netplumb")
-    vms = VmService(node, records, images, domains, Planner(layout, node, domain_type), runner, locks,
+    vms = VmService(node, records, images, connection, Planner(layout, node, domain_type), runner, locks,
                     ctx.publisher, os.cpu_count() or 1, host_memory_bytes(), network=network)
     ctx.stack.push_async_callback(vms.close)
     register_vm_metrics(ctx, connection, vms)

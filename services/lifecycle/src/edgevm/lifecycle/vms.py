@@ -13,14 +13,8 @@ from typing import Any
 
 import msgspec
 
-from edgevm.lifecycle import qcow2
 from edgevm.lifecycle.drivers.domain_xml import build_domain_xml
-from edgevm.lifecycle.drivers.domains import Domains
-from edgevm.lifecycle.drivers.errors import DomainNotFound, OperationInvalid
-from edgevm.lifecycle.drivers.states import DomainState
 from edgevm.lifecycle.images import ImageService
-from edgevm.lifecycle.imagestore import QemuImg
-from edgevm.lifecycle.layout import Layout
 from edgevm.lifecycle.network import Attachment, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import confine, is_store_path
 from edgevm.lifecycle.planner import Planner, VolumeFile, nic_plans, seed_content
@@ -28,13 +22,22 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.runner import Progress, TaskRunner
 from edgevm.lifecycle.seed import write_seed
 from edgevm.lifecycle.userdata import validate_meta_data, validate_network_config, validate_user_data
+from edgevm.shared import qcow2
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, StopVm, TaskReply, UpdateVm, VmList, VmRef
 from edgevm.shared.errors import Conflict, EdgevmError, InvalidRequest, Unavailable, invalid_from_msgspec
 from edgevm.shared.events import VmCrashed, VmCreated, VmDeleted, VmStarted, VmStopped, VmUpdated
+from edgevm.shared.layout import Layout
+from edgevm.shared.libvirt.blockjobs import BlockJobs
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.definitions import Definitions
+from edgevm.shared.libvirt.errors import DomainNotFound, OperationInvalid
+from edgevm.shared.libvirt.power import Power
+from edgevm.shared.libvirt.states import DomainState
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.objects import Vm, VmState, VmStatus
 from edgevm.shared.publisher import EventPublisher
+from edgevm.shared.qemuimg import QemuImg
 from edgevm.shared.spec import IMMUTABLE_FIELDS, VmSpec
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ class VmService:
         node: str,
         records: VmRecords,
         images: ImageService,
-        domains: Domains,
+        hypervisor: HypervisorConnection,
         planner: Planner,
         runner: TaskRunner,
         locks: VmLocks,
@@ -67,7 +70,9 @@ class VmService:
         self._creating: dict[str, VmSpec] = {}
         self.strays: set[str] = set()  # record-less edgevm domains found at reconcile
         self.images = images
-        self.domains = domains
+        self.power = Power(hypervisor)
+        self.definitions = Definitions(hypervisor)
+        self.blocks = BlockJobs(hypervisor)
         self.planner = planner
         self.runner = runner
         self.locks = locks
@@ -140,10 +145,10 @@ class VmService:
                 continue
             if f.create == "overlay":
                 assert f.backing is not None
-                jobs.append(self.qemu_img.create_overlay(f.backing, f.path, f.backing_format))
+                jobs.append(self.qemu_img.create_overlay(f.path, f.backing, f.backing_format))
             elif f.create == "blank":
                 assert f.size is not None
-                jobs.append(self.qemu_img.create_blank_disk(f.path, f.size))
+                jobs.append(self.qemu_img.create_blank(f.path, f.size))
         await asyncio.gather(*jobs)
         return files
 
@@ -157,7 +162,7 @@ class VmService:
             attachment = await self.network.prepare(spec)
         files = await self._make_files(spec, paths, attachment)
         plan = self.planner.domain(spec, revision, files, nic_plans(spec, attachment.nics))
-        await self.domains.define(build_domain_xml(plan))
+        await self.definitions.define(build_domain_xml(plan))
         return [nic.address.split("/")[0] for nic in attachment.nics if nic.address]
 
     async def _remove_files(self, vm: str) -> None:
@@ -243,7 +248,7 @@ class VmService:
         except Exception as exc:
             log.warning("VM %s: its network allocation could not be released: %s", name, exc)
         try:
-            await self.domains.undefine(name)
+            await self.definitions.undefine(name)
         except DomainNotFound:
             pass
         except Exception:
@@ -301,7 +306,7 @@ class VmService:
             for name, size in resizes.items():
                 path = self.layout.vm_dir(req.name) / f"volume-{name}.qcow2"
                 if running:
-                    await self.domains.block_resize(req.name, str(path), size)
+                    await self.blocks.resize(req.name, str(path), size)
                 else:
                     await self.qemu_img.resize(path, size)
             for name in removed:
@@ -346,7 +351,7 @@ class VmService:
         failed: Exception | None = None
         async with self._transient(name, "starting"):
             try:
-                await self.domains.start(name)
+                await self.power.start(name)
             except OperationInvalid as exc:
                 if await self._domain_state(name) != DomainState.RUNNING:
                     failed = exc  # else it runs already
@@ -362,7 +367,7 @@ class VmService:
             # A VM whose port mappings could not be applied is not what was asked for: take it down again.
             log.warning("VM %s: network not applied, stopping it again: %s", name, exc)
             try:
-                await self.domains.destroy(name)
+                await self.power.destroy(name)
             except (OperationInvalid, DomainNotFound):
                 pass
             await self._wait_off(name, 10)
@@ -384,14 +389,14 @@ class VmService:
                 if not force:
                     await progress(10, "ACPI shutdown sent")
                     try:
-                        await self.domains.shutdown(name)
+                        await self.power.shutdown(name)
                     except OperationInvalid:
                         pass  # it stopped meanwhile
                     forced = not await self._wait_off(name, vm.spec.stop_timeout)
                 if forced:
                     await progress(90, "destroying the domain")
                     try:
-                        await self.domains.destroy(name)  # returns once the domain is off
+                        await self.power.destroy(name)  # returns once the domain is off
                     except OperationInvalid:
                         await self._wait_off(name, 10)  # it was stopping by itself
         except Exception:
@@ -456,7 +461,7 @@ class VmService:
         await self.network.release(name)
         await progress(60, "removing the domain and its files")
         try:
-            await self.domains.undefine(name)
+            await self.definitions.undefine(name)
         except DomainNotFound:
             pass
         await self._remove_files(name)
@@ -467,7 +472,7 @@ class VmService:
 
     async def _domain_state(self, name: str) -> DomainState | None:
         try:
-            return await self.domains.state(name)
+            return await self.power.state(name)
         except DomainNotFound:
             return None
 
@@ -530,7 +535,7 @@ class VmService:
         What needs the network (defining a lost domain again, starting auto_start VMs) is left to `recover`,
         which waits for netplumb: it may start after this service.
         """
-        domains = {d.vm: d for d in await self.domains.list()}
+        domains = {d.vm: d for d in await self.definitions.list()}
         self._missing, self._restart = [], []
         for vm in self.records.all():
             name = vm.spec.name

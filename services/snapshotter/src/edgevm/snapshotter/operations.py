@@ -15,12 +15,13 @@ from datetime import datetime
 from pathlib import Path
 
 from edgevm.shared.errors import Conflict, Internal, NotFound, Unprocessable
+from edgevm.shared.layout import write_atomically
+from edgevm.shared.libvirt.errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
+from edgevm.shared.libvirt.snapshots import SnapshotInfo, Snapshots
 from edgevm.shared.objects import Snapshot
+from edgevm.shared.qemuimg import QemuImg
 from edgevm.snapshotter.drivers.domains import Domains, RootDisk
-from edgevm.snapshotter.drivers.errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
-from edgevm.snapshotter.drivers.qemuimg import QemuImg
-from edgevm.snapshotter.drivers.snapshots import SnapshotInfo, Snapshots
-from edgevm.snapshotter.layers import VmFiles, frozen_name, write_atomically
+from edgevm.snapshotter.layers import VmFiles, frozen_name
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, str], Awaitable[None]]
@@ -174,7 +175,7 @@ class SnapshotOperations:
                     os.link(top, frozen)  # the active image's data, under its frozen name (no copy)
                 overlay.unlink(missing_ok=True)
                 size = (await self.qemu_img.info(top)).virtual_size
-                await self.qemu_img.create_overlay(overlay, frozen, size)
+                await self.qemu_img.create_overlay(overlay, frozen, "qcow2", size)
                 others = await self._other_disks(vm, disk.target)
                 await progress(40, "switching the VM to the overlay")
             except BaseException:

@@ -13,11 +13,11 @@ from nats.aio.msg import Msg
 from edgevm.shared.errors import Conflict, EdgevmError, NotFound
 from edgevm.shared.locks import HeldLease
 from edgevm.shared.objects import Task
+from edgevm.shared.records import VmRecordReader
 from edgevm.shared.runtime import drain
 from edgevm.shared.tasks import TaskStore, failure_text
 from edgevm.snapshotter.leases import TaskLeases
 from edgevm.snapshotter.operations import Progress, SnapshotOperations
-from edgevm.snapshotter.records import VmRecords
 from edgevm.snapshotter.workqueue import PROGRESS_EVERY, WorkItem, WorkQueue, decode_item
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,8 @@ MAX_FAILURES = 5  # a work item that cannot be handled this often in a row fails
 FINAL_WRITE_TRIES = 5
 
 
-class LeaseLost(EdgevmError):
+class LeaseLost(Conflict):
     """The VM's lease expired under a running task (NATS unreachable for longer than its lifetime)."""
-
-    code = "409"
 
 
 def describe(exc: BaseException) -> str:
@@ -57,7 +55,7 @@ class _Delivery:
 class Workers:
     """Runs up to `concurrency` snapshot tasks at a time (of different VMs: the lease allows one per VM)."""
 
-    def __init__(self, queue: WorkQueue, store: TaskStore, leases: TaskLeases, records: VmRecords,
+    def __init__(self, queue: WorkQueue, store: TaskStore, leases: TaskLeases, records: VmRecordReader,
                  operations: SnapshotOperations, concurrency: int = 2, max_failures: int = MAX_FAILURES) -> None:
         self._queue = queue
         self._store = store

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import libvirt
 
-from .connection import HypervisorConnection
+from edgevm.shared.libvirt.connection import HypervisorConnection
+
 from .plan import DomainType
 
 KVM_GET_API_VERSION = 0xAE00
