@@ -16,7 +16,6 @@ from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
 from edgevm.lifecycle.reach import make_reachable
 from edgevm.lifecycle.records import VmRecords
-from edgevm.lifecycle.runner import TaskRunner
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
 from edgevm.lifecycle.vmmetrics import VmMetrics, read_bulk_stats
@@ -31,6 +30,7 @@ from edgevm.shared.libvirt.states import EventKind
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
+from edgevm.shared.taskrunner import TaskRunner
 from edgevm.shared.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ async def setup(ctx: ServiceContext) -> None:
     store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
     locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle", ctx.js)
-    runner = TaskRunner(store, locks, index)
+    runner = TaskRunner(store, locks, "lifecycle", on_write=index.put)
     ctx.stack.push_async_callback(runner.drain)
     records = VmRecords(ctx.buckets[bus.VMS.name], node)
     await records.load()

@@ -19,7 +19,6 @@ from edgevm.lifecycle.network import Attachment, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import confine, is_store_path
 from edgevm.lifecycle.planner import Planner, VolumeFile, nic_plans, seed_content
 from edgevm.lifecycle.records import VmRecords
-from edgevm.lifecycle.runner import Progress, TaskRunner
 from edgevm.lifecycle.seed import write_seed
 from edgevm.lifecycle.userdata import validate_meta_data, validate_network_config, validate_user_data
 from edgevm.shared import qcow2
@@ -39,6 +38,7 @@ from edgevm.shared.objects import Vm, VmState, VmStatus
 from edgevm.shared.publisher import EventPublisher
 from edgevm.shared.qemuimg import QemuImg
 from edgevm.shared.spec import IMMUTABLE_FIELDS, VmSpec
+from edgevm.shared.taskrunner import Progress, TaskRunner
 
 log = logging.getLogger(__name__)
 POLL = 0.25

@@ -62,8 +62,7 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
             lambda vm: VmFiles(layout.vm_dir(vm)),  # VmFiles resolves links: one name per file
         )
         store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
-        locks_kv = ctx.buckets[bus.LOCKS.name]
-        leases = TaskLeases(VmLocks(locks_kv, node, "snapshotter"), locks_kv, node)
+        leases = TaskLeases(VmLocks(ctx.buckets[bus.LOCKS.name], node, "snapshotter"))
         ctx.stack.push_async_callback(leases.release_all)
         records = VmRecordReader(ctx.buckets[bus.VMS.name], node)
         queue = WorkQueue(ctx.js, node)

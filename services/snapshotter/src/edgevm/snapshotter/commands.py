@@ -94,10 +94,7 @@ class SnapshotCommands:
         queued = written = False
         try:
             await check()
-            try:
-                await self._leases.take(vm, kind, task_id)
-            except Conflict as busy:
-                raise Conflict(busy.message, "vm") from None
+            await self._leases.take(vm, kind, task_id)
             await check()
             try:
                 task, _ = await self._store.create(kind, vm, task_id=task_id)

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from edgevm.shared.libvirt.errors import HypervisorError, HypervisorTimeout, Hyp
 from edgevm.shared.libvirt.snapshots import SnapshotInfo, Snapshots
 from edgevm.shared.objects import Snapshot
 from edgevm.shared.qemuimg import QemuImg
+from edgevm.shared.taskrunner import Progress
 from edgevm.snapshotter.drivers.domains import Domains, RootDisk
 from edgevm.snapshotter.layers import VmFiles, frozen_name
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, str], Awaitable[None]]
 _VM_STATES = {"running": "running", "paused": "paused", "disk-snapshot": "running"}
 
 
@@ -286,7 +286,7 @@ class SnapshotOperations:
                 await progress(40, "making a new overlay on the snapshot")
                 new_top.unlink(missing_ok=True)
                 size = (await self.qemu_img.info(frozen)).virtual_size
-                await self.qemu_img.create_overlay(new_top, frozen, size)
+                await self.qemu_img.create_overlay(new_top, frozen, "qcow2", size)
                 await self.domains.set_root_source(vm, disk.target, str(new_top))
             await self.settle(vm)  # root.qcow2 -> new overlay; the discarded active image is removed
             await self.snapshots.make_current(vm, name)
