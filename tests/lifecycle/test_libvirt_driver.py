@@ -9,7 +9,6 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from edgevm.lifecycle.drivers.domain_xml import build_domain_xml
 from edgevm.lifecycle.drivers.host import (
     choose_domain_type,
     cpu_flags,
@@ -17,7 +16,6 @@ from edgevm.lifecycle.drivers.host import (
     kvm_device_usable,
     offers_kvm,
 )
-from edgevm.lifecycle.drivers.plan import DiskPlan, DomainPlan, Firmware
 from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.libvirt.definitions import Definitions, DomainInfo
 from edgevm.shared.libvirt.errors import (
@@ -29,6 +27,7 @@ from edgevm.shared.libvirt.errors import (
 )
 from edgevm.shared.libvirt.events import RESYNC, DomainEvent, LifecycleEvents
 from edgevm.shared.libvirt.metadata import DomainMetadata
+from edgevm.shared.libvirt.plan import DiskPlan, DomainPlan, Firmware
 from edgevm.shared.libvirt.power import Power
 from edgevm.shared.libvirt.states import DomainState, EventKind, event_from_libvirt, state_from_libvirt
 
@@ -92,7 +91,7 @@ async def next_event(events: LifecycleEvents) -> DomainEvent:
 
 async def test_define_start_shutdown_destroy_undefine(domains: Domains) -> None:
     vm_plan = plan("web")
-    assert await domains.definitions.define(build_domain_xml(vm_plan)) == vm_plan.uuid
+    assert await domains.definitions.define(vm_plan) == vm_plan.uuid
     assert await domains.power.state("web") == DomainState.SHUTOFF
     await domains.power.start("web")
     assert await domains.power.state("web") == DomainState.RUNNING
@@ -108,15 +107,15 @@ async def test_define_start_shutdown_destroy_undefine(domains: Domains) -> None:
 
 async def test_undefine_uefi_domain(domains: Domains) -> None:
     """The NVRAM flag is refused by the test driver, so undefine falls back to the flags every driver knows."""
-    await domains.definitions.define(build_domain_xml(plan("efi", firmware="uefi")))
+    await domains.definitions.define(plan("efi", firmware="uefi"))
     await domains.definitions.undefine("efi")
     assert await domains.definitions.list() == []
 
 
 async def test_redefine_with_same_uuid_updates(domains: Domains) -> None:
     first = plan("web", revision=1)
-    await domains.definitions.define(build_domain_xml(first))
-    await domains.definitions.define(build_domain_xml(plan("web", revision=2, uuid_=first.uuid)))
+    await domains.definitions.define(first)
+    await domains.definitions.define(plan("web", revision=2, uuid_=first.uuid))
     [info] = await domains.definitions.list()
     assert info.metadata == DomainMetadata("web", 2)
 
@@ -124,15 +123,15 @@ async def test_redefine_with_same_uuid_updates(domains: Domains) -> None:
 @pytest.mark.parametrize("clash", ["name", "uuid"])
 async def test_define_refuses_a_name_or_uuid_taken_by_another_domain(domains: Domains, clash: str) -> None:
     first = plan("web")
-    await domains.definitions.define(build_domain_xml(first))
+    await domains.definitions.define(first)
     second = plan("web") if clash == "name" else plan("db", uuid_=first.uuid)
     with pytest.raises(DomainExists, match=clash.upper() if clash == "uuid" else "name"):
-        await domains.definitions.define(build_domain_xml(second))
+        await domains.definitions.define(second)
 
 
 async def test_define_refuses_a_domain_that_is_not_edgevms(domains: Domains) -> None:
     with pytest.raises(ValueError, match="not an edgevm domain"):
-        await domains.definitions.define("<domain type='test'><name>test2</name><memory>1024</memory></domain>")
+        await domains.definitions.define_xml("<domain type='test'><name>test2</name><memory>1024</memory></domain>")
 
 
 async def _start_unknown(domains: Domains) -> None:
@@ -140,7 +139,7 @@ async def _start_unknown(domains: Domains) -> None:
 
 
 async def _destroy_stopped(domains: Domains) -> None:
-    await domains.definitions.define(build_domain_xml(plan("web")))
+    await domains.definitions.define(plan("web"))
     await domains.power.destroy("web")
 
 
@@ -174,8 +173,8 @@ async def test_list_holds_only_edgevm_domains_with_state_and_metadata(
     connection: HypervisorConnection, domains: Domains
 ) -> None:
     web, db = plan("web", revision=3), plan("db", revision=5)
-    await domains.definitions.define(build_domain_xml(web))
-    await domains.definitions.define(build_domain_xml(db))
+    await domains.definitions.define(web)
+    await domains.definitions.define(db)
     await domains.power.start("web")
     # test:///default comes with a running domain named "test": not ours, so never listed.
     assert "test" in await connection.call(lambda conn: [d.name() for d in conn.listAllDomains()])
@@ -196,7 +195,7 @@ async def test_list_shows_a_domain_without_metadata(connection: HypervisorConnec
 
 
 async def test_xml_is_the_live_or_the_inactive_definition(domains: Domains) -> None:
-    await domains.definitions.define(build_domain_xml(plan("web")))
+    await domains.definitions.define(plan("web"))
     await domains.power.start("web")
     assert "id=" in (await domains.definitions.xml("web")).split(">", 1)[0]  # a running domain's live XML has its id
     assert "id=" not in (await domains.definitions.xml("web", inactive=True)).split(">", 1)[0]
@@ -251,7 +250,7 @@ async def test_lifecycle_events_arrive_for_edgevm_domains_only(
     connection: HypervisorConnection, domains: Domains
 ) -> None:
     async with LifecycleEvents(connection) as events:
-        await domains.definitions.define(build_domain_xml(plan("web")))
+        await domains.definitions.define(plan("web"))
         await domains.power.start("web")
         await connection.call(lambda conn: conn.lookupByName("test").destroy())  # not ours: no event
         await domains.power.shutdown("web")
@@ -271,7 +270,7 @@ async def test_lifecycle_events_arrive_for_edgevm_domains_only(
 
 async def test_a_consumer_that_falls_behind_gets_resync(connection: HypervisorConnection, domains: Domains) -> None:
     async with LifecycleEvents(connection, max_pending=2) as events:
-        await domains.definitions.define(build_domain_xml(plan("web")))
+        await domains.definitions.define(plan("web"))
         await domains.power.start("web")
         await domains.power.destroy("web")  # dropped: the queue holds two
         await domains.power.start("web")  # dropped
@@ -296,7 +295,7 @@ async def test_lost_connection_is_reopened_and_events_resume_with_resync(tmp_pat
         LifecycleEvents(connection) as events,
     ):
         domains = Domains(connection)
-        await domains.definitions.define(build_domain_xml(plan("old")))
+        await domains.definitions.define(plan("old"))
         assert await next_event(events) == DomainEvent("old", EventKind.DEFINED)
         # Close libvirt's connection under the driver: the next call finds it dead.
         await connection.call(lambda conn: conn.close())
@@ -304,7 +303,7 @@ async def test_lost_connection_is_reopened_and_events_resume_with_resync(tmp_pat
             await connection.call(lambda conn: conn.getURI())
         assert await next_event(events) == RESYNC
         assert await domains.definitions.list() == []
-        await domains.definitions.define(build_domain_xml(plan("new")))
+        await domains.definitions.define(plan("new"))
         assert await next_event(events) == DomainEvent("new", EventKind.DEFINED)
 
 

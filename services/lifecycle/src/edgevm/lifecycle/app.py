@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 from edgevm.lifecycle.drivers.host import detect_domain_type, guest_user
-from edgevm.lifecycle.drivers.plan import DomainType
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import ImageStore
 from edgevm.lifecycle.network import NetplumbNetwork, NoNetwork, VmNetwork
@@ -27,6 +26,7 @@ from edgevm.shared.heartbeat import host_memory_bytes
 from edgevm.shared.layout import Layout
 from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.libvirt.events import LifecycleEvents
+from edgevm.shared.libvirt.plan import DomainType
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext

@@ -7,7 +7,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgevm.lifecycle.drivers.domain_xml import build_domain_xml
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.network import Attachment, VmNetwork
 from edgevm.lifecycle.paths import confine, is_store_path
@@ -118,7 +117,7 @@ class VmBuilder:
             attachment = await self.network.prepare(spec)
         files = await self._make_files(spec, paths, attachment)
         plan = self.planner.domain(spec, revision, files, nic_plans(spec, attachment.nics))
-        await self.definitions.define(build_domain_xml(plan))
+        await self.definitions.define(plan)
         return [nic.address.split("/")[0] for nic in attachment.nics if nic.address]
 
     async def remove(self, vm: str) -> None:

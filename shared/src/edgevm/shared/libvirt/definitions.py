@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import libvirt
 
 from .connection import HypervisorConnection
+from .domain_xml import build_domain_xml
 from .errors import DomainExists
 from .metadata import NAMESPACE, DomainMetadata, parse_metadata
 from .naming import domain_name, vm_name
+from .plan import DomainPlan
 from .states import DomainState, state_from_libvirt
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,13 @@ class Definitions:
     def __init__(self, connection: HypervisorConnection) -> None:
         self._connection = connection
 
-    async def define(self, xml: str) -> str:
-        """Define (or redefine, same name and UUID) a domain from its XML; returns its UUID."""
+    async def define(self, plan: DomainPlan) -> str:
+        """Define (or redefine, same name and UUID) the domain of `plan`; returns its UUID."""
+        return await self.define_xml(build_domain_xml(plan))
+
+    async def define_xml(self, xml: str) -> str:
+        """Define (or redefine) a domain from its XML: one read from libvirt and edited (the snapshotter
+        points a disk at another image), or built from a plan; returns its UUID."""
         root = ET.fromstring(xml)
         name, uuid = root.findtext("name") or "", root.findtext("uuid")
         if vm_name(name) is None:

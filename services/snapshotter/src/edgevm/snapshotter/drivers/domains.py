@@ -105,7 +105,7 @@ class Domains:
 
     async def define(self, xml: str) -> None:
         """Redefine a domain (same name and UUID) from its XML."""
-        await self.definitions.define(xml)
+        await self.definitions.define_xml(xml)
 
     async def root_disk(self, vm: str, vm_dir: Path) -> RootDisk | None:
         """The VM's own boot disk in its persistent definition, or None (e.g. it boots from an ISO)."""
