@@ -38,10 +38,13 @@ class LeaseLost(Conflict):
 class TaskRunner:
     """Runs the tasks of one service process; each holds its VM's lease until it ends."""
 
-    def __init__(self, store: TaskStore, locks: VmLocks, service: str, *,
+    def __init__(self, store: TaskStore, locks: VmLocks, service: str, *, holder: str | None = None,
                  on_write: Callable[[Task], None] | None = None, keep_lease_when_cancelled: bool = False,
                  progress_interval: float = PROGRESS_INTERVAL) -> None:
         self._store = store
+        # The process the leases of submitted tasks name (`locks.process_instance()`), so that a later run
+        # can tell a task whose process died from one that still runs, and take it over.
+        self._holder = holder
         self._locks = locks
         self._service = service
         self._on_write = on_write or (lambda task: None)
@@ -62,7 +65,7 @@ class TaskRunner:
         """Lease the VM (409 when busy), write the queued task and start it; return it at once."""
         task_id = new_id()
         if vm is not None and lease is None:
-            lease = await self._locks.take(vm, kind, task_id)
+            lease = await self._locks.take(vm, kind, task_id, holder=self._holder)
         try:
             task, revision = await self._store.create(kind, vm, task_id=task_id)
         except BaseException:

@@ -27,7 +27,7 @@ from edgevm.shared.layout import Layout
 from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.libvirt.events import LifecycleEvents
 from edgevm.shared.libvirt.plan import DomainType
-from edgevm.shared.locks import VmLocks
+from edgevm.shared.locks import VmLocks, process_instance
 from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.taskrunner import TaskRunner
@@ -77,7 +77,7 @@ async def setup(ctx: ServiceContext) -> None:
     store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
     locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle", ctx.js)
-    runner = TaskRunner(store, locks, "lifecycle", on_write=index.put)
+    runner = TaskRunner(store, locks, "lifecycle", holder=process_instance(), on_write=index.put)
     ctx.stack.push_async_callback(runner.drain)
     records = VmRecords(ctx.buckets[bus.VMS.name], node)
     await records.load()
