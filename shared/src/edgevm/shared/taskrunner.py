@@ -20,7 +20,7 @@ from edgevm.shared.errors import Conflict
 from edgevm.shared.ids import new_id
 from edgevm.shared.locks import HeldLease, VmLocks
 from edgevm.shared.objects import Task
-from edgevm.shared.runtime import drain
+from edgevm.shared.runtime import TaskSet
 from edgevm.shared.tasks import TaskStore, failure_text
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class TaskRunner:
         self._on_write = on_write or (lambda task: None)
         self._keep_lease_when_cancelled = keep_lease_when_cancelled
         self._interval = progress_interval
-        self._running: set[asyncio.Task[Any]] = set()
+        self._running = TaskSet()
         self._vms: dict[str, int] = {}  # VMs leased by tasks of this process (a count per VM)
 
     def holds(self, vm: str) -> bool:
@@ -73,7 +73,7 @@ class TaskRunner:
                 await lease.release()
             raise
         self._on_write(task)
-        self._own(self._run_logged(task, revision, work, lease), f"task {kind} {task.id}")
+        self._running.start(self._run_logged(task, revision, work, lease), f"task {kind} {task.id}")
         return task
 
     async def run(self, task: Task, revision: int, work: Work, lease: HeldLease | None) -> None:
@@ -141,15 +141,9 @@ class TaskRunner:
                         self._on_write(task)
                         return
 
-    def _own(self, coro: Awaitable[Any], name: str) -> None:
-        job = asyncio.ensure_future(coro)
-        job.set_name(name)
-        self._running.add(job)
-        job.add_done_callback(self._running.discard)
-
     async def drain(self, timeout: float = 30) -> None:
         """Wait for the running tasks to end (at shutdown); cancel what is still running after `timeout`."""
-        await drain(self._running, timeout)
+        await self._running.drain(timeout)
 
 
 class _Lease:
@@ -240,7 +234,7 @@ class _Run:
 
     def _flush_later(self) -> None:
         self._flusher = None
-        self._runner._own(self._flush(), f"task {self.task.id} progress")
+        self._runner._running.start(self._flush(), f"task {self.task.id} progress")
 
     async def _flush(self) -> None:
         # Progress is for people watching: a write that fails is logged, never the task's failure.

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from edgevm.shared.errors import Conflict, EdgevmError, NotFound
 from edgevm.shared.records import VmRecordReader
-from edgevm.shared.runtime import drain
+from edgevm.shared.runtime import TaskSet
 from edgevm.shared.taskrunner import Progress, TaskRunner
 from edgevm.shared.tasks import TaskStore, failure_text
 from edgevm.snapshotter.leases import TaskLeases
@@ -61,7 +61,7 @@ class Workers:
         self._records = records
         self._ops = operations
         self._slots = asyncio.Semaphore(concurrency)
-        self._running: set[asyncio.Task[None]] = set()
+        self._running = TaskSet()
         self._active: dict[str, _Delivery] = {}  # task id -> its delivery, while it is handled here
         self._failures: dict[str, int] = {}  # task id -> deliveries in a row that could not be handled
         self._max_failures = max_failures
@@ -87,15 +87,13 @@ class Workers:
                 self._slots.release()
                 continue
             for message in messages:
-                job = asyncio.create_task(self._handle_then_free(message))
-                self._running.add(job)
-                job.add_done_callback(self._running.discard)
+                self._running.start(self._handle_then_free(message), "snapshot work item")
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait for the running tasks to end (at shutdown); cancel what still runs after `timeout`: their
         messages stay unacknowledged and their leases are left to lapse (libvirt may still be at work), so
         a worker of the next start resumes them."""
-        await drain(self._running, timeout)
+        await self._running.drain(timeout)
 
     async def _handle_then_free(self, message: Msg) -> None:
         try:
