@@ -101,9 +101,7 @@ async def setup(ctx: ServiceContext) -> None:
     if interrupted:
         log.warning("%d task(s) interrupted by the last restart were marked failed", interrupted)
     # Events first, then the look at every domain: a change between the two is not missed.
-    events = LifecycleEvents(connection)
-    await events.__aenter__()
-    ctx.stack.push_async_callback(events.__aexit__, None, None, None)
+    events = await ctx.stack.enter_async_context(LifecycleEvents(connection))
     await vms.reconciler.reconcile()
     ctx.background(vms.reconciler.follow(events), "libvirt events")
     # Lost domains and auto starts need netplumb, which may come up after us: wait a little for it, then
