@@ -73,7 +73,9 @@ class TaskRunner:
                 await lease.release()
             raise
         self._on_write(task)
-        self._running.start(self._run_logged(task, revision, work, lease), f"task {kind} {task.id}")
+        # Counted in `holds` from now on, not from when the task gets to run.
+        held = _Lease(lease, vm, self._vms)
+        self._running.start(self._run_logged(task, revision, work, held), f"task {kind} {task.id}")
         return task
 
     async def run(self, task: Task, revision: int, work: Work, lease: HeldLease | None) -> None:
@@ -82,7 +84,9 @@ class TaskRunner:
         A write that fails before the work starts is raised (the caller may offer the task again); a task
         cancelled while queued is not run. The work's own failure ends the task `failed`.
         """
-        held = _Lease(lease, task.vm, self._vms)
+        await self._run(task, revision, work, _Lease(lease, task.vm, self._vms))
+
+    async def _run(self, task: Task, revision: int, work: Work, held: _Lease) -> None:
         try:
             started = await self._start(task, revision)
             if started is None:
@@ -98,9 +102,9 @@ class TaskRunner:
         finally:
             await held.free()
 
-    async def _run_logged(self, task: Task, revision: int, work: Work, lease: HeldLease | None) -> None:
+    async def _run_logged(self, task: Task, revision: int, work: Work, held: _Lease) -> None:
         try:
-            await self.run(task, revision, work, lease)
+            await self._run(task, revision, work, held)
         except asyncio.CancelledError:
             raise
         except Exception:
