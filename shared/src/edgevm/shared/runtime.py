@@ -78,34 +78,6 @@ async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
 Setup = Callable[[ServiceContext], Awaitable[None]]
 
 
-async def drain(tasks: set[asyncio.Task[Any]], timeout: float) -> None:
-    """Wait for `tasks` to end (at shutdown); cancel those still running after `timeout`, and wait for them."""
-    if not tasks:
-        return
-    _, late = await asyncio.wait(tasks, timeout=timeout)
-    for task in late:
-        task.cancel()
-    await asyncio.gather(*late, return_exceptions=True)
-
-
-class TaskSet:
-    """Tasks one object starts and owns: each kept until it ends; `drain` ends them all (at shutdown)."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def start(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
-        """Run `coro` as a task of this set."""
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def drain(self, timeout: float) -> None:
-        """Wait up to `timeout` seconds for the tasks to end; cancel the late ones and wait for them."""
-        await drain(self._tasks, timeout)
-
-
 class ServiceStopped(Exception):
     """The service was asked to stop before it was up."""
 

@@ -16,11 +16,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from edgevm.shared.background import Background
 from edgevm.shared.errors import Conflict
 from edgevm.shared.ids import new_id
 from edgevm.shared.locks import HeldLease, VmLocks
 from edgevm.shared.objects import Task
-from edgevm.shared.runtime import TaskSet
 from edgevm.shared.tasks import TaskStore, failure_text
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class TaskRunner:
         self._on_write = on_write or (lambda task: None)
         self._keep_lease_when_cancelled = keep_lease_when_cancelled
         self._interval = progress_interval
-        self._running = TaskSet()
+        self._running = Background(f"{service} tasks")
         self._vms: dict[str, int] = {}  # VMs leased by tasks of this process (a count per VM)
 
     def holds(self, vm: str) -> bool:

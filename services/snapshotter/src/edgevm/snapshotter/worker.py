@@ -10,9 +10,9 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
+from edgevm.shared.background import Background
 from edgevm.shared.errors import Conflict, EdgevmError, NotFound
 from edgevm.shared.records import VmRecordReader
-from edgevm.shared.runtime import TaskSet
 from edgevm.shared.taskrunner import Progress, TaskRunner
 from edgevm.shared.tasks import TaskStore, failure_text
 from edgevm.snapshotter.leases import TaskLeases
@@ -61,7 +61,7 @@ class Workers:
         self._records = records
         self._ops = operations
         self._slots = asyncio.Semaphore(concurrency)
-        self._running = TaskSet()
+        self._running = Background("snapshot workers")
         self._active: dict[str, _Delivery] = {}  # task id -> its delivery, while it is handled here
         self._failures: dict[str, int] = {}  # task id -> deliveries in a row that could not be handled
         self._max_failures = max_failures
