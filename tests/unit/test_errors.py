@@ -1,5 +1,6 @@
-"""The one error table: every backend error kind, and the drivers' errors that subclass them, reply with
-the protocol code of their kind, keep their message and their field, and need no registration."""
+"""The one error table: every backend error kind, and the drivers' errors of every service that subclass
+them, reply with the protocol code of their kind, keep their message and their field, and need no
+registration."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import sys
 import nats.errors
 import pytest
 
+from edgevm.flowwatch.history import HistoryTimeout
+from edgevm.flowwatch.terminate import TerminateFailed
 from edgevm.lifecycle.imagestore import ImageExists, ImageRejected
+from edgevm.netplumb.errors import ConflictError, ExhaustedError, KernelError
 from edgevm.shared.errors import (
     BackendConflict,
     BackendError,
@@ -57,6 +61,11 @@ CASES = [
     (FieldError("cpu", "must be at least 1"), "400", "cpu"),
     (LeaseLost("the lease on VM x expired"), "409", None),
     (nats.errors.TimeoutError(), "503", None),
+    (KernelError("nft: the table could not be applied"), "503", None),
+    (ConflictError("port 8080 of eth0 is mapped already"), "409", None),
+    (ExhaustedError("no free address left in 10.0.0.0/30"), "409", None),
+    (HistoryTimeout("the flow history (JetStream) did not answer in time"), "503", None),
+    (TerminateFailed("the flow could not be cut (timed out); it is still active"), "503", None),
 ]
 
 

@@ -133,11 +133,6 @@ _REPLY_AS: dict[type[BaseException], type[EdgevmError]] = {
 }
 
 
-def register_translation(source: type[BaseException], target: type[EdgevmError]) -> None:
-    """Make errors of type `source` (from a backend's own hierarchy) reply as `target` does."""
-    _REPLY_AS[source] = target
-
-
 def to_edgevm_error(error: BaseException) -> EdgevmError | None:
     """Return `error` as the EdgevmError it replies as (see `_REPLY_AS`), or None for an unexpected error."""
     if isinstance(error, EdgevmError):
