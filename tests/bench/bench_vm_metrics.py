@@ -33,11 +33,11 @@ from tests.helpers import eventually
 
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.lifecycle.app import setup
-from edgevm.lifecycle.drivers.connection import HypervisorConnection
 from edgevm.lifecycle.vmmetrics import STATS_GROUPS, VmMetrics, read_bulk_stats
 from edgevm.shared.client import Client
 from edgevm.shared.commands import TaskReply
 from edgevm.shared.config import Config
+from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.metrics import on_loop
 from edgevm.shared.runtime import serve
 

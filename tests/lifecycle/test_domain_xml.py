@@ -10,9 +10,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from edgevm.lifecycle.drivers.domain_xml import build_domain_xml, disk_targets, target_name
-from edgevm.lifecycle.drivers.metadata import NAMESPACE, DomainMetadata, parse_metadata
-from edgevm.lifecycle.drivers.plan import DiskBus, DiskPlan, DomainPlan, NicPlan
+from edgevm.shared.libvirt.domain_xml import build_domain_xml, disk_targets, target_name
+from edgevm.shared.libvirt.metadata import NAMESPACE, DomainMetadata, parse_metadata
+from edgevm.shared.libvirt.plan import DiskBus, DiskPlan, DomainPlan, NicPlan
 
 libvirt.registerErrorHandler(lambda _context, _error: None, None)  # errors are raised; don't print them too
 

@@ -14,14 +14,9 @@ from pathlib import Path
 import pycdlib
 import pytest
 
-from edgevm.lifecycle.imagestore import (
-    ImageExists,
-    ImageRejected,
-    ImageStore,
-    QemuImg,
-    QemuImgError,
-)
+from edgevm.lifecycle.imagestore import ImageExists, ImageRejected, ImageStore
 from edgevm.lifecycle.paths import PathRejected, confine, default_import_roots, is_store_path
+from edgevm.shared.qemuimg import QemuImg, QemuImgError
 
 MiB = 1024 * 1024
 
@@ -212,7 +207,7 @@ async def test_remove_deletes_the_image_and_remove_partials_cleans_leftovers(
 async def test_overlay_is_backed_by_the_image_and_never_overwrites(store: ImageStore, import_dir: Path, tmp_path: Path):
     image = await store.import_image("base", make_raw(import_dir / "src.raw"))
     overlay = tmp_path / "vm-root.qcow2"
-    await store.qemu_img.create_overlay(image.path, overlay, "raw")
+    await store.qemu_img.create_overlay(overlay, image.path, "raw")
     info = qemu_img("info", "--output=json", str(overlay))
     assert (info["format"], info["backing-filename"], info["backing-filename-format"]) == (
         "qcow2",
@@ -221,25 +216,25 @@ async def test_overlay_is_backed_by_the_image_and_never_overwrites(store: ImageS
     )
     assert info["virtual-size"] == image.virtual_size_bytes
     with pytest.raises(FileExistsError):
-        await store.qemu_img.create_overlay(image.path, overlay)
+        await store.qemu_img.create_overlay(overlay, image.path)
     assert qemu_img("info", "--output=json", str(overlay))["backing-filename"] == str(image.path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
 
 
 async def test_overlay_probes_the_backing_format_when_not_given(store: ImageStore, import_dir: Path, tmp_path: Path):
     image = await store.import_image("base", make_qcow2(import_dir / "src.qcow2"))
-    await store.qemu_img.create_overlay(image.path, tmp_path / "o.qcow2")
+    await store.qemu_img.create_overlay(tmp_path / "o.qcow2", image.path)
     assert qemu_img("info", "--output=json", str(tmp_path / "o.qcow2"))["backing-filename-format"] == "qcow2"
 
 
 async def test_blank_disk_has_the_size_and_is_never_overwritten(tmp_path: Path) -> None:
     disk = tmp_path / "data.qcow2"
     qemu = QemuImg()
-    await qemu.create_blank_disk(disk, 10 * MiB)
+    await qemu.create_blank(disk, 10 * MiB)
     info = qemu_img("info", "--output=json", str(disk))
     assert (info["format"], info["virtual-size"]) == ("qcow2", 10 * MiB)
     with pytest.raises(FileExistsError):
-        await qemu.create_blank_disk(disk, 20 * MiB)
+        await qemu.create_blank(disk, 20 * MiB)
     assert qemu_img("info", "--output=json", str(disk))["virtual-size"] == 10 * MiB
     assert [p.name for p in tmp_path.iterdir()] == ["data.qcow2"]
 
@@ -249,7 +244,7 @@ async def test_qemu_img_has_a_deadline(tmp_path: Path) -> None:
     slow.write_text("#!/bin/sh\nexec sleep 30\n")
     slow.chmod(0o755)
     with pytest.raises(QemuImgError, match=r"qemu-img create did not finish within 0\.2 s"):
-        await QemuImg(binary=str(slow), timeout=0.2).create_blank_disk(tmp_path / "d.qcow2", MiB)
+        await QemuImg(binary=str(slow), timeout=0.2).create_blank(tmp_path / "d.qcow2", MiB)
     assert [p.name for p in tmp_path.iterdir()] == ["slow-qemu-img"]
 
 

@@ -9,17 +9,6 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from edgevm.lifecycle.drivers.connection import HypervisorConnection
-from edgevm.lifecycle.drivers.domain_xml import build_domain_xml
-from edgevm.lifecycle.drivers.domains import DomainInfo, Domains
-from edgevm.lifecycle.drivers.errors import (
-    DomainExists,
-    DomainNotFound,
-    HypervisorTimeout,
-    HypervisorUnavailable,
-    OperationInvalid,
-)
-from edgevm.lifecycle.drivers.events import RESYNC, DomainEvent, LifecycleEvents
 from edgevm.lifecycle.drivers.host import (
     choose_domain_type,
     cpu_flags,
@@ -27,9 +16,20 @@ from edgevm.lifecycle.drivers.host import (
     kvm_device_usable,
     offers_kvm,
 )
-from edgevm.lifecycle.drivers.metadata import DomainMetadata
-from edgevm.lifecycle.drivers.plan import DiskPlan, DomainPlan, Firmware
-from edgevm.lifecycle.drivers.states import DomainState, EventKind, event_from_libvirt, state_from_libvirt
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.definitions import Definitions, DomainInfo
+from edgevm.shared.libvirt.errors import (
+    DomainExists,
+    DomainNotFound,
+    HypervisorTimeout,
+    HypervisorUnavailable,
+    OperationInvalid,
+)
+from edgevm.shared.libvirt.events import RESYNC, DomainEvent, LifecycleEvents
+from edgevm.shared.libvirt.metadata import DomainMetadata
+from edgevm.shared.libvirt.plan import DiskPlan, DomainPlan, Firmware
+from edgevm.shared.libvirt.power import Power
+from edgevm.shared.libvirt.states import DomainState, EventKind, event_from_libvirt, state_from_libvirt
 
 EVENT_WAIT = 2.0  # seconds; the test driver delivers its events within milliseconds
 
@@ -65,10 +65,18 @@ async def connection() -> AsyncIterator[HypervisorConnection]:
     reference to it lives (a connection, a domain object, an event registration), so a test
     cannot count on a fresh one.
     """
-    async with HypervisorConnection("test:///default", timeout=5.0) as conn:
+    async with HypervisorConnection("test:///default", events=True, timeout=5.0) as conn:
         await conn.call(_remove_edgevm_domains)
         yield conn
         await conn.call(_remove_edgevm_domains)
+
+
+class Domains:
+    """The two capabilities the lifecycle drives, on one connection."""
+
+    def __init__(self, connection: HypervisorConnection) -> None:
+        self.power = Power(connection)
+        self.definitions = Definitions(connection)
 
 
 @pytest.fixture
@@ -83,64 +91,64 @@ async def next_event(events: LifecycleEvents) -> DomainEvent:
 
 async def test_define_start_shutdown_destroy_undefine(domains: Domains) -> None:
     vm_plan = plan("web")
-    assert await domains.define(build_domain_xml(vm_plan)) == vm_plan.uuid
-    assert await domains.state("web") == DomainState.SHUTOFF
-    await domains.start("web")
-    assert await domains.state("web") == DomainState.RUNNING
-    await domains.shutdown("web")  # the test driver powers off at once; QEMU would wait for the guest
-    assert await domains.state("web") == DomainState.SHUTOFF
-    await domains.start("web")
-    await domains.destroy("web")
-    assert await domains.state("web") == DomainState.SHUTOFF
-    await domains.undefine("web")
+    assert await domains.definitions.define(vm_plan) == vm_plan.uuid
+    assert await domains.power.state("web") == DomainState.SHUTOFF
+    await domains.power.start("web")
+    assert await domains.power.state("web") == DomainState.RUNNING
+    await domains.power.shutdown("web")  # the test driver powers off at once; QEMU would wait for the guest
+    assert await domains.power.state("web") == DomainState.SHUTOFF
+    await domains.power.start("web")
+    await domains.power.destroy("web")
+    assert await domains.power.state("web") == DomainState.SHUTOFF
+    await domains.definitions.undefine("web")
     with pytest.raises(DomainNotFound):
-        await domains.state("web")
+        await domains.power.state("web")
 
 
 async def test_undefine_uefi_domain(domains: Domains) -> None:
     """The NVRAM flag is refused by the test driver, so undefine falls back to the flags every driver knows."""
-    await domains.define(build_domain_xml(plan("efi", firmware="uefi")))
-    await domains.undefine("efi")
-    assert await domains.list() == []
+    await domains.definitions.define(plan("efi", firmware="uefi"))
+    await domains.definitions.undefine("efi")
+    assert await domains.definitions.list() == []
 
 
 async def test_redefine_with_same_uuid_updates(domains: Domains) -> None:
     first = plan("web", revision=1)
-    await domains.define(build_domain_xml(first))
-    await domains.define(build_domain_xml(plan("web", revision=2, uuid_=first.uuid)))
-    [info] = await domains.list()
+    await domains.definitions.define(first)
+    await domains.definitions.define(plan("web", revision=2, uuid_=first.uuid))
+    [info] = await domains.definitions.list()
     assert info.metadata == DomainMetadata("web", 2)
 
 
 @pytest.mark.parametrize("clash", ["name", "uuid"])
 async def test_define_refuses_a_name_or_uuid_taken_by_another_domain(domains: Domains, clash: str) -> None:
     first = plan("web")
-    await domains.define(build_domain_xml(first))
+    await domains.definitions.define(first)
     second = plan("web") if clash == "name" else plan("db", uuid_=first.uuid)
     with pytest.raises(DomainExists, match=clash.upper() if clash == "uuid" else "name"):
-        await domains.define(build_domain_xml(second))
+        await domains.definitions.define(second)
 
 
 async def test_define_refuses_a_domain_that_is_not_edgevms(domains: Domains) -> None:
     with pytest.raises(ValueError, match="not an edgevm domain"):
-        await domains.define("<domain type='test'><name>test2</name><memory>1024</memory></domain>")
+        await domains.definitions.define_xml("<domain type='test'><name>test2</name><memory>1024</memory></domain>")
 
 
 async def _start_unknown(domains: Domains) -> None:
-    await domains.start("nope")
+    await domains.power.start("nope")
 
 
 async def _destroy_stopped(domains: Domains) -> None:
-    await domains.define(build_domain_xml(plan("web")))
-    await domains.destroy("web")
+    await domains.definitions.define(plan("web"))
+    await domains.power.destroy("web")
 
 
 async def _undefine_unknown(domains: Domains) -> None:
-    await domains.undefine("nope")
+    await domains.definitions.undefine("nope")
 
 
 async def _xml_of_unknown(domains: Domains) -> None:
-    await domains.xml("nope")
+    await domains.definitions.xml("nope")
 
 
 @pytest.mark.parametrize(
@@ -165,12 +173,12 @@ async def test_list_holds_only_edgevm_domains_with_state_and_metadata(
     connection: HypervisorConnection, domains: Domains
 ) -> None:
     web, db = plan("web", revision=3), plan("db", revision=5)
-    await domains.define(build_domain_xml(web))
-    await domains.define(build_domain_xml(db))
-    await domains.start("web")
+    await domains.definitions.define(web)
+    await domains.definitions.define(db)
+    await domains.power.start("web")
     # test:///default comes with a running domain named "test": not ours, so never listed.
     assert "test" in await connection.call(lambda conn: [d.name() for d in conn.listAllDomains()])
-    assert sorted(await domains.list(), key=lambda info: info.vm) == [
+    assert sorted(await domains.definitions.list(), key=lambda info: info.vm) == [
         DomainInfo("db", db.uuid, DomainState.SHUTOFF, DomainMetadata("db", 5)),
         DomainInfo("web", web.uuid, DomainState.RUNNING, DomainMetadata("web", 3)),
     ]
@@ -182,15 +190,15 @@ async def test_list_shows_a_domain_without_metadata(connection: HypervisorConnec
             "<domain type='test'><name>edgevm-bare</name><memory>1024</memory><os><type>hvm</type></os></domain>"
         )
     )
-    [info] = await domains.list()
+    [info] = await domains.definitions.list()
     assert (info.vm, info.metadata) == ("bare", None)
 
 
 async def test_xml_is_the_live_or_the_inactive_definition(domains: Domains) -> None:
-    await domains.define(build_domain_xml(plan("web")))
-    await domains.start("web")
-    assert "id=" in (await domains.xml("web")).split(">", 1)[0]  # a running domain's live XML has its id
-    assert "id=" not in (await domains.xml("web", inactive=True)).split(">", 1)[0]
+    await domains.definitions.define(plan("web"))
+    await domains.power.start("web")
+    assert "id=" in (await domains.definitions.xml("web")).split(">", 1)[0]  # a running domain's live XML has its id
+    assert "id=" not in (await domains.definitions.xml("web", inactive=True)).split(">", 1)[0]
 
 
 @pytest.mark.parametrize(
@@ -242,13 +250,13 @@ async def test_lifecycle_events_arrive_for_edgevm_domains_only(
     connection: HypervisorConnection, domains: Domains
 ) -> None:
     async with LifecycleEvents(connection) as events:
-        await domains.define(build_domain_xml(plan("web")))
-        await domains.start("web")
+        await domains.definitions.define(plan("web"))
+        await domains.power.start("web")
         await connection.call(lambda conn: conn.lookupByName("test").destroy())  # not ours: no event
-        await domains.shutdown("web")
-        await domains.start("web")
-        await domains.destroy("web")
-        await domains.undefine("web")
+        await domains.power.shutdown("web")
+        await domains.power.start("web")
+        await domains.power.destroy("web")
+        await domains.definitions.undefine("web")
         received = [await next_event(events) for _ in range(6)]
     assert received == [
         DomainEvent("web", EventKind.DEFINED),
@@ -262,13 +270,13 @@ async def test_lifecycle_events_arrive_for_edgevm_domains_only(
 
 async def test_a_consumer_that_falls_behind_gets_resync(connection: HypervisorConnection, domains: Domains) -> None:
     async with LifecycleEvents(connection, max_pending=2) as events:
-        await domains.define(build_domain_xml(plan("web")))
-        await domains.start("web")
-        await domains.destroy("web")  # dropped: the queue holds two
-        await domains.start("web")  # dropped
+        await domains.definitions.define(plan("web"))
+        await domains.power.start("web")
+        await domains.power.destroy("web")  # dropped: the queue holds two
+        await domains.power.start("web")  # dropped
         await asyncio.sleep(0.05)  # let the test driver's dispatch timer run
         received = [await next_event(events) for _ in range(3)]
-        await domains.destroy("web")  # caught up: delivered again
+        await domains.power.destroy("web")  # caught up: delivered again
         received.append(await next_event(events))
     assert [event.kind for event in received] == [
         EventKind.DEFINED,
@@ -283,19 +291,19 @@ async def test_lost_connection_is_reopened_and_events_resume_with_resync(tmp_pat
     # reopened connection is visibly a new one, and the dead one leaks nothing into other tests.
     (tmp_path / "node.xml").write_text("<node/>")
     async with (
-        HypervisorConnection(f"test://{tmp_path}/node.xml", timeout=5.0) as connection,
+        HypervisorConnection(f"test://{tmp_path}/node.xml", events=True, timeout=5.0) as connection,
         LifecycleEvents(connection) as events,
     ):
         domains = Domains(connection)
-        await domains.define(build_domain_xml(plan("old")))
+        await domains.definitions.define(plan("old"))
         assert await next_event(events) == DomainEvent("old", EventKind.DEFINED)
         # Close libvirt's connection under the driver: the next call finds it dead.
         await connection.call(lambda conn: conn.close())
         with pytest.raises(HypervisorUnavailable):
             await connection.call(lambda conn: conn.getURI())
         assert await next_event(events) == RESYNC
-        assert await domains.list() == []
-        await domains.define(build_domain_xml(plan("new")))
+        assert await domains.definitions.list() == []
+        await domains.definitions.define(plan("new"))
         assert await next_event(events) == DomainEvent("new", EventKind.DEFINED)
 
 
@@ -352,7 +360,7 @@ async def test_detect_domain_type_on_the_test_driver(connection: HypervisorConne
 @pytest.mark.skipif(not kvm_device_usable(Path("/dev/kvm")), reason="needs a /dev/kvm that answers")
 async def test_detect_domain_type_on_qemu_system(tmp_path: Path) -> None:
     try:
-        async with HypervisorConnection("qemu:///system", timeout=30.0) as connection:
+        async with HypervisorConnection("qemu:///system", events=True, timeout=30.0) as connection:
             with_vt_x = await detect_domain_type(connection, cpuinfo=_cpuinfo(tmp_path, "fpu vmx sse2"))
             without = await detect_domain_type(connection, cpuinfo=_cpuinfo(tmp_path, "fpu sse2"))
             no_device = await detect_domain_type(

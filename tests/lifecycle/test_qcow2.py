@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevm.lifecycle import qcow2
+from edgevm.shared import qcow2
 
 
 def run(*argv: str) -> str:

@@ -15,24 +15,16 @@ import libvirt
 import pytest
 
 from edgevm.shared.errors import Conflict, to_edgevm_error
-from edgevm.snapshotter.drivers.connection import Hypervisor
+from edgevm.shared.libvirt.connection import HypervisorConnection as Hypervisor
+from edgevm.shared.libvirt.errors import DomainNotFound, HypervisorError, HypervisorTimeout, SnapshotNotFound
+from edgevm.shared.libvirt.snapshots import SnapshotInfo, oldest_first
+from edgevm.shared.qemuimg import QemuImg, QemuImgError
 from edgevm.snapshotter.drivers.domains import Domains, RootDisk, find_root_disk, with_root_source
-from edgevm.snapshotter.drivers.errors import (
-    DomainNotFound,
-    HypervisorError,
-    HypervisorTimeout,
-    ImageToolError,
-    SnapshotNotFound,
-)
-from edgevm.snapshotter.drivers.qemuimg import QemuImg
-from edgevm.snapshotter.drivers.snapshots import SnapshotInfo, oldest_first
-from edgevm.snapshotter.errormap import register
 from edgevm.snapshotter.layers import VmFiles
 from edgevm.snapshotter.operations import SnapshotOperations
 from edgevm.snapshotter.worker import describe
 from tests.helpers import eventually
 
-register()  # the backend errors' replies, as the service registers them at start-up
 VM = "op"
 TASK = "01TESTTASK0000000000000001"
 
@@ -216,7 +208,7 @@ async def test_a_create_that_libvirt_does_not_make_leaves_no_files(tmp_path: Pat
 
 async def test_a_create_whose_preparation_fails_leaves_no_files(tmp_path: Path) -> None:
     s = make_setup(tmp_path, QemuImg(binary="false"))
-    with pytest.raises(ImageToolError):
+    with pytest.raises(QemuImgError):
         await s.ops.create_external(VM, "a", "", TASK, noop)
     assert s.layer_files() == []
 
@@ -328,7 +320,7 @@ async def test_a_domain_that_does_not_stop_in_time_is_a_named_timeout() -> None:
     await hypervisor.open()
     try:
         with pytest.raises(HypervisorTimeout) as raised:  # it is defined, never started
-            await Domains(hypervisor)._wait(name.removeprefix("edgevm-"), running=True, timeout=0.3)
+            await Domains(hypervisor).power.wait(name.removeprefix("edgevm-"), running=True, timeout=0.3)
         assert "did not start within 0.3 s" in str(raised.value)
         assert describe(raised.value).startswith(f"VM {name.removeprefix('edgevm-')} did not start")
     finally:

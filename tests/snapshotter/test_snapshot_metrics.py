@@ -9,7 +9,8 @@ from pathlib import Path
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgevm.snapshotter.layers import VmFiles, vm_dir
+from edgevm.shared.layout import Layout
+from edgevm.snapshotter.layers import VmFiles
 from edgevm.snapshotter.metrics import SnapshotUse, snapshot_use
 from tests.snapshotter.conftest import Pair
 from tests.snapshotter.test_snapshot_tasks import make_vm, run
@@ -36,7 +37,7 @@ async def test_the_snapshotter_counts_each_vms_snapshots(pair: Pair) -> None:
 
 
 def test_disk_use_counts_the_frozen_images_only(tmp_path: Path) -> None:
-    files = VmFiles(vm_dir(tmp_path, "db"))
+    files = VmFiles(Layout.of(tmp_path).vm_dir("db"))
     files.vm_dir.mkdir(parents=True)
     files.ensure()
     for path, size in [(files.frozen("a"), "1M"), (files.frozen("b"), "2M"), (files.top("t1"), "4M")]:

@@ -17,12 +17,12 @@ from nats.js.errors import KeyWrongLastSequenceError
 from edgevm.shared.bus import LOCKS, TASKS, ensure_jetstream
 from edgevm.shared.errors import Conflict
 from edgevm.shared.ids import new_id
-from edgevm.shared.locks import Lease, VmLocks
+from edgevm.shared.locks import Lease, VmLocks, process_instance
 from edgevm.shared.objects import Snapshot, Task
 from edgevm.shared.publisher import EventPublisher
 from edgevm.shared.tasks import TaskStore
 from edgevm.snapshotter.commands import CreateRequest, SnapshotCommands
-from edgevm.snapshotter.leases import TaskLeases, process_instance
+from edgevm.snapshotter.leases import TaskLeases
 from edgevm.snapshotter.worker import Workers
 from edgevm.snapshotter.workqueue import WorkItem, WorkQueue
 from tests.helpers import eventually
@@ -79,8 +79,7 @@ class Node:
     op: HeldOperation = field(default_factory=HeldOperation)
 
     def leases(self, stale_after: float = 16.0) -> TaskLeases:
-        kv = self.buckets[LOCKS.name]
-        return TaskLeases(VmLocks(kv, self.name, "snapshotter"), kv, self.name, stale_after=stale_after)
+        return TaskLeases(VmLocks(self.buckets[LOCKS.name], self.name, "snapshotter", stale_after=stale_after))
 
     def workers(self, leases: TaskLeases, store: TaskStore | None = None, **options: Any) -> Workers:
         return Workers(self.queue, store or self.store, leases, BiosVms(), self.op, **options)  # type: ignore[arg-type]

@@ -73,20 +73,72 @@ class RemoteError(EdgevmError):
         self.code = code
 
 
-_TRANSLATIONS: dict[type[BaseException], type[EdgevmError]] = {}
+class BackendError(Exception):
+    """A backend (libvirt, qemu-img, the kernel, a store) failed; the message is a sentence fit for a user.
+
+    Drivers raise subclasses of the kinds below, never their library's own exceptions; `field` names the
+    request field at fault when the driver knows it. The table `_REPLY_AS` says how each kind replies.
+    """
+
+    field: str | None = None
 
 
-def register_translation(source: type[BaseException], target: type[EdgevmError]) -> None:
-    """Make errors of type `source` (from a backend's own hierarchy) reply as `target` does."""
-    _TRANSLATIONS[source] = target
+class BackendUnavailable(BackendError):
+    """The backend cannot be reached (no connection, or the connection was lost)."""
+
+
+class BackendTimeout(BackendError):
+    """The backend did not answer within the deadline."""
+
+
+class BackendMissing(BackendError):
+    """The object the backend was asked about does not exist there."""
+
+
+class BackendWrongState(BackendError):
+    """The operation is not possible in the object's current state."""
+
+
+class BackendUnsupported(BackendError):
+    """The backend cannot do this here (an unsupported configuration, operation or flag)."""
+
+
+class BackendConflict(BackendError):
+    """Another object already holds the name, address or resource the operation needs."""
+
+
+class FieldError(ValueError):
+    """A rule broken by one field, raised while validating a struct; msgspec adds where the struct sits."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        super().__init__(f"{field}: {rule}")
+        self.field = field
+        self.rule = rule
+
+
+# The one table from an error that is not an EdgevmError to the protocol error it replies as: the first
+# class of the error's MRO found here wins, so a driver's error replies as the kind it subclasses.
+_REPLY_AS: dict[type[BaseException], type[EdgevmError]] = {
+    FieldError: InvalidRequest,
+    BackendMissing: NotFound,
+    BackendConflict: Conflict,
+    BackendWrongState: Conflict,
+    BackendUnsupported: Unprocessable,
+    BackendUnavailable: Unavailable,
+    BackendTimeout: Unavailable,
+    # Any other backend failure: its message is the backend's sentence, the cause stays a 500.
+    BackendError: Internal,
+    # A NATS or JetStream failure that reaches a handler: the bus is the unavailable backend.
+    nats.errors.Error: Unavailable,
+}
 
 
 def to_edgevm_error(error: BaseException) -> EdgevmError | None:
-    """Return `error` as an EdgevmError when it is one or has a registered translation, else None."""
+    """Return `error` as the EdgevmError it replies as (see `_REPLY_AS`), or None for an unexpected error."""
     if isinstance(error, EdgevmError):
         return error
     for cls in type(error).__mro__:
-        target = _TRANSLATIONS.get(cls)
+        target = _REPLY_AS.get(cls)
         if target is not None:
             return target(str(error) or target.__doc__ or cls.__name__, getattr(error, "field", None))
     return None
@@ -163,15 +215,3 @@ def _unwrap(info: Any, part: str) -> Any:
     return None
 
 
-class FieldError(ValueError):
-    """A rule broken by one field, raised while validating a struct; msgspec adds where the struct sits."""
-
-    def __init__(self, field: str, rule: str) -> None:
-        super().__init__(f"{field}: {rule}")
-        self.field = field
-        self.rule = rule
-
-
-register_translation(FieldError, InvalidRequest)
-# A NATS or JetStream failure that reaches a handler: the bus is the unavailable backend.
-register_translation(nats.errors.Error, Unavailable)

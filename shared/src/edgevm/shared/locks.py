@@ -1,11 +1,22 @@
-"""One mutating operation per VM at a time, across services: leases in the `edgevm_locks` bucket."""
+"""One mutating operation per VM at a time, across services: leases in the `edgevm_locks` bucket.
+
+This module is the only writer of the bucket. A lease names the operation, its task and, once a process
+runs the task, that process (`holder`). A lease that names a holder belongs to a running task: another
+process takes it over (`take_over`) only when the holder is known dead (a process of this host's boot and
+PID namespace that no longer exists) or after seeing the lease unrenewed for `stale_after` seconds, so a
+task delivered again while it still runs elsewhere is not run twice.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import time
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 from nats.js import JetStreamContext
@@ -20,6 +31,7 @@ log = logging.getLogger(__name__)
 # The bucket's TTL is 30 s (bus.LOCKS): a holder renews its lease well within it, so a lease whose holder
 # died expires by itself and the VM is free again.
 RENEW_EVERY = 8.0
+STALE_AFTER = 2 * RENEW_EVERY
 
 
 class Lease(msgspec.Struct):
@@ -36,10 +48,13 @@ class Lease(msgspec.Struct):
 class VmLocks:
     """Leases on VMs of one node, held while an operation runs."""
 
-    def __init__(self, kv: KeyValue, node: str, service: str, js: JetStreamContext | None = None) -> None:
+    def __init__(self, kv: KeyValue, node: str, service: str, js: JetStreamContext | None = None, *,
+                 stale_after: float = STALE_AFTER) -> None:
         self._kv = kv
         self._node = node
         self._service = service
+        self._stale_after = stale_after
+        self._seen: dict[str, tuple[int, float]] = {}  # VM -> revision of another holder's lease, first seen
         # With `js`, a release writes the delete marker itself and remembers its revision, so the next
         # acquire of that VM is one conditional write (KeyValue.create on a deleted key takes three).
         self._js = js
@@ -49,8 +64,10 @@ class VmLocks:
     def _key(self, vm: str) -> str:
         return f"{self._node}.{vm}"
 
-    async def acquire(self, vm: str, operation: str, task_id: str | None = None, *, holder: str | None = None) -> int:
-        """Take the lease on `vm`, or raise Conflict naming the operation (and task) that holds it."""
+    async def acquire(self, vm: str, operation: str, task_id: str | None = None, *, holder: str | None = None,
+                      field: str = "name") -> int:
+        """Take the lease on `vm`, or raise Conflict naming the operation (and task) that holds it; the
+        Conflict names `field`, the request field that named the VM."""
         lease = Lease(operation=operation, task_id=task_id, service=self._service, since=now(), holder=holder)
         tombstone = self._tombstones.pop(vm, None)
         if tombstone is not None:
@@ -62,8 +79,7 @@ class VmLocks:
             current = await self.holder(vm)
             if current is None:  # expired between our create and our read: try once more
                 return await self._kv.create(self._key(vm), msgspec.json.encode(lease))
-            task = f" (task {current.task_id})" if current.task_id else ""
-            raise Conflict(f"VM {vm} is busy with {current.operation}{task}; try again when it ends", "name") from None
+            raise _busy(vm, current, field) from None
 
     async def holder(self, vm: str) -> Lease | None:
         """Return the lease on `vm`, or None when it is free."""
@@ -115,9 +131,60 @@ class VmLocks:
         return await self._kv.update(self._key(vm), entry.value, last=revision)
 
     async def take(self, vm: str, operation: str, task_id: str | None = None, *,
-                   holder: str | None = None) -> HeldLease:
+                   holder: str | None = None, field: str = "name") -> HeldLease:
         """Take the lease on `vm` and keep it renewed until the returned handle is released."""
-        return HeldLease(self, vm, await self.acquire(vm, operation, task_id, holder=holder))
+        return HeldLease(self, vm, await self.acquire(vm, operation, task_id, holder=holder, field=field))
+
+    async def take_over(self, vm: str, operation: str, task_id: str, holder: str, *,
+                        field: str = "vm") -> HeldLease:
+        """The lease of task `task_id` for `holder`, the process that runs it: taken over in one conditional
+        write (or taken anew when it lapsed). Conflict when another operation holds the VM, or when the
+        task runs in another process that is alive and renews its lease."""
+        entry = await self._entry(vm)
+        lease = _decode(entry.value) if entry is not None and entry.value else None
+        if entry is None or lease is None or entry.revision is None:
+            return await self.take(vm, operation, task_id, holder=holder, field=field)  # lapsed meanwhile
+        if lease.task_id != task_id:
+            raise _busy(vm, lease, field)
+        elsewhere = lease.holder is not None and lease.holder != holder
+        if elsewhere and not (holder_is_dead(lease.holder or "") or self._stale(vm, entry.revision)):
+            raise Conflict(f"task {task_id} runs in {lease.service} process {lease.holder}", field)
+        self._seen.pop(vm, None)
+        mine = msgspec.structs.replace(lease, holder=holder)
+        try:
+            revision = await self._kv.update(self._key(vm), msgspec.json.encode(mine), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            raise Conflict(f"the lease of task {task_id} on VM {vm} changed meanwhile", field) from None
+        if elsewhere:
+            log.warning("task %s: took over the lease of process %s (gone, or silent for %g s)",
+                        task_id, lease.holder, self._stale_after)
+        return HeldLease(self, vm, revision)
+
+    async def release_task(self, vm: str, task_id: str, holder: str | None) -> None:
+        """Give back the lease of task `task_id` on `vm` (it ended, or was cancelled) when `holder` holds it
+        or no process runs the task yet; a live holder elsewhere releases its own."""
+        self._seen.pop(vm, None)
+        entry = await self._entry(vm)
+        lease = _decode(entry.value) if entry is not None and entry.value else None
+        if entry is None or lease is None or entry.revision is None or lease.task_id != task_id:
+            return
+        if lease.holder in (None, holder):
+            await self.release(vm, entry.revision)
+
+    def _stale(self, vm: str, revision: int) -> bool:
+        """Whether this process has seen the lease at `revision` for stale_after seconds (no renewals)."""
+        now_ = time.monotonic()
+        seen = self._seen.get(vm)
+        if seen is None or seen[0] != revision:
+            self._seen[vm] = (revision, now_)
+            return False
+        return now_ - seen[1] >= self._stale_after
+
+    async def _entry(self, vm: str) -> KeyValue.Entry | None:
+        try:
+            return await self._kv.get(self._key(vm))
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
 
     @contextlib.asynccontextmanager
     async def hold(self, vm: str, operation: str, task_id: str | None = None) -> AsyncIterator[None]:
@@ -163,3 +230,49 @@ class HeldLease:
         await self.stop()
         if not self.lost:
             await self._locks.release(self._vm, self._revision)
+
+
+def _busy(vm: str, lease: Lease, field: str) -> Conflict:
+    task = f" (task {lease.task_id})" if lease.task_id else ""
+    return Conflict(f"VM {vm} is busy with {lease.operation}{task}; try again when it ends", field)
+
+
+def _decode(value: bytes) -> Lease | None:
+    try:
+        return msgspec.json.decode(value, type=Lease)
+    except msgspec.DecodeError:
+        return None
+
+
+def process_instance() -> str:
+    """This process as a lease holder: `<boot id>.<pid namespace>.<pid>.<random>`."""
+    return f"{_boot_id()}.{_pid_namespace()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """Whether `holder` is a process of this host's boot and PID namespace that no longer exists (False
+    when that cannot be known: another host, or a process of that PID alive, maybe a new one)."""
+    parts = holder.split(".")
+    if len(parts) != 4 or not parts[2].isdecimal() or parts[:2] != [_boot_id(), _pid_namespace()]:
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+    except OSError:
+        return "unknown"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "unknown"

@@ -78,16 +78,6 @@ async def _logged(coro: Coroutine[Any, Any, Any], name: str) -> Any:
 Setup = Callable[[ServiceContext], Awaitable[None]]
 
 
-async def drain(tasks: set[asyncio.Task[Any]], timeout: float) -> None:
-    """Wait for `tasks` to end (at shutdown); cancel those still running after `timeout`, and wait for them."""
-    if not tasks:
-        return
-    _, late = await asyncio.wait(tasks, timeout=timeout)
-    for task in late:
-        task.cancel()
-    await asyncio.gather(*late, return_exceptions=True)
-
-
 class ServiceStopped(Exception):
     """The service was asked to stop before it was up."""
 

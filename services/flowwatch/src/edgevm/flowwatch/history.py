@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import msgspec
@@ -13,12 +14,26 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from edgevm.shared import subjects
 from edgevm.shared.bus import FLOWS_STREAM
+from edgevm.shared.errors import BackendTimeout
 from edgevm.shared.objects import Flow
 
-__all__ = ["FlowHistory"]
+__all__ = ["FlowHistory", "HistoryTimeout"]
 
 STREAM: str = FLOWS_STREAM.name or "EDGEVM_FLOWS"
 _decoder = msgspec.json.Decoder(Flow)
+
+
+class HistoryTimeout(BackendTimeout):
+    """The flow history (JetStream) did not answer in time."""
+
+
+@contextlib.contextmanager
+def _in_time() -> Iterator[None]:
+    """JetStream's timeouts (nats' and our deadlines) as the history's own error."""
+    try:
+        yield
+    except TimeoutError:
+        raise HistoryTimeout("the flow history (JetStream) did not answer in time") from None
 
 
 class FlowHistory:
@@ -42,12 +57,17 @@ class FlowHistory:
     async def count(self, vm: str) -> int:
         """How many completed flows of the VM the stream holds."""
         subject = self.subject(vm)
-        info = await self._js.stream_info(STREAM, subjects_filter=subject)
+        with _in_time():
+            info = await self._js.stream_info(STREAM, subjects_filter=subject)
         return int((info.state.subjects or {}).get(subject, 0))
 
     async def recent(self, vm: str, limit: int) -> list[Flow]:
         """The VM's last `limit` completed flows, newest (last recorded) first."""
         subject = self.subject(vm)
+        with _in_time():
+            return await self._recent(subject, limit)
+
+    async def _recent(self, subject: str, limit: int) -> list[Flow]:
         async with asyncio.timeout(self._timeout):
             info = await self._js.stream_info(STREAM, subjects_filter=subject)
             state = info.state
@@ -97,6 +117,10 @@ class FlowHistory:
             return None
         since = datetime.fromtimestamp(start_ms / 1000, UTC)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        with _in_time():
+            return await self._find(vm, flow_id, config, depth)
+
+    async def _find(self, vm: str, flow_id: str, config: ConsumerConfig, depth: int) -> Flow | None:
         async with asyncio.timeout(self._timeout):
             sub = await self._js.subscribe(self.subject(vm), stream=STREAM, ordered_consumer=True, config=config)
             try:

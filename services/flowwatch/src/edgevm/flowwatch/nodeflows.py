@@ -19,11 +19,11 @@ from edgevm.flowwatch.flowtable import ActiveFlow, Changes, NamespaceFlows, flow
 from edgevm.flowwatch.history import FlowHistory
 from edgevm.flowwatch.outbox import Outbox
 from edgevm.flowwatch.recorder import FlowRecorder
-from edgevm.flowwatch.terminate import TerminateFailed, Terminator
+from edgevm.flowwatch.terminate import Terminator
 from edgevm.flowwatch.watcher import NamespaceWatch
 from edgevm.shared.background import Background
 from edgevm.shared.commands import FlowList, FlowListRequest, FlowTerminate
-from edgevm.shared.errors import Conflict, NotFound, Unavailable
+from edgevm.shared.errors import Conflict, NotFound
 from edgevm.shared.netstate import VmNetRecord, VrfRecord
 from edgevm.shared.objects import Flow
 
@@ -233,8 +233,8 @@ class NodeFlows:
             await self._refresh_counters(req.vm, page)
             rows += [flow.to_flow(self.node, "active") for flow in page]
         if req.status in ("completed", "all"):
-            rows += await self._history(req.vm, req.limit)
-        if not known and not rows and (req.status == "active" or await self._history_count(req.vm) == 0):
+            rows += await self.history.recent(req.vm, req.limit)
+        if not known and not rows and (req.status == "active" or await self.history.count(req.vm) == 0):
             raise NotFound(f"VM {req.vm!r} is not known to this node's network and has no flow history", "vm")
         rows.sort(key=lambda f: f.started_at, reverse=True)
         return FlowList(flows=rows[: req.limit])
@@ -260,18 +260,6 @@ class NodeFlows:
             if entry is not None:
                 flow.count(entry)
 
-    async def _history(self, vm: str, limit: int) -> list[Flow]:
-        try:
-            return await self.history.recent(vm, limit)
-        except TimeoutError:
-            raise Unavailable("the flow history (JetStream) did not answer in time") from None
-
-    async def _history_count(self, vm: str) -> int:
-        try:
-            return await self.history.count(vm)
-        except TimeoutError:
-            raise Unavailable("the flow history (JetStream) did not answer in time") from None
-
     async def terminate(self, req: FlowTerminate) -> Flow:
         """flow.terminate: delete the conntrack entry and cut the 5-tuple for a while; the flow is `terminated`."""
         self._check_vm(req.vm)
@@ -281,14 +269,7 @@ class NodeFlows:
         if watch is None or flow is None or flow.vm != req.vm:
             if self.recorder.ended_vm(req.id) == req.vm:
                 raise Conflict(f"flow {req.id} of VM {req.vm!r} has already ended", "id")
-            try:
-                found = await self.history.find(req.vm, req.id)
-            except TimeoutError:
-                raise Unavailable("the flow history (JetStream) did not answer in time") from None
-            if found is not None:
+            if await self.history.find(req.vm, req.id) is not None:
                 raise Conflict(f"flow {req.id} of VM {req.vm!r} has already ended", "id")
             raise NotFound(f"VM {req.vm!r} has no flow {req.id}", "id")
-        try:
-            return await self.terminator.terminate(netns, watch, flow)
-        except TerminateFailed as exc:
-            raise Unavailable(f"the flow could not be cut ({exc}); it is still active") from None
+        return await self.terminator.terminate(netns, watch, flow)  # TerminateFailed: 503, nothing changed

@@ -17,6 +17,7 @@ from edgevm.flowwatch.flowtable import ActiveFlow, NamespaceFlows
 from edgevm.flowwatch.recorder import FlowRecorder
 from edgevm.flowwatch.watcher import NamespaceWatch
 from edgevm.shared.background import Background
+from edgevm.shared.errors import BackendUnavailable
 from edgevm.shared.netns import NamespaceNotFound
 from edgevm.shared.objects import Flow
 
@@ -33,7 +34,7 @@ PROBE_TIMEOUT = 1.0
 UNCUT_TIMEOUT = 5.0
 
 
-class TerminateFailed(Exception):
+class TerminateFailed(BackendUnavailable):
     """The kernel refused (or did not answer) a step before the entry was deleted; nothing is changed."""
 
 
@@ -78,7 +79,8 @@ class Terminator:
                 await self._kernel.delete(kernel_netns, flow.as_entry(), DELETE_TIMEOUT)
             deleted = True
         except (OSError, TimeoutError, NamespaceNotFound) as exc:
-            raise TerminateFailed(str(exc) or type(exc).__name__) from None
+            reason = str(exc) or type(exc).__name__
+            raise TerminateFailed(f"the flow could not be cut ({reason}); it is still active") from None
         finally:
             if not deleted:
                 self._undo(kernel_netns, flows, flow, cut)

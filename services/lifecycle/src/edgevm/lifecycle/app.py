@@ -8,21 +8,14 @@ import logging
 import os
 from pathlib import Path
 
-from edgevm.lifecycle import errormap
-from edgevm.lifecycle.drivers.connection import HypervisorConnection
-from edgevm.lifecycle.drivers.domains import Domains
-from edgevm.lifecycle.drivers.events import LifecycleEvents
 from edgevm.lifecycle.drivers.host import detect_domain_type, guest_user
-from edgevm.lifecycle.drivers.states import EventKind
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import ImageStore
-from edgevm.lifecycle.layout import Layout
 from edgevm.lifecycle.network import NetplumbNetwork, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
 from edgevm.lifecycle.reach import make_reachable
 from edgevm.lifecycle.records import VmRecords
-from edgevm.lifecycle.runner import TaskRunner
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
 from edgevm.lifecycle.vmmetrics import VmMetrics, read_bulk_stats
@@ -30,9 +23,14 @@ from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
 from edgevm.shared.heartbeat import host_memory_bytes
-from edgevm.shared.locks import VmLocks
+from edgevm.shared.layout import Layout
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.events import LifecycleEvents
+from edgevm.shared.libvirt.plan import DomainType
+from edgevm.shared.locks import VmLocks, process_instance
 from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
 from edgevm.shared.runtime import ServiceContext
+from edgevm.shared.taskrunner import TaskRunner
 from edgevm.shared.tasks import TaskStore
 
 log = logging.getLogger(__name__)
@@ -50,9 +48,19 @@ def import_roots(state_dir: Path) -> list[Path]:
     return roots
 
 
+async def open_hypervisor(ctx: ServiceContext) -> tuple[HypervisorConnection, DomainType]:
+    """Connect to libvirt (with its events: they drive VM states) and probe the domain type of guests."""
+    uri = ctx.config.libvirt_uri
+    connection = HypervisorConnection(uri, events=True)
+    await connection.open()
+    ctx.stack.push_async_callback(connection.close)
+    domain_type: DomainType = await detect_domain_type(connection) if uri.startswith("qemu") else "qemu"
+    log.info("libvirt %s: guests run as domain type %s", uri, domain_type)
+    return connection, domain_type
+
+
 async def setup(ctx: ServiceContext) -> None:
     """Wire the lifecycle service into `ctx` and start its background work."""
-    errormap.register()
     config = ctx.config
     node = config.node
     layout = Layout(config.service_dir("lifecycle"))
@@ -61,12 +69,7 @@ async def setup(ctx: ServiceContext) -> None:
     for root in roots[:1]:
         root.mkdir(parents=True, exist_ok=True)
 
-    connection = HypervisorConnection(config.libvirt_uri)
-    await connection.open()
-    ctx.stack.push_async_callback(connection.close)
-    domains = Domains(connection)
-    domain_type = await detect_domain_type(connection) if config.libvirt_uri.startswith("qemu") else "qemu"
-    log.info("libvirt %s: guests run as domain type %s", config.libvirt_uri, domain_type)
+    connection, domain_type = await open_hypervisor(ctx)
     guest = await guest_user(connection, domain_type) if config.libvirt_uri.startswith("qemu") else None
     if guest is not None:
         make_reachable(config.state_dir, *guest)  # or StateDirUnreachable, naming the directory and the fix
@@ -74,7 +77,7 @@ async def setup(ctx: ServiceContext) -> None:
     store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
     locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle", ctx.js)
-    runner = TaskRunner(store, locks, index)
+    runner = TaskRunner(store, locks, "lifecycle", holder=process_instance(), on_write=index.put)
     ctx.stack.push_async_callback(runner.drain)
     records = VmRecords(ctx.buckets[bus.VMS.name], node)
     await records.load()
@@ -86,9 +89,9 @@ async def setup(ctx: ServiceContext) -> None:
     await images.load()
     network: VmNetwork = NoNetwork() if config.network == "none" else NetplumbNetwork(Client(ctx.nc, node, NET_TIMEOUT))
     log.info("VM networks: %s", "none (EDGEVM_NETWORK=none)" if config.network == "none" else "from netplumb")
-    vms = VmService(node, records, images, domains, Planner(layout, node, domain_type), runner, locks,
+    vms = VmService(node, records, images, connection, Planner(layout, node, domain_type), runner, locks,
                     ctx.publisher, os.cpu_count() or 1, host_memory_bytes(), network=network)
-    ctx.stack.push_async_callback(vms.close)
+    ctx.stack.push_async_callback(vms.reconciler.close)
     register_vm_metrics(ctx, connection, vms)
     tasks = TaskCommands(index, store, node)
 
@@ -98,17 +101,20 @@ async def setup(ctx: ServiceContext) -> None:
     if interrupted:
         log.warning("%d task(s) interrupted by the last restart were marked failed", interrupted)
     # Events first, then the look at every domain: a change between the two is not missed.
-    events = LifecycleEvents(connection)
-    await events.__aenter__()
-    ctx.stack.push_async_callback(events.__aexit__, None, None, None)
-    await vms.reconcile()
-    ctx.background(follow_domains(events, vms), "libvirt events")
+    events = await ctx.stack.enter_async_context(LifecycleEvents(connection))
+    await vms.reconciler.reconcile()
+    ctx.background(vms.reconciler.follow(events), "libvirt events")
     # Lost domains and auto starts need netplumb, which may come up after us: wait a little for it, then
     # serve anyway and let the recovery finish in the background.
-    recovery = ctx.background(vms.recover(), "recovery after start-up")
+    recovery = ctx.background(vms.reconciler.recover(), "recovery after start-up")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(recovery), RECOVERY_WAIT)
 
+    await serve_commands(ctx, images, vms, tasks)
+
+
+async def serve_commands(ctx: ServiceContext, images: ImageService, vms: VmService, tasks: TaskCommands) -> None:
+    """Serve the lifecycle's commands."""
     # Reads answer from memory, inline; the rest may wait on libvirt, JetStream or a disk.
     for verb, handler in [
         ("image.list", images.list),
@@ -136,19 +142,7 @@ async def setup(ctx: ServiceContext) -> None:
 def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
     """Serve the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
     read = on_loop(lambda: connection.call(read_bulk_stats, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
-    vm_metrics = VmMetrics(read, ctx.config.node, vms.host_cpus, vms.host_memory)
+    vm_metrics = VmMetrics(read, ctx.config.node, vms.builder.host_cpus, vms.builder.host_memory)
     EXPOSITION.add(vm_metrics.exposition)
     ctx.stack.callback(EXPOSITION.remove, vm_metrics.exposition)
 
-
-async def follow_domains(events: LifecycleEvents, vms: VmService) -> None:
-    """Keep VM states true to libvirt's lifecycle events (a guest that powers itself off is `stopped`)."""
-    async for event in events:
-        try:
-            if event.kind == EventKind.RESYNC or event.vm is None:
-                for vm in vms.records.all():
-                    await vms.on_domain_event(vm.spec.name)
-            elif event.kind in (EventKind.STARTED, EventKind.STOPPED, EventKind.CRASHED, EventKind.RESUMED):
-                await vms.on_domain_event(event.vm)
-        except Exception:
-            log.exception("libvirt event %s of %s not applied", event.kind, event.vm)

@@ -13,12 +13,12 @@ from nats.js.kv import KeyValue
 
 from edgevm.lifecycle.imagestore import ImageStore
 from edgevm.lifecycle.paths import confine
-from edgevm.lifecycle.runner import Progress, TaskRunner
 from edgevm.shared.bus import current_values
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, ImageList, ImageRef, ImportImage, TaskReply
 from edgevm.shared.errors import Conflict, NotFound
 from edgevm.shared.objects import Image
+from edgevm.shared.taskrunner import Progress, TaskRunner
 
 _decoder = msgspec.json.Decoder(Image)
 

@@ -1,4 +1,4 @@
-"""The node's image store: one file `<name>.<format>` per image in one directory, and qemu-img disk helpers.
+"""The node's image store: one file `<name>.<format>` per image in one directory.
 
 Image names match `^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$`: lowercase like VM names, plus dots and
 underscores for versions (`ubuntu-24.04`); the name is also the file name, so it can never hold a `/`.
@@ -16,11 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import re
 import stat
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
@@ -28,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edgevm.lifecycle import qcow2
-from edgevm.lifecycle.layout import fsync_dir
-from edgevm.shared.errors import FieldError
+from edgevm.shared.errors import BackendConflict, FieldError
+from edgevm.shared.layout import fsync_dir
+from edgevm.shared.qemuimg import QemuImg
 
 ImageFormat = Literal["qcow2", "raw", "iso"]
 FORMATS: tuple[ImageFormat, ...] = ("qcow2", "raw", "iso")
@@ -45,12 +43,8 @@ class ImageRejected(FieldError):
     """An import request or the file it names breaks a rule; `field` is the request field at fault."""
 
 
-class ImageExists(Exception):
+class ImageExists(BackendConflict):
     """The store already holds an image of that name."""
-
-
-class QemuImgError(Exception):
-    """qemu-img failed or did not finish in time; the message says which command and why."""
 
 
 class _Stopped(Exception):
@@ -67,62 +61,6 @@ class ImageRecord:
     sha256: str
     path: Path
     virtual_size_bytes: int
-
-
-class QemuImg:
-    """qemu-img, run with an argument list and a deadline on every call."""
-
-    def __init__(self, binary: str = "qemu-img", timeout: float = 60.0) -> None:
-        self.binary = binary
-        self.timeout = timeout
-
-    def info(self, path: Path) -> dict[str, Any]:
-        """Return `qemu-img info` of `path` as a dict (blocking); the backing chain is not opened."""
-        info: dict[str, Any] = json.loads(self._run("info", "--output=json", str(path)))
-        return info
-
-    async def create_overlay(self, image_path: Path, overlay_path: Path, backing_format: str | None = None) -> None:
-        """Create the qcow2 overlay `overlay_path` backed by `image_path`; never overwrites a file."""
-        await asyncio.to_thread(self._create_overlay, image_path, overlay_path, backing_format)
-
-    async def create_blank_disk(self, path: Path, size_bytes: int) -> None:
-        """Create an empty qcow2 disk of `size_bytes` at `path`; never overwrites."""
-        if size_bytes <= 0:
-            raise ValueError(f"a disk needs a positive size, got {size_bytes}")
-        await asyncio.to_thread(self._create_new, path, ["-f", "qcow2"], str(size_bytes))
-
-    async def resize(self, path: Path, size_bytes: int) -> None:
-        """Grow the qcow2 disk at `path` (not in use by a running domain) to `size_bytes`."""
-        await asyncio.to_thread(self._run, "resize", "-q", "-f", "qcow2", str(path), str(size_bytes))
-
-    def _create_overlay(self, image_path: Path, overlay_path: Path, backing_format: str | None) -> None:
-        backing = image_path.resolve(strict=True)  # the overlay records this path, so it must be absolute
-        backing_format = backing_format or self.info(backing)["format"]
-        # The bytes qemu-img would write, without forking it (most of a vm.create's time otherwise).
-        qcow2.write_overlay(overlay_path, backing, "raw" if backing_format == "iso" else backing_format)
-
-    def _create_new(self, path: Path, options: list[str], *size: str) -> None:
-        # qemu-img create truncates an existing file, so create beside it and link into place (no clobber).
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-        try:
-            self._run("create", "-q", *options, tmp, *size)
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-
-    def _run(self, *args: str) -> str:
-        command = [self.binary, *args]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise QemuImgError(f"qemu-img {args[0]} did not finish within {self.timeout:g} s") from None
-        except OSError as exc:
-            raise QemuImgError(f"qemu-img cannot be run: {exc.strerror}") from None
-        if done.returncode != 0:
-            detail = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-            raise QemuImgError(f"qemu-img {args[0]} failed: {detail[0]}")
-        return done.stdout
 
 
 class ImageStore:
@@ -159,7 +97,7 @@ class ImageStore:
             if progress is not None:
                 loop.call_soon_threadsafe(progress, percent)
 
-        work = asyncio.ensure_future(asyncio.to_thread(self._import, name, src_path, format, report, stop))
+        work = asyncio.ensure_future(self._import(name, src_path, format, report, stop))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -186,7 +124,7 @@ class ImageStore:
             path.unlink(missing_ok=True)
         return leftovers
 
-    def _import(
+    async def _import(
         self,
         name: str,
         src_path: Path,
@@ -194,6 +132,19 @@ class ImageStore:
         report: Callable[[int], None],
         stop: threading.Event,
     ) -> ImageRecord:
+        tmp, size, sha256 = await asyncio.to_thread(self._copy_in, name, src_path, report, stop)
+        try:
+            detected, virtual_size = await self._inspect(tmp, format)
+            final = await asyncio.to_thread(self._keep, tmp, name, detected)
+        finally:
+            tmp.unlink(missing_ok=True)
+        report(100)
+        return ImageRecord(name, detected, size, sha256, final, virtual_size)
+
+    def _copy_in(
+        self, name: str, src_path: Path, report: Callable[[int], None], stop: threading.Event
+    ) -> tuple[Path, int, str]:
+        """Copy `src_path` into a hidden `.part` file of the store; return it, its size and SHA-256."""
         if any(self.path_for(name, f).exists() for f in FORMATS):
             raise ImageExists(f"the image store already has an image named {name!r}")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -202,30 +153,33 @@ class ImageStore:
         try:
             with os.fdopen(fd, "wb") as out:
                 size, sha256 = _copy(src_path, out, report, stop)
-            detected, virtual_size = self._inspect(tmp, format)
-            final = self.path_for(name, detected)
-            tmp.chmod(0o644)
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                raise ImageExists(f"the image store already has an image named {name!r}") from None
-        finally:
+        except BaseException:
             tmp.unlink(missing_ok=True)
-        fsync_dir(self.root)
-        report(100)
-        return ImageRecord(name, detected, size, sha256, final, virtual_size)
+            raise
+        return tmp, size, sha256
 
-    def _inspect(self, path: Path, declared: ImageFormat | None) -> tuple[ImageFormat, int]:
-        info = self.qemu_img.info(path)
-        found = info.get("format")
+    def _keep(self, tmp: Path, name: str, detected: ImageFormat) -> Path:
+        """Link the inspected copy into place under its final name (never over an existing image)."""
+        final = self.path_for(name, detected)
+        tmp.chmod(0o644)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            raise ImageExists(f"the image store already has an image named {name!r}") from None
+        fsync_dir(self.root)
+        return final
+
+    async def _inspect(self, path: Path, declared: ImageFormat | None) -> tuple[ImageFormat, int]:
+        info = await self.qemu_img.info(path)
+        found = info.format
         if found == "qcow2":
-            if info.get("backing-filename") or info.get("full-backing-filename"):
+            if info.backing_name or info.backing:
                 raise ImageRejected(
                     "path",
-                    f"is a qcow2 image with a backing file ({info.get('backing-filename')!r}); "
+                    f"is a qcow2 image with a backing file ({info.backing_name!r}); "
                     "images must be self-contained: flatten it first (qemu-img convert -O qcow2)",
                 )
-            if info.get("format-specific", {}).get("data", {}).get("data-file"):
+            if info.data_file:
                 raise ImageRejected(
                     "path",
                     "is a qcow2 image with an external data file; flatten it first (qemu-img convert -O qcow2)",
@@ -242,7 +196,7 @@ class ImageStore:
                 detected = "raw"  # an ISO may be used as a raw disk (hybrid ISOs boot that way)
             else:
                 raise ImageRejected("format", f"is {declared!r} but the file is a {detected} image")
-        return detected, int(info.get("virtual-size", 0))
+        return detected, info.virtual_size
 
 
 def check_image_name(name: str) -> None:

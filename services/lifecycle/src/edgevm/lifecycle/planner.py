@@ -6,9 +6,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgevm.lifecycle.drivers.plan import DiskPlan, DomainPlan, DomainType, NicModel, NicPlan
-from edgevm.lifecycle.layout import Layout
 from edgevm.lifecycle.seed import SeedContent
+from edgevm.shared.layout import Layout
+from edgevm.shared.libvirt.plan import DiskPlan, DomainPlan, DomainType, NicModel, NicPlan
 from edgevm.shared.netstate import NicRecord
 from edgevm.shared.objects import Image
 from edgevm.shared.spec import VmSpec

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import msgspec
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from edgevm.shared.bus import current_values
 from edgevm.shared.errors import Conflict, NotFound
 from edgevm.shared.objects import Vm
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Vm)
+from edgevm.shared.records import VmRecordReader, encode_vm, vm_record_key
 
 
 class VmRecords:
@@ -31,17 +27,13 @@ class VmRecords:
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _key(self, name: str) -> str:
-        return f"{self._node}.{name}"
+        return vm_record_key(self._node, name)
 
     async def load(self) -> None:
         """Read every VM of this node from the bucket into the cache."""
-        self._vms.clear()
-        self._revisions.clear()
-        for entry in (await current_values(self._kv, f"{self._node}.>")).values():
-            assert entry.value is not None
-            vm = _decoder.decode(entry.value)
-            self._vms[vm.spec.name] = vm
-            self._revisions[vm.spec.name] = entry.revision or 0
+        found = await VmRecordReader(self._kv, self._node).all()
+        self._vms = {name: vm for name, (vm, _) in found.items()}
+        self._revisions = {name: revision for name, (_, revision) in found.items()}
 
     def get(self, name: str) -> Vm:
         """Return the VM, or raise NotFound."""
@@ -61,7 +53,7 @@ class VmRecords:
     async def create(self, vm: Vm) -> None:
         """Store a new VM; Conflict when the name is taken."""
         try:
-            revision = await self._kv.create(self._key(vm.spec.name), _encoder.encode(vm))
+            revision = await self._kv.create(self._key(vm.spec.name), encode_vm(vm))
         except KeyWrongLastSequenceError:
             raise Conflict(f"a VM named {vm.spec.name} exists already", "name") from None
         self._vms[vm.spec.name] = vm
@@ -72,7 +64,7 @@ class VmRecords:
         name = vm.spec.name
         async with self._locks.setdefault(name, asyncio.Lock()):
             try:
-                revision = await self._kv.update(self._key(name), _encoder.encode(vm), last=self._revisions[name])
+                revision = await self._kv.update(self._key(name), encode_vm(vm), last=self._revisions[name])
             except KeyWrongLastSequenceError:
                 raise Conflict(f"VM {name} was changed by someone else meanwhile: read it again", "name") from None
             self._vms[name] = vm

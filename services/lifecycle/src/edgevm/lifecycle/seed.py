@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import pycdlib
     from pycdlib import dates
 
-from edgevm.lifecycle.layout import fsync_dir
+from edgevm.shared.layout import fsync_dir
 
 VOLUME_LABEL = "cidata"
 MINIMAL_USER_DATA = "#cloud-config\n"

@@ -8,8 +8,8 @@ from typing import Any
 
 import libvirt
 
-from edgevm.lifecycle.drivers.naming import vm_name
-from edgevm.lifecycle.drivers.states import DomainState, state_from_libvirt
+from edgevm.shared.libvirt.naming import vm_name
+from edgevm.shared.libvirt.states import DomainState, state_from_libvirt
 from edgevm.shared.metrics import CachedRead
 
 __all__ = ["FAMILIES", "STATS_GROUPS", "VmMetrics", "read_bulk_stats"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from edgevm.netplumb import errormap
 from edgevm.netplumb.converge import Plumber
 from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.netplumb.reconcile import ReconcileCommand, reconcile, reconcile_forever
@@ -25,7 +24,6 @@ def make_setup(settings: Settings | None = None) -> Setup:
     """The set-up of a netplumb service; `settings` default to the environment's."""
 
     async def setup(ctx: ServiceContext) -> None:
-        errormap.register()
         own = settings or Settings.from_env()
         node = ctx.config.node
         records = NetRecords(ctx.buckets[bus.NET.name], node)

@@ -10,28 +10,29 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import REGISTRY
 
 from edgevm.shared import bus
+from edgevm.shared.layout import Layout
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.snapshots import Snapshots
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.metrics import SCRAPE_TIMEOUT, on_loop
+from edgevm.shared.qemuimg import QemuImg
+from edgevm.shared.records import VmRecordReader
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.tasks import TaskStore
-from edgevm.snapshotter import errormap
 from edgevm.snapshotter.commands import SnapshotCommands
 from edgevm.snapshotter.dedupe import RequestIds, open_bucket
-from edgevm.snapshotter.drivers.connection import Hypervisor
 from edgevm.snapshotter.drivers.domains import Domains
-from edgevm.snapshotter.drivers.qemuimg import QemuImg
-from edgevm.snapshotter.drivers.snapshots import Snapshots
-from edgevm.snapshotter.layers import VmFiles, vm_dir
+from edgevm.snapshotter.layers import VmFiles
 from edgevm.snapshotter.leases import TaskLeases
 from edgevm.snapshotter.metrics import SnapshotCollector, count_snapshots, snapshot_use
 from edgevm.snapshotter.operations import SnapshotOperations
-from edgevm.snapshotter.records import VmRecords
 from edgevm.snapshotter.worker import Workers
 from edgevm.snapshotter.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2
 MAX_WORKERS = 64
+QEMU_IMG_TIMEOUT = 600.0  # a rebase copies a whole layer
 
 
 def workers_from_env(env: dict[str, str] | None = None) -> int:
@@ -49,22 +50,21 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
 
     async def setup(ctx: ServiceContext) -> None:
         count = workers if workers is not None else workers_from_env()
-        errormap.register()
         config = ctx.config
         node = config.node
 
-        hypervisor = Hypervisor(config.libvirt_uri)
+        hypervisor = HypervisorConnection(config.libvirt_uri)  # no events: the lifecycle's, if any
         await hypervisor.open()
         ctx.stack.push_async_callback(hypervisor.close)
+        layout = Layout.of(config.state_dir)
         operations = SnapshotOperations(
-            Snapshots(hypervisor), Domains(hypervisor), QemuImg(),
-            lambda vm: VmFiles(vm_dir(config.state_dir, vm)),  # VmFiles resolves links: one name per file
+            Snapshots(hypervisor), Domains(hypervisor), QemuImg(timeout=QEMU_IMG_TIMEOUT),
+            lambda vm: VmFiles(layout.vm_dir(vm)),  # VmFiles resolves links: one name per file
         )
         store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
-        locks_kv = ctx.buckets[bus.LOCKS.name]
-        leases = TaskLeases(VmLocks(locks_kv, node, "snapshotter"), locks_kv, node)
+        leases = TaskLeases(VmLocks(ctx.buckets[bus.LOCKS.name], node, "snapshotter"))
         ctx.stack.push_async_callback(leases.release_all)
-        records = VmRecords(ctx.buckets[bus.VMS.name], node)
+        records = VmRecordReader(ctx.buckets[bus.VMS.name], node)
         queue = WorkQueue(ctx.js, node)
         request_ids = RequestIds(await open_bucket(ctx.js), node)
         commands = SnapshotCommands(records, operations, store, leases, queue, request_ids)
@@ -90,7 +90,7 @@ def make_setup(workers: int | None = None) -> Callable[[ServiceContext], Awaitab
     return setup
 
 
-def register_snapshot_metrics(ctx: ServiceContext, hypervisor: Hypervisor) -> None:
+def register_snapshot_metrics(ctx: ServiceContext, hypervisor: HypervisorConnection) -> None:
     """Export the snapshots per VM and their disk use, counted at scrape time, for the life of the service."""
     counts = on_loop(lambda: hypervisor.call(count_snapshots, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
     collector = SnapshotCollector(lambda: snapshot_use(counts(), ctx.config.state_dir), ctx.config.node)

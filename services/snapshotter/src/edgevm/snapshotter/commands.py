@@ -13,11 +13,11 @@ from edgevm.shared.commands import SnapshotCreate, SnapshotList, SnapshotListReq
 from edgevm.shared.errors import Conflict, NotFound
 from edgevm.shared.ids import new_id
 from edgevm.shared.objects import Task
+from edgevm.shared.records import VmRecordReader
 from edgevm.shared.tasks import TaskStore
 from edgevm.snapshotter.dedupe import RequestIds
 from edgevm.snapshotter.leases import TaskLeases
 from edgevm.snapshotter.operations import SnapshotOperations, to_snapshot
-from edgevm.snapshotter.records import VmRecords
 from edgevm.snapshotter.workqueue import WorkItem, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class RefRequest(SnapshotRef):
 class SnapshotCommands:
     """The snapshot commands of one node."""
 
-    def __init__(self, records: VmRecords, operations: SnapshotOperations, store: TaskStore,
+    def __init__(self, records: VmRecordReader, operations: SnapshotOperations, store: TaskStore,
                  leases: TaskLeases, queue: WorkQueue, request_ids: RequestIds | None = None) -> None:
         self._records = records
         self._ops = operations
@@ -94,10 +94,7 @@ class SnapshotCommands:
         queued = written = False
         try:
             await check()
-            try:
-                await self._leases.take(vm, kind, task_id)
-            except Conflict as busy:
-                raise Conflict(busy.message, "vm") from None
+            await self._leases.take(vm, kind, task_id)
             await check()
             try:
                 task, _ = await self._store.create(kind, vm, task_id=task_id)

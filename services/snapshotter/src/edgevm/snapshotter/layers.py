@@ -12,13 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgevm.shared.layout import ROOT_DISK, SNAPSHOTS, fsync_dir, make_walkable_dir
+
 FROZEN_PREFIX = "snap-"
 TOP_PREFIX = "active-"
-
-
-def vm_dir(state_dir: Path, vm: str) -> Path:
-    """The directory of a VM's files, as the lifecycle service lays it out."""
-    return state_dir / "lifecycle" / "vms" / vm
 
 
 def frozen_name(path: Path) -> str | None:
@@ -42,12 +39,12 @@ class VmFiles:
     @property
     def root(self) -> Path:
         """The path the lifecycle defines the boot disk with."""
-        return self.vm_dir / "root.qcow2"
+        return self.vm_dir / ROOT_DISK
 
     @property
     def layers(self) -> Path:
         """The directory of the chain's images."""
-        return self.vm_dir / "snapshots"
+        return self.vm_dir / SNAPSHOTS
 
     def frozen(self, snapshot: str) -> Path:
         """The image holding the disk as snapshot `snapshot` took it."""
@@ -78,30 +75,15 @@ class VmFiles:
 
     def ensure(self) -> None:
         """Create the layers directory; QEMU runs as its own user and must be able to walk into it."""
-        self.layers.mkdir(exist_ok=True)
-        os.chmod(self.layers, 0o755)
+        make_walkable_dir(self.layers)
 
     def point_root_at(self, top: Path) -> None:
         """Make `root.qcow2` a link to `top`, atomically (a reader sees the old or the new target)."""
         if self.root.is_symlink() and os.readlink(self.root) == str(top):
             return
-        temporary = self.vm_dir / ".root.qcow2.new"
+        temporary = self.vm_dir / f".{ROOT_DISK}.new"
         temporary.unlink(missing_ok=True)
         os.symlink(top, temporary)
         os.rename(temporary, self.root)
-        _fsync_dir(self.vm_dir)
+        fsync_dir(self.vm_dir)
 
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `path` so that a reader (or a restart) sees the whole text or no file."""
-    temporary = path.with_name(path.name + ".new")
-    temporary.write_text(text)
-    os.rename(temporary, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -11,9 +11,10 @@ import libvirt
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from edgevm.shared.layout import Layout
+from edgevm.shared.libvirt.naming import vm_name
 from edgevm.shared.metrics import CachedRead
-from edgevm.snapshotter.drivers.domains import DOMAIN_PREFIX
-from edgevm.snapshotter.layers import FROZEN_PREFIX, VmFiles, vm_dir
+from edgevm.snapshotter.layers import FROZEN_PREFIX, VmFiles
 
 __all__ = ["SnapshotCollector", "SnapshotUse", "count_snapshots", "snapshot_use"]
 
@@ -32,10 +33,10 @@ def count_snapshots(conn: libvirt.virConnect) -> dict[str, int]:
     """Snapshots of every edgevm domain (blocking; libvirt has no bulk call, so one per domain)."""
     counts = {}
     for domain in conn.listAllDomains():
-        name = domain.name()
-        if name.startswith(DOMAIN_PREFIX) and len(name) > len(DOMAIN_PREFIX):
+        vm = vm_name(domain.name())
+        if vm is not None:
             try:
-                counts[name[len(DOMAIN_PREFIX):]] = domain.snapshotNum()
+                counts[vm] = domain.snapshotNum()
             except libvirt.libvirtError as error:
                 if error.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise  # undefined since the list was read: left out
@@ -48,9 +49,10 @@ def snapshot_use(counts: Mapping[str, int], state_dir: Path) -> dict[str, Snapsh
     Internal snapshots live inside the VM's disk file: their space is in lifecycle's disk allocation.
     """
     found = {}
+    layout = Layout.of(state_dir)
     for vm, count in counts.items():
         used = 0
-        for image in VmFiles(vm_dir(state_dir, vm)).images() if count else []:
+        for image in VmFiles(layout.vm_dir(vm)).images() if count else []:
             if image.name.startswith(FROZEN_PREFIX):
                 try:
                     used += image.stat().st_blocks * 512

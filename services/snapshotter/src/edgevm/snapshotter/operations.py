@@ -10,20 +10,21 @@ import asyncio
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
 from edgevm.shared.errors import Conflict, Internal, NotFound, Unprocessable
+from edgevm.shared.layout import write_atomically
+from edgevm.shared.libvirt.errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
+from edgevm.shared.libvirt.snapshots import SnapshotInfo, Snapshots
 from edgevm.shared.objects import Snapshot
+from edgevm.shared.qemuimg import QemuImg
+from edgevm.shared.taskrunner import Progress
 from edgevm.snapshotter.drivers.domains import Domains, RootDisk
-from edgevm.snapshotter.drivers.errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
-from edgevm.snapshotter.drivers.qemuimg import QemuImg
-from edgevm.snapshotter.drivers.snapshots import SnapshotInfo, Snapshots
-from edgevm.snapshotter.layers import VmFiles, frozen_name, write_atomically
+from edgevm.snapshotter.layers import VmFiles, frozen_name
 
 log = logging.getLogger(__name__)
-Progress = Callable[[int, str], Awaitable[None]]
 _VM_STATES = {"running": "running", "paused": "paused", "disk-snapshot": "running"}
 
 
@@ -174,7 +175,7 @@ class SnapshotOperations:
                     os.link(top, frozen)  # the active image's data, under its frozen name (no copy)
                 overlay.unlink(missing_ok=True)
                 size = (await self.qemu_img.info(top)).virtual_size
-                await self.qemu_img.create_overlay(overlay, frozen, size)
+                await self.qemu_img.create_overlay(overlay, frozen, "qcow2", size)
                 others = await self._other_disks(vm, disk.target)
                 await progress(40, "switching the VM to the overlay")
             except BaseException:
@@ -285,7 +286,7 @@ class SnapshotOperations:
                 await progress(40, "making a new overlay on the snapshot")
                 new_top.unlink(missing_ok=True)
                 size = (await self.qemu_img.info(frozen)).virtual_size
-                await self.qemu_img.create_overlay(new_top, frozen, size)
+                await self.qemu_img.create_overlay(new_top, frozen, "qcow2", size)
                 await self.domains.set_root_source(vm, disk.target, str(new_top))
             await self.settle(vm)  # root.qcow2 -> new overlay; the discarded active image is removed
             await self.snapshots.make_current(vm, name)

@@ -10,14 +10,13 @@ from typing import Any
 import msgspec
 from nats.aio.msg import Msg
 
+from edgevm.shared.background import Background
 from edgevm.shared.errors import Conflict, EdgevmError, NotFound
-from edgevm.shared.locks import HeldLease
-from edgevm.shared.objects import Task
-from edgevm.shared.runtime import drain
+from edgevm.shared.records import VmRecordReader
+from edgevm.shared.taskrunner import Progress, TaskRunner
 from edgevm.shared.tasks import TaskStore, failure_text
 from edgevm.snapshotter.leases import TaskLeases
-from edgevm.snapshotter.operations import Progress, SnapshotOperations
-from edgevm.snapshotter.records import VmRecords
+from edgevm.snapshotter.operations import SnapshotOperations
 from edgevm.snapshotter.workqueue import PROGRESS_EVERY, WorkItem, WorkQueue, decode_item
 
 log = logging.getLogger(__name__)
@@ -26,13 +25,6 @@ BUSY_RETRY = 1.0  # seconds before a task whose VM another operation holds is of
 BUSY_RETRY_MAX = 5.0
 ERROR_RETRY_MAX = 30.0  # the longest wait before a work item that could not be handled is offered again
 MAX_FAILURES = 5  # a work item that cannot be handled this often in a row fails its task and is dropped
-FINAL_WRITE_TRIES = 5
-
-
-class LeaseLost(EdgevmError):
-    """The VM's lease expired under a running task (NATS unreachable for longer than its lifetime)."""
-
-    code = "409"
 
 
 def describe(exc: BaseException) -> str:
@@ -57,15 +49,19 @@ class _Delivery:
 class Workers:
     """Runs up to `concurrency` snapshot tasks at a time (of different VMs: the lease allows one per VM)."""
 
-    def __init__(self, queue: WorkQueue, store: TaskStore, leases: TaskLeases, records: VmRecords,
+    def __init__(self, queue: WorkQueue, store: TaskStore, leases: TaskLeases, records: VmRecordReader,
                  operations: SnapshotOperations, concurrency: int = 2, max_failures: int = MAX_FAILURES) -> None:
         self._queue = queue
         self._store = store
+        # Every step is written at once (no throttling): steps are few and slow, and each is where a run
+        # cut by a crash shows it stopped. A cut task keeps its lease and is resumed by the next worker.
+        self._runner = TaskRunner(store, leases.locks, "snapshotter", keep_lease_when_cancelled=True,
+                                  progress_interval=0)
         self._leases = leases
         self._records = records
         self._ops = operations
         self._slots = asyncio.Semaphore(concurrency)
-        self._running: set[asyncio.Task[None]] = set()
+        self._running = Background("snapshot workers")
         self._active: dict[str, _Delivery] = {}  # task id -> its delivery, while it is handled here
         self._failures: dict[str, int] = {}  # task id -> deliveries in a row that could not be handled
         self._max_failures = max_failures
@@ -91,15 +87,13 @@ class Workers:
                 self._slots.release()
                 continue
             for message in messages:
-                job = asyncio.create_task(self._handle_then_free(message))
-                self._running.add(job)
-                job.add_done_callback(self._running.discard)
+                self._running.start(self._handle_then_free(message), "snapshot work item")
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Wait for the running tasks to end (at shutdown); cancel what still runs after `timeout`: their
         messages stay unacknowledged and their leases are left to lapse (libvirt may still be at work), so
         a worker of the next start resumes them."""
-        await drain(self._running, timeout)
+        await self._running.drain(timeout)
 
     async def _handle_then_free(self, message: Msg) -> None:
         try:
@@ -176,79 +170,19 @@ class Workers:
             log.info("task %s waits: %s", item.task_id, busy.message)
             await delivery.message.nak(delay=min(BUSY_RETRY * _deliveries(delivery.message), BUSY_RETRY_MAX))
             return
+        resumed_since = task.started_at if task.status == "running" else None
+
+        async def work(progress: Progress) -> dict[str, Any] | None:
+            return await self._execute(item, progress, resumed_since)
+
         keeper = asyncio.create_task(_keep_in_progress(delivery))
-        interrupted = False
         try:
-            started = await self._start(task, revision)
-            if started is not None:
-                await self._run(item, lease, *started)
-        except asyncio.CancelledError:
-            interrupted = True
-            raise
+            await self._runner.run(task, revision, work, lease)
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
-            if interrupted:
-                await lease.stop()  # libvirt may still be at work: the lease lapses, the next worker resumes
-            else:
-                await lease.release()
         await delivery.message.ack()
-
-    async def _start(self, task: Task, revision: int) -> tuple[Task, int, str | None] | None:
-        """Mark the task running; return it, its revision and (when it ran before) its start time."""
-        try:
-            if task.status == "running":
-                updated, revision = await self._store.update(
-                    task, revision, message="resumed after a restart of the snapshotter")
-                return updated, revision, task.started_at
-            updated, revision = await self._store.update(task, revision, status="running", message="running")
-            return updated, revision, None
-        except Conflict:
-            current, revision = await self._store.get(task.id)  # cancelled meanwhile?
-            if current.finished:
-                return None
-            return await self._start(current, revision)
-
-    async def _run(self, item: WorkItem, lease: HeldLease, task: Task, revision: int,
-                   resumed_since: str | None) -> None:
-        async def progress(percent: int, message: str) -> None:
-            """Record a step (best effort: the work goes on when the task bucket is unreachable)."""
-            nonlocal task, revision
-            if lease.lost:
-                raise LeaseLost(f"the lease on VM {item.vm} expired while the task ran (NATS was unreachable "
-                                "for longer than its lifetime); the task stopped before its next step")
-            try:
-                task, revision = await self._store.update(task, revision, progress=percent, message=message)
-            except Exception as exc:
-                log.warning("task %s: step %r not recorded: %s", task.id, message, exc)
-                with contextlib.suppress(Exception):
-                    task, revision = await self._store.get(task.id)
-
-        try:
-            result = await self._execute(item, progress, resumed_since)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            await self._finish(task, revision, status="failed", message="failed", error=describe(exc))
-        else:
-            await self._finish(task, revision, status="succeeded", message="done", result=result)
-
-    async def _finish(self, task: Task, revision: int, **changes: Any) -> None:
-        """Write the task's end, trying FINAL_WRITE_TRIES times (a lost write would run the task again)."""
-        for attempt in range(FINAL_WRITE_TRIES):
-            try:
-                await self._store.update(task, revision, **changes)
-                return
-            except Exception as exc:
-                if attempt == FINAL_WRITE_TRIES - 1:
-                    raise
-                log.warning("task %s: its end not recorded yet (%s); trying again", task.id, exc)
-                await asyncio.sleep(0.5 * 2 ** attempt)
-                with contextlib.suppress(Exception):
-                    task, revision = await self._store.get(task.id)
-                    if task.finished:  # the write landed, only its answer was lost
-                        return
 
     async def _execute(self, item: WorkItem, progress: Progress,
                        resumed_since: str | None) -> dict[str, Any] | None:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import libvirt
 
-from .connection import HypervisorConnection
-from .plan import DomainType
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.plan import DomainType
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_API_VERSION = 12  # the only version there has ever been

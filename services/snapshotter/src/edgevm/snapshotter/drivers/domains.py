@@ -1,25 +1,17 @@
-"""edgevm's libvirt domains as the snapshotter sees them: power state, root disk, block jobs."""
+"""edgevm's domains as the snapshotter sees them: the VM's root disk in the definition and the live chain,
+over the shared libvirt capabilities (power, definitions, block jobs)."""
 
-import asyncio
 import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
-import libvirt
-
-from .connection import Hypervisor
-from .errors import HypervisorTimeout, OperationInvalid, Unsupported
-
-DOMAIN_PREFIX = "edgevm-"
-POLL = 0.1
-RUNNING_STATES = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED, libvirt.VIR_DOMAIN_PAUSED,
-                  libvirt.VIR_DOMAIN_PMSUSPENDED)
-
-
-def domain_name(vm: str) -> str:
-    """The libvirt domain name of a VM (the lifecycle's naming)."""
-    return DOMAIN_PREFIX + vm
+from edgevm.shared.layout import ROOT_DISK, SNAPSHOTS
+from edgevm.shared.libvirt.blockjobs import BlockJobs
+from edgevm.shared.libvirt.connection import HypervisorConnection
+from edgevm.shared.libvirt.definitions import Definitions
+from edgevm.shared.libvirt.errors import OperationInvalid
+from edgevm.shared.libvirt.power import Power
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +29,7 @@ def find_root_disk(domain_xml: str, vm_dir: Path) -> RootDisk | None:
     symbolic link (the lifecycle's EDGEVM_STATE_DIR as given) or by its real path (written here).
     """
     home = os.path.realpath(vm_dir)
-    layers = os.path.join(home, "snapshots")
+    layers = os.path.join(home, SNAPSHOTS)
     for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
         source, target = disk.find("source"), disk.find("target")
         if disk.get("device", "disk") != "disk" or source is None or target is None:
@@ -47,7 +39,7 @@ def find_root_disk(domain_xml: str, vm_dir: Path) -> RootDisk | None:
             continue
         folder, base = os.path.split(path)
         where = os.path.realpath(folder)
-        if (where == home and base == "root.qcow2") or where == layers:
+        if (where == home and base == ROOT_DISK) or where == layers:
             return RootDisk(target.get("dev") or "", path)
     return None
 
@@ -96,27 +88,24 @@ def chain_index(live_xml: str, target: str, depth: int) -> str | None:
 
 
 class Domains:
-    """The domains of edgevm's VMs, addressed by VM name."""
+    """The domains of edgevm's VMs as snapshots need them, addressed by VM name."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
-        self._hv = hypervisor
+    def __init__(self, hypervisor: HypervisorConnection) -> None:
+        self.power = Power(hypervisor)
+        self.definitions = Definitions(hypervisor)
+        self.blocks = BlockJobs(hypervisor)
 
     async def is_running(self, vm: str) -> bool:
         """Whether the domain runs (paused counts as running: it has a live QEMU)."""
-
-        def state(conn: libvirt.virConnect) -> bool:
-            return conn.lookupByName(domain_name(vm)).state()[0] in RUNNING_STATES
-
-        return await self._hv.call(state)
+        return await self.power.is_running(vm)
 
     async def xml(self, vm: str, *, inactive: bool = False) -> str:
         """The live XML, or with inactive=True the persistent definition."""
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE if inactive else 0
-        return await self._hv.call(lambda conn: str(conn.lookupByName(domain_name(vm)).XMLDesc(flags)))
+        return await self.definitions.xml(vm, inactive=inactive)
 
     async def define(self, xml: str) -> None:
         """Redefine a domain (same name and UUID) from its XML."""
-        await self._hv.call(lambda conn: conn.defineXML(xml))
+        await self.definitions.define_xml(xml)
 
     async def root_disk(self, vm: str, vm_dir: Path) -> RootDisk | None:
         """The VM's own boot disk in its persistent definition, or None (e.g. it boots from an ISO)."""
@@ -134,46 +123,15 @@ class Domains:
 
     async def destroy(self, vm: str, timeout: float = 30) -> None:
         """Power the domain off at once and wait until it is off."""
-        try:
-            await self._hv.call(lambda conn: conn.lookupByName(domain_name(vm)).destroy())
-        except OperationInvalid:
-            pass  # it is off already
-        await self._wait(vm, running=False, timeout=timeout)
+        await self.power.power_off(vm, timeout)
 
     async def start(self, vm: str, timeout: float = 60) -> None:
         """Start the domain and wait until it runs."""
-        await self._hv.call(lambda conn: conn.lookupByName(domain_name(vm)).create(), timeout=timeout)
-        await self._wait(vm, running=True, timeout=timeout)
-
-    async def _wait(self, vm: str, *, running: bool, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    if await self.is_running(vm) == running:
-                        return
-                    await asyncio.sleep(POLL)
-        except TimeoutError:
-            state = "start" if running else "stop"
-            raise HypervisorTimeout(f"VM {vm} did not {state} within {timeout:g} s") from None
+        await self.power.power_on(vm, timeout)
 
     async def wait_idle(self, vm: str, timeout: float = 600) -> None:
         """Wait until no job runs on the domain (a snapshot libvirtd still takes for a dead caller)."""
-
-        def job(conn: libvirt.virConnect) -> int:
-            return int(conn.lookupByName(domain_name(vm)).jobInfo()[0])
-
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    if await self._hv.call(job) == libvirt.VIR_DOMAIN_JOB_NONE:
-                        return
-                    await asyncio.sleep(POLL)
-        except Unsupported:
-            return  # the driver keeps no jobs (libvirt's test driver)
-        except OperationInvalid:
-            return  # the domain is not running: no job can run on it
-        except TimeoutError:
-            raise HypervisorTimeout(f"a job on VM {vm} did not end within {timeout:g} s") from None
+        await self.blocks.wait_idle(vm, timeout)
 
     async def live_index(self, vm: str, target: str, depth: int) -> str | None:
         """libvirt's name of the image `depth` levels below the top of the live chain of disk `target`."""
@@ -181,20 +139,8 @@ class Domains:
 
     async def block_pull(self, vm: str, target: str, base: str | None, timeout: float = 600) -> None:
         """Pull the data above `base` into the active image of `target` (online) and wait for the job."""
-        await self._hv.call(lambda conn: conn.lookupByName(domain_name(vm)).blockRebase(target, base, 0, 0))
-        await self.wait_block_job(vm, target, timeout)
+        await self.blocks.pull(vm, target, base, timeout)
 
     async def wait_block_job(self, vm: str, target: str, timeout: float = 600) -> None:
         """Wait until disk `target` has no block job."""
-
-        def job(conn: libvirt.virConnect) -> bool:
-            return bool(conn.lookupByName(domain_name(vm)).blockJobInfo(target, 0))
-
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    if not await self._hv.call(job):
-                        return
-                    await asyncio.sleep(POLL)
-        except TimeoutError:
-            raise HypervisorTimeout(f"the block job on {target} of VM {vm} did not end within {timeout:g} s") from None
+        await self.blocks.wait_job(vm, target, timeout)

@@ -1,4 +1,9 @@
-"""One libvirt connection: blocking calls in worker threads, each with a deadline, reopened when lost."""
+"""One libvirt connection: blocking calls in worker threads, each with a deadline, reopened when lost.
+
+With `events=True` the connection dispatches libvirt's events on the running asyncio loop (libvirtaio),
+which domain event subscribers need. libvirt takes one event implementation per process, so a service that
+needs no events (the snapshotter polls the few states it waits for) leaves it to one that does.
+"""
 
 import asyncio
 import functools
@@ -9,9 +14,8 @@ from typing import Any, Self, TypeVar
 
 import libvirt
 
-from .errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable
-from .event_loop import register_event_loop
-from .libvirt_errors import translate
+from .errors import HypervisorError, HypervisorTimeout, HypervisorUnavailable, translate
+from .event_loop import quiet_errors, register_event_loop
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +26,10 @@ OpenHook = Callable[[libvirt.virConnect], None]
 class HypervisorConnection:
     """A libvirt connection whose calls never block the event loop and never outlive their deadline."""
 
-    def __init__(self, uri: str, *, timeout: float = 30.0, workers: int = 4, reconnect_delay: float = 0.5) -> None:
+    def __init__(self, uri: str, *, events: bool = False, timeout: float = 30.0, workers: int = 4,
+                 reconnect_delay: float = 0.5) -> None:
         self.uri = uri
+        self._events = events
         self.timeout = timeout
         self._reconnect_delay = reconnect_delay
         # libvirt connections are thread-safe: with a small pool a slow call (starting a domain) does not
@@ -45,7 +51,10 @@ class HypervisorConnection:
 
     async def open(self) -> None:
         """Connect now; raises HypervisorUnavailable when the hypervisor cannot be reached."""
-        register_event_loop()
+        if self._events:
+            register_event_loop()
+        else:
+            quiet_errors()
         self._loop = asyncio.get_running_loop()
         await self._connected()
 

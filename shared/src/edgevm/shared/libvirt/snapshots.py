@@ -1,4 +1,4 @@
-"""libvirt snapshot metadata and operations of edgevm's domains, as plain values."""
+"""The snapshots capability: libvirt snapshot metadata and operations of edgevm's domains, as plain values."""
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -6,9 +6,9 @@ from datetime import UTC, datetime
 
 import libvirt
 
-from .connection import Hypervisor
-from .domains import domain_name
+from .connection import HypervisorConnection
 from .errors import SnapshotNotFound
+from .naming import domain_name
 
 # Snapshots with memory are written and read by QEMU at TCG speed: allow them minutes, not seconds.
 SNAPSHOT_TIMEOUT = 600.0
@@ -87,7 +87,7 @@ def _snapshot(conn: libvirt.virConnect, vm: str, name: str) -> libvirt.virDomain
 class Snapshots:
     """The snapshots of edgevm's domains, addressed by VM and snapshot name."""
 
-    def __init__(self, hypervisor: Hypervisor) -> None:
+    def __init__(self, hypervisor: HypervisorConnection) -> None:
         self._hv = hypervisor
 
     async def list(self, vm: str) -> list[SnapshotInfo]:

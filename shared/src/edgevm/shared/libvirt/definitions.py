@@ -1,4 +1,4 @@
-"""edgevm's libvirt domains on one connection: define, start, stop, undefine and inspect them by VM name."""
+"""The definitions capability: define, undefine, read and list edgevm's domains by VM name."""
 
 import logging
 import xml.etree.ElementTree as ET
@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import libvirt
 
 from .connection import HypervisorConnection
+from .domain_xml import build_domain_xml
 from .errors import DomainExists
 from .metadata import NAMESPACE, DomainMetadata, parse_metadata
 from .naming import domain_name, vm_name
+from .plan import DomainPlan
 from .states import DomainState, state_from_libvirt
 
 log = logging.getLogger(__name__)
@@ -37,14 +39,19 @@ class DomainInfo:
     metadata: DomainMetadata | None
 
 
-class Domains:
-    """The domains of edgevm's VMs, addressed by VM name; other domains on the host are never touched."""
+class Definitions:
+    """The definitions of edgevm's domains; other domains on the host are never touched."""
 
     def __init__(self, connection: HypervisorConnection) -> None:
         self._connection = connection
 
-    async def define(self, xml: str) -> str:
-        """Define (or redefine, same name and UUID) a domain from its XML; returns its UUID."""
+    async def define(self, plan: DomainPlan) -> str:
+        """Define (or redefine, same name and UUID) the domain of `plan`; returns its UUID."""
+        return await self.define_xml(build_domain_xml(plan))
+
+    async def define_xml(self, xml: str) -> str:
+        """Define (or redefine) a domain from its XML: one read from libvirt and edited (the snapshotter
+        points a disk at another image), or built from a plan; returns its UUID."""
         root = ET.fromstring(xml)
         name, uuid = root.findtext("name") or "", root.findtext("uuid")
         if vm_name(name) is None:
@@ -75,40 +82,10 @@ class Domains:
 
         await self._connection.call(undefine)
 
-    async def start(self, vm: str) -> None:
-        """Start a defined domain."""
-        await self._connection.call(lambda conn: conn.lookupByName(domain_name(vm)).create())
-
-    async def shutdown(self, vm: str) -> None:
-        """Ask the guest to power off, as the power button does; returns before the guest is off."""
-        # Flags 0 lets the driver choose: QEMU presses the ACPI power button when the domain has no guest
-        # agent channel (ours have none), and the test driver accepts no other flags.
-        await self._connection.call(lambda conn: conn.lookupByName(domain_name(vm)).shutdownFlags(0))
-
-    async def destroy(self, vm: str) -> None:
-        """Power a domain off at once, like pulling the plug."""
-        await self._connection.call(lambda conn: conn.lookupByName(domain_name(vm)).destroy())
-
-    async def block_resize(self, vm: str, path: str, size_bytes: int) -> None:
-        """Grow the disk `path` of a running domain to `size_bytes` (the guest sees the new size at once)."""
-        await self._connection.call(
-            lambda conn: conn.lookupByName(domain_name(vm)).blockResize(
-                path, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
-            )
-        )
-
-    async def state(self, vm: str) -> DomainState:
-        """The current state of a domain."""
-
-        def state(conn: libvirt.virConnect) -> DomainState:
-            code, reason = conn.lookupByName(domain_name(vm)).state()
-            return state_from_libvirt(code, reason)
-
-        return await self._connection.call(state)
-
     async def xml(self, vm: str, *, inactive: bool = False) -> str:
-        """A domain's XML: the live one, or with inactive=True the definition used at next start."""
-        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        """A domain's XML: the live one, or with inactive=True the definition used at next start (with its
+        secrets, so that it can be defined again as it is)."""
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE if inactive else 0
         return await self._connection.call(lambda conn: str(conn.lookupByName(domain_name(vm)).XMLDesc(flags)))
 
     async def list(self) -> list[DomainInfo]:

@@ -3,8 +3,9 @@
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 
-from .metadata import DomainMetadata, metadata_element
-from .naming import domain_name
+from edgevm.shared.libvirt.metadata import DomainMetadata, metadata_element
+from edgevm.shared.libvirt.naming import domain_name
+
 from .plan import DiskBus, DiskPlan, DomainPlan, NicPlan
 
 TARGET_PREFIX: dict[DiskBus, str] = {"virtio": "vd", "sata": "sd", "ide": "hd"}

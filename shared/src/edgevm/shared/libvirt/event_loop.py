@@ -67,10 +67,14 @@ def register_event_loop() -> None:
     global _registered
     loop = asyncio.get_running_loop()
     if _registered is None:
-        # Without a handler libvirt also prints every error to stderr; ours are raised as exceptions.
-        libvirt.registerErrorHandler(lambda _context, _error: None, None)
+        quiet_errors()
         _registered = _ThreadSafeAsyncIOImpl(loop=loop).register()
     elif _registered.loop is not loop:
         raise RuntimeError(
             "libvirt's events are bound to another asyncio loop: libvirt takes one event loop per process"
         )
+
+
+def quiet_errors() -> None:
+    """Stop libvirt from printing every error to stderr: ours are raised as exceptions."""
+    libvirt.registerErrorHandler(lambda _context, _error: None, None)
