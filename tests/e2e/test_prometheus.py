@@ -159,9 +159,13 @@ async def test_the_dashboards_use_only_metrics_the_services_register() -> None:
     from edgevm.lifecycle.vmmetrics import VmMetrics
     from edgevm.snapshotter.metrics import SnapshotCollector
 
-    collectors = [REGISTRY, FleetCollector(FleetModel()), ActiveFlowsCollector(dict, asyncio.get_running_loop()),
+    loop = asyncio.get_running_loop()
+    collectors = [REGISTRY, FleetCollector(FleetModel(), loop), ActiveFlowsCollector(dict, loop),
                   SnapshotCollector(dict, "n")]
-    registered = {name for collector in collectors for family in collector.collect() for name in exposed_names(family)}
+    # Collected on a thread of their own, as the scrape thread does: scrape-time reads wait for the loop.
+    registered = await asyncio.to_thread(
+        lambda: {name for collector in collectors for family in collector.collect() for name in exposed_names(family)}
+    )
     # ...and the text sources served after the registry (see edgevm.shared.metrics.Exposition).
     text = VmMetrics(list, "n", 1, 1).exposition()
     registered |= {name for family in text_string_to_metric_families(text) for name in exposed_names(family)}
