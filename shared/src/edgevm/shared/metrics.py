@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ipaddress
+import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Generic, TypeVar
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, ThreadingWSGIServer
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from edgevm.shared import textformat
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT = 5.0
 
 COMMANDS = Counter(
@@ -83,38 +88,83 @@ class Exposition:
 
     def render(self) -> bytes:
         """The whole exposition, as a scrape gets it."""
-        return generate_latest(self.registry) + "".join(source() for source in list(self._sources)).encode()
+        return (textformat.render(self.registry) + "".join(source() for source in list(self._sources))).encode()
 
 
 EXPOSITION = Exposition()
 
 
-class _QuietHandler(WSGIRequestHandler):
+IDLE_TIMEOUT = 600.0  # seconds a kept-alive scrape connection may stay idle (Prometheus keeps its own 5 minutes)
+
+
+def _loopback(address: str) -> bool:
+    """Whether the scraper is on this host: then the body is sent as it is.
+
+    Measured on 1,000 running VMs' 1.4 MB: gzip level 1 takes 2.4 ms (to 63 KB; level 6: 6.4 ms, to 59 KB),
+    longer than loopback takes to carry it; across a node's uplink the 20-fold smaller body is worth it.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+class _ScrapeHandler(BaseHTTPRequestHandler):
+    """Answers every GET (HEAD) with the exposition, over HTTP/1.1 connections kept alive between scrapes.
+
+    Prometheus keeps its connection to a target open from one scrape to the next: a scrape then costs
+    neither a TCP connection nor a new thread here (a server that closed each one, as wsgiref's HTTP/1.0
+    does, made Prometheus reconnect every time).
+    """
+
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT
+    disable_nagle_algorithm = True  # the body's last segment would wait for the ACK of the headers' segment
+    exposition: Exposition
+
+    def do_GET(self) -> None:
+        self._answer(body_too=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body_too=False)
+
+    def _answer(self, *, body_too: bool) -> None:
+        try:
+            body = self.exposition.render()
+        except Exception:
+            log.exception("metrics not rendered for a scrape")
+            self.send_error(500, "The metrics could not be rendered; the service log says why.")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)
+        if "gzip" in self.headers.get("Accept-Encoding", "") and not _loopback(self.client_address[0]):
+            body = gzip.compress(body, compresslevel=1)
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if body_too:
+            self.wfile.write(body)
+
     def log_message(self, format: str, *args: Any) -> None:
         """Log nothing: Prometheus scrapes every few seconds."""
 
 
 def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> int:
     """Start the metrics HTTP server in a daemon thread; return the port it listens on (port 0: any)."""
-    exposition = EXPOSITION if registry is REGISTRY else Exposition(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        body = exposition.render()
-        headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
-        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-            body = gzip.compress(body, compresslevel=1)  # the fastest level: scrapes are local or few
-            headers.append(("Content-Encoding", "gzip"))
-        start_response("200 OK", headers)
-        return [body]
-
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
-    class Server(ThreadingWSGIServer):
-        """A thread per scrape, on the listening address's family (IPv4 or IPv6)."""
+    class Server(ThreadingHTTPServer):
+        """A thread per connection, on the listening address's family (IPv4 or IPv6)."""
 
         address_family = family
 
-    server = make_server(str(address[0]), port, app, Server, handler_class=_QuietHandler)
+    class Handler(_ScrapeHandler):
+        exposition = EXPOSITION if registry is REGISTRY else Exposition(registry)
+
+    server = Server((str(address[0]), port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_address[1])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -11,6 +12,7 @@ import libvirt
 from edgevm.shared.libvirt.naming import vm_name
 from edgevm.shared.libvirt.states import DomainState, state_from_libvirt
 from edgevm.shared.metrics import CachedRead
+from edgevm.shared.textformat import label_value
 
 __all__ = ["FAMILIES", "STATS_GROUPS", "VmMetrics", "read_bulk_stats"]
 
@@ -96,13 +98,6 @@ def read_bulk_stats(conn: libvirt.virConnect) -> list[tuple[str, dict[str, Any]]
     return found
 
 
-def _escaped(value: str) -> str:
-    """A label value as the text format writes it."""
-    if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return value
-
-
 class VmMetrics:
     """Each VM's state, CPU, memory, disks and NICs, and the node's capacity, rendered at scrape time.
 
@@ -115,7 +110,7 @@ class VmMetrics:
     def __init__(self, read: Callable[[], DomainStats], node: str, host_cpus: int, host_memory: int,
                  max_age: float = 1.0) -> None:
         self._read = CachedRead(read, max_age)
-        self._node = f'node="{_escaped(node)}"'
+        self._node = f'node="{label_value(node)}"'
         self._host_cpus = host_cpus
         self._host_memory = host_memory
 
@@ -127,54 +122,55 @@ class VmMetrics:
         except Exception as exc:  # the scrape goes on with what is known without libvirt
             log.warning("VM stats not read for the scrape: %s", str(exc) or type(exc).__name__)
             stats, took, ok = [], 0.0, False
-        series: dict[str, list[str]] = {name: [] for name in FAMILIES}
+        lines: dict[str, list[str]] = {name: [] for name in FAMILIES}
         node = f"{{{self._node}}}"
-        series["edgevm_vm_stats_up"].append(f"{node} {1 if ok else 0}")
-        series["edgevm_vm_stats_read_seconds"].append(f"{node} {took!r}")
+        lines["edgevm_vm_stats_up"].append(f"edgevm_vm_stats_up{node} {1 if ok else 0}\n")
+        lines["edgevm_vm_stats_read_seconds"].append(f"edgevm_vm_stats_read_seconds{node} {took!r}\n")
         by_state = dict.fromkeys(DomainState, 0)
         vcpus = memory = 0
-        states = series["edgevm_vm_state"]
+        states = lines["edgevm_vm_state"]
         for vm, values in stats:
-            state = state_from_libvirt(values.get("state.state", -1), values.get("state.reason", 0))
+            state = _state(values.get("state.state", -1), values.get("state.reason", 0))
             by_state[state] += 1
-            labels = f'{self._node},vm="{_escaped(vm)}"'
-            states.append(f'{{{labels},state="{state.value}"}} 1')
+            labels = f'{self._node},vm="{label_value(vm)}"'
+            states.append(f'edgevm_vm_state{{{labels},state="{state}"}} 1\n')
             if len(values) <= 2:
                 continue  # its state only: shut off, or a driver that reports nothing else
-            self._add_details(series, labels, values)
+            self._add_details(lines, labels, values)
             if state in _ACTIVE:
                 vcpus += values.get("vcpu.current", 0)
                 memory += values.get("balloon.maximum", 0) * 1024
-        series["edgevm_node_cpus"].append(f"{node} {self._host_cpus}")
-        series["edgevm_node_memory_bytes"].append(f"{node} {self._host_memory}")
-        series["edgevm_node_allocated_vcpus"].append(f"{node} {vcpus}")
-        series["edgevm_node_allocated_memory_bytes"].append(f"{node} {memory}")
-        series["edgevm_node_vms"] += [f'{{{self._node},state="{state.value}"}} {count}'
-                                      for state, count in by_state.items()]
-        return _rendered(series)
+        for name, value in [("edgevm_node_cpus", self._host_cpus), ("edgevm_node_memory_bytes", self._host_memory),
+                            ("edgevm_node_allocated_vcpus", vcpus), ("edgevm_node_allocated_memory_bytes", memory)]:
+            lines[name].append(f"{name}{node} {value}\n")
+        lines["edgevm_node_vms"] += [f'edgevm_node_vms{{{self._node},state="{state}"}} {count}\n'
+                                     for state, count in by_state.items()]
+        return "".join([_HEADERS[name] + "".join(family) for name, family in lines.items()])
 
     @staticmethod
-    def _add_details(series: dict[str, list[str]], labels: str, values: Mapping[str, Any]) -> None:
+    def _add_details(lines: dict[str, list[str]], labels: str, values: Mapping[str, Any]) -> None:
         for name, (key, factor) in _VM_KEYS.items():
             if key in values:
-                series[name].append(f"{{{labels}}} {values[key] * factor!r}")
+                lines[name].append(f"{_SAMPLES[name]}{{{labels}}} {values[key] * factor!r}\n")
         if "balloon.available" in values and "balloon.unused" in values:
             used = (values["balloon.available"] - values["balloon.unused"]) * 1024
-            series["edgevm_vm_memory_guest_used_bytes"].append(f"{{{labels}}} {used}")
+            lines["edgevm_vm_memory_guest_used_bytes"].append(f"edgevm_vm_memory_guest_used_bytes{{{labels}}} {used}\n")
         for group, label, keys in _DEVICES:
             for i in range(values.get(f"{group}.count", 0)):
                 prefix = f"{group}.{i}."
-                device = f'{{{labels},{label}="{_escaped(str(values.get(prefix + "name", i)))}"}}'
+                device = f'{{{labels},{label}="{label_value(str(values.get(prefix + "name", i)))}"}} '
                 for name, key in keys.items():
                     if prefix + key in values:
-                        series[name].append(f"{device} {values[prefix + key]}")
+                        lines[name].append(f"{_SAMPLES[name]}{device}{values[prefix + key]}\n")
 
 
-def _rendered(series: dict[str, list[str]]) -> str:
-    """The families' HELP, TYPE and sample lines; a counter `x` is sampled as `x_total`."""
-    parts = []
-    for name, (kind, text) in FAMILIES.items():
-        sample = name + "_total" if kind == "counter" else name
-        parts.append(f"# HELP {sample} {text}\n# TYPE {sample} {kind}\n")
-        parts.extend(f"{sample}{line}\n" for line in series[name])
-    return "".join(parts)
+# A counter `x` is sampled as `x_total`.
+_SAMPLES = {name: name + "_total" if kind == "counter" else name for name, (kind, _) in FAMILIES.items()}
+_HEADERS = {name: f"# HELP {_SAMPLES[name]} {text}\n# TYPE {_SAMPLES[name]} {kind}\n"
+            for name, (kind, text) in FAMILIES.items()}
+
+
+@functools.lru_cache(maxsize=256)
+def _state(state: int, reason: int) -> DomainState:
+    """state_from_libvirt, looked up once per pair: it is asked for every VM of every scrape."""
+    return state_from_libvirt(state, reason)
