@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edgevm.lifecycle.vmmetrics import FAMILIES, VmMetrics, read_bulk_stats
 from edgevm.shared.commands import TaskReply
-from edgevm.shared.metrics import EXPOSITION
+from edgevm.shared.metrics import EXPOSITION, serve_metrics
 from tests.lifecycle.conftest import Node, private_test_uri
 from tests.lifecycle.test_lifecycle_breadth import import_image, wait_task
 
@@ -124,6 +126,39 @@ async def test_the_lifecycle_service_serves_its_vms(node: Node) -> None:
     assert states == {("web", "running")}
     await node.shutdown()
     assert b"edgevm_vm_state" not in await asyncio.to_thread(EXPOSITION.render), "no longer served once stopped"
+
+
+def prometheus_scrapes(port: int, times: int) -> list[http.client.HTTPResponse]:
+    """GET /metrics `times` on one connection, with Prometheus 2.42's headers; the responses, read."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"User-Agent": "Prometheus/2.42.0", "Accept-Encoding": "gzip",
+               "Accept": "application/openmetrics-text;version=1.0.0;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"}
+    responses = []
+    for _ in range(times):
+        connection.request("GET", "/metrics", headers=headers)
+        response = connection.getresponse()
+        response.body = response.read()  # type: ignore[attr-defined]
+        responses.append(response)
+    assert connection.sock is not None, "the server closed the connection Prometheus keeps open"
+    connection.close()
+    return responses
+
+
+async def test_a_scrape_of_the_service_is_valid_for_promtool_and_kept_alive(node: Node) -> None:
+    await import_image(node)
+    await node.client.call("vm.create", {"name": "web", "image": "base", "memory": "256MB", "cpu": 1})
+    port = serve_metrics("127.0.0.1", 0)  # a second server of the process's exposition, on a port of its own
+    first, second = await asyncio.to_thread(prometheus_scrapes, port, 2)
+    for response in (first, second):
+        assert response.status == 200
+        assert response.getheader("Content-Encoding") is None, "no gzip for a scraper on this host"
+        assert response.getheader("Content-Type") == "text/plain; version=0.0.4; charset=utf-8"
+    text = second.body.decode()  # type: ignore[attr-defined]
+    assert f'edgevm_vm_state{{node="{node.config.node}",vm="web",state="shutoff"}} 1' in text
+    assert "edgevm_command_duration_seconds_bucket{" in text, "the registry is served before the VMs"
+    checked = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == "", "promtool has remarks on the exposition"
 
 
 def _exposed(metrics: VmMetrics) -> set[str]:
