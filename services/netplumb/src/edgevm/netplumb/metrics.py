@@ -15,3 +15,9 @@ RECONCILE_CHANGES = Counter(
 RECONCILE_FAILURES = Counter(
     "edgevm_netplumb_reconcile_failures", "Things reconciles could not set right, and reconciles that failed whole."
 )
+CONVERGE_NAMESPACES = Histogram(
+    "edgevm_netplumb_converge_namespaces",
+    "Namespaces one converge read or changed (kind: change, a command's; reconcile, one part of a reconcile).",
+    ["kind"],
+    buckets=(1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)

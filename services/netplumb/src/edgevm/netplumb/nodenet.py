@@ -9,9 +9,10 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from edgevm.netplumb.converge import Outcome, Plumber
+from edgevm.netplumb.converge import EVERYTHING, Outcome, Plumber, Scope
 from edgevm.netplumb.desired import Desired, desired
 from edgevm.netplumb.errors import KernelError
+from edgevm.netplumb.metrics import CONVERGE_NAMESPACES
 from edgevm.netplumb.records import NetRecords
 from edgevm.netplumb.settings import Settings
 from edgevm.shared.background import Background
@@ -87,17 +88,18 @@ class NodeNetwork:
             self.settings.vxlan_local,
         )
 
-    async def converge(self, verify: bool = False) -> Outcome:
-        """Brings the kernel to the records (call it inside `exclusive`)."""
-        outcome = await self.kernel(self.plumber.converge, self.desired(), verify)
+    async def converge(self, verify: bool = False, scope: Scope = EVERYTHING) -> Outcome:
+        """Brings the kernel to the records within `scope` (call it inside `exclusive`)."""
+        outcome = await self.kernel(self.plumber.converge, self.desired(), verify, scope)
+        CONVERGE_NAMESPACES.labels("reconcile" if verify else "change").observe(len(outcome.namespaces))
         self.last_outcome = outcome
         for change in outcome.changes:
             log.info("applied: %s", change)
         return outcome
 
-    async def converge_or_raise(self, concerns: Callable[[NetFailure], bool]) -> Outcome:
+    async def converge_or_raise(self, concerns: Callable[[NetFailure], bool], scope: Scope = EVERYTHING) -> Outcome:
         """Converges; raises KernelError naming the failed steps that `concerns` the caller."""
-        outcome = await self.converge()
+        outcome = await self.converge(scope=scope)
         failures = [failure for failure in outcome.failures if concerns(failure)]
         if failures:
             raise KernelError("; ".join(map(str, failures)))

@@ -6,7 +6,7 @@ The node never routes a VRF subnet, so VRFs may use the same subnet. For the def
 own namespace) the node DNATs straight to the VM.
 """
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from ipaddress import IPv4Address
 
 from edgevm.netplumb import names
@@ -182,9 +182,17 @@ def vrf_table(vrf: VrfPlan, port_mappings: Iterable[PortMappingRule], virtual_ip
 
 
 def tables(
-    vrfs: Sequence[VrfPlan], port_mappings: Iterable[PortMappingRule], virtual_ips: Iterable[VirtualIpRule]
+    vrfs: Sequence[VrfPlan],
+    port_mappings: Iterable[PortMappingRule],
+    virtual_ips: Iterable[VirtualIpRule],
+    only: Collection[str] | None = None,
+    node: bool = True,
 ) -> NetnsTables:
-    """Every namespace's table, keyed by VRF namespace name (None: the node namespace)."""
+    """Every namespace's table, keyed by VRF namespace name (None: the node namespace).
+
+    `only` names the VRFs whose tables are wanted (None: all), `node` whether the node's is; every rule is
+    checked all the same, so a conflict anywhere is found whichever tables are built.
+    """
     mappings = list(port_mappings)
     vips = list(virtual_ips)
     check_port_mappings(mappings)
@@ -192,8 +200,8 @@ def tables(
     for vrf_name in {rule.vrf for rule in mappings} | {vip.vrf for vip in vips}:
         if vrf_name not in known:
             raise ConflictError(f"VRF {vrf_name!r} is not planned on this node")
-    result: NetnsTables = {None: node_table(vrfs, mappings, vips)}
+    result: NetnsTables = {None: node_table(vrfs, mappings, vips)} if node else {}
     for vrf in vrfs:
-        if not vrf.is_default:
+        if not vrf.is_default and (only is None or vrf.name in only):
             result[vrf.netns] = vrf_table(vrf, mappings, vips)
     return result

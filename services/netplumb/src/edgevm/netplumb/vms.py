@@ -15,7 +15,7 @@ import msgspec
 
 from edgevm.netplumb import ipam, names
 from edgevm.netplumb.checks import PRIMARY_NIC, check_prepare, interfaces_named
-from edgevm.netplumb.converge import Outcome
+from edgevm.netplumb.converge import Outcome, vrf_scope
 from edgevm.netplumb.errors import KernelError
 from edgevm.netplumb.netconfig import network_config, node_nameservers
 from edgevm.netplumb.nodenet import NodeNetwork
@@ -117,14 +117,15 @@ class VmNetCommands:
         else:
             await net.records.vms.put(req.vm, record)
         # The VRF's bridge must exist before libvirt plugs the tap in; a running VM gets its new rules.
-        failures = failures_of(await net.converge(), record)
+        scope = vrf_scope(record.vrf, before.vrf if before is not None else None)  # a VM may move to another VRF
+        failures = failures_of(await net.converge(scope=scope), record)
         if failures:
             if not unchanged:  # a failed prepare leaves things as they were
                 if before is None:
                     await net.records.vms.delete(req.vm)
                 else:
                     await net.records.vms.put(req.vm, before)
-                await net.converge()
+                await net.converge(scope=scope)
             if record.active:
                 await self._report_failure(req.vm, failures, active=True)
             raise KernelError("; ".join(map(str, failures)))
@@ -205,7 +206,7 @@ class VmNetCommands:
         if record.active != active:
             record = msgspec.structs.replace(record, active=active, updated_at=now())
             await net.records.vms.put(vm, record)
-        failures = failures_of(await net.converge(), record)
+        failures = failures_of(await net.converge(scope=vrf_scope(record.vrf)), record)
         if failures:
             await self._report_failure(vm, failures, active=active)
             raise KernelError("; ".join(map(str, failures)))
@@ -239,7 +240,7 @@ class VmNetCommands:
             await self._set_active(vm, False)
         await net.records.vms.delete(vm)
         self._failed.discard(vm)
-        outcome = await net.converge()
+        outcome = await net.converge(scope=vrf_scope(record.vrf))
         if outcome.failures:
             await net.published(vm, failed_detail(outcome.failures, released=True), failed=True)
         return Empty()

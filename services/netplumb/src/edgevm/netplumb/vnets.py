@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Network
 
+from edgevm.netplumb.converge import vrf_scope
 from edgevm.netplumb.desired import vnet_plan
 from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.netplumb.vrfs import check_usable
@@ -50,11 +51,12 @@ class VnetCommands:
         record = VnetRecord(name=cmd.name, cidr=cmd.cidr, vni=cmd.vni, peers=peers, created_at=now(), local=str(local))
         await records.put(cmd.name, record)
         try:
-            await self._net.converge_or_raise(lambda f: f.step == "vnet" and f.network == cmd.name)
+            # A new network has no VM yet: the node's own parts only.
+            await self._net.converge_or_raise(lambda f: f.step == "vnet" and f.network == cmd.name, vrf_scope())
         except Exception:
             await self._net.kernel(self._net.plumber.remove_vnet, vnet_plan(record, self._net.settings.vxlan_local))
             await records.delete(cmd.name)
-            await self._net.converge()
+            await self._net.converge(scope=vrf_scope())
             raise
         return public(record)
 
@@ -77,5 +79,5 @@ class VnetCommands:
             raise Conflict(f"virtual network {cmd.name} is used by VM(s) {', '.join(users)}", "name")
         await self._net.kernel(self._net.plumber.remove_vnet, vnet_plan(record, self._net.settings.vxlan_local))
         await self._net.records.vnets.delete(cmd.name)
-        await self._net.converge()
+        await self._net.converge(scope=vrf_scope())  # no VM is attached to it: nothing in any VRF changes
         return Empty()

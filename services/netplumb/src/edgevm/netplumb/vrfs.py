@@ -6,6 +6,7 @@ import logging
 from ipaddress import IPv4Network
 
 from edgevm.netplumb import ipam, names
+from edgevm.netplumb.converge import vrf_scope
 from edgevm.netplumb.desired import vrf_plan
 from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.shared.clock import now
@@ -77,12 +78,15 @@ class VrfCommands:
             created_at=now(),
         )
         await records.put(cmd.name, record)
+        scope = vrf_scope(cmd.name)  # the new VRF and the node's table: no other VRF changes
         try:
-            await self._net.converge_or_raise(lambda f: f.step == "tables" or (f.step == "vrf" and f.vrf == cmd.name))
+            await self._net.converge_or_raise(
+                lambda f: f.step == "tables" or (f.step == "vrf" and f.vrf == cmd.name), scope
+            )
         except Exception:
             await self._net.kernel(self._net.plumber.remove_vrf, vrf_plan(record, self._net.settings.netns_prefix))
             await records.delete(cmd.name)
-            await self._net.converge()
+            await self._net.converge(scope=scope)
             raise
         return public(record)
 
@@ -105,5 +109,5 @@ class VrfCommands:
             raise Conflict(f"VRF {cmd.name} is used by VM(s) {', '.join(users)}", "name")
         await self._net.kernel(self._net.plumber.remove_vrf, vrf_plan(record, self._net.settings.netns_prefix))
         await self._net.records.vrfs.delete(cmd.name)
-        await self._net.converge()
+        await self._net.converge(scope=vrf_scope())  # the node's table: no other VRF changes
         return Empty()

@@ -3,7 +3,7 @@
 import errno
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
@@ -245,18 +245,20 @@ _session = threading.local()
 
 
 @contextmanager
-def links_session() -> Iterator[None]:
+def links_session() -> Iterator[KeysView[str | None]]:
     """A scope (on this thread) in which every `open_links` of one namespace shares one socket and its reads.
 
     A converge touches the node namespace from many drivers; sharing lets one dump of its links serve them
     all. Anything changed through any of them makes that namespace be read again. Sockets close at the end.
+    Yields the namespaces opened so far (it grows as the scope goes on).
     """
-    if getattr(_session, "open", None) is not None:
-        yield
+    current: dict[str | None, _Netlink] | None = getattr(_session, "open", None)
+    if current is not None:
+        yield current.keys()
         return
     _session.open = {}
     try:
-        yield
+        yield _session.open.keys()
     finally:
         opened: dict[str | None, _Netlink] = _session.open
         _session.open = None
