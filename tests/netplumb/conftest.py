@@ -257,10 +257,11 @@ class NetNode:
             await asyncio.to_thread(self.process.stop)
 
 
-def netplumb_settings(netns: str, subnet: str = "10.77.0.0/24") -> Settings:
+def netplumb_settings(netns: str, subnet: str = "10.77.0.0/24", **overrides: Any) -> Settings:
     """Settings for a service driving lab namespace `netns`; its VRF namespaces are named after it."""
     return Settings(
-        default_subnet=IPv4Network(subnet), netns_prefix=f"{netns}-", node_netns=netns, reconcile_interval=0
+        default_subnet=IPv4Network(subnet), netns_prefix=f"{netns}-", node_netns=netns, reconcile_interval=0,
+        **overrides,
     )
 
 
@@ -278,12 +279,13 @@ async def wait_ready(client: Client, timeout: float = 20) -> None:
 
 
 async def start_netplumb(nats_url: str, nc: NATS, netns: str, state: Path, node: str | None = None,
-                         subnet: str = "10.77.0.0/24") -> NetNode:
-    """A netplumb service in this process, its node world the lab namespace `netns`."""
+                         subnet: str = "10.77.0.0/24", **settings: Any) -> NetNode:
+    """A netplumb service in this process, its node world the lab namespace `netns` (`settings` override)."""
     node = node or f"np-{secrets.token_hex(4)}"
     config = Config(node, nats_url, state, "test:///default", "127.0.0.1", 0, 0, "WARNING")
     stop = asyncio.Event()
-    task = asyncio.create_task(serve("netplumb", make_setup(netplumb_settings(netns, subnet)), config, stop))
+    setup = make_setup(netplumb_settings(netns, subnet, **settings))
+    task = asyncio.create_task(serve("netplumb", setup, config, stop))
     client = Client(nc, node, timeout=15)
     await wait_ready(client)
     return NetNode(node, netns, client, stop, task)

@@ -70,7 +70,7 @@ class Outcome:
 
     changes: list[str] = field(default_factory=list)
     failures: list[NetFailure] = field(default_factory=list)
-    namespaces: set[str | None] = field(default_factory=set)  # read or changed (None: the node's)
+    namespaces: set[str | None] = field(default_factory=set)  # looked at: compared, read or changed
 
     def attempt(self, step: NetStep, what: str, action: Callable[[], list[str]], **names: str) -> bool:
         """Runs one step and says whether it worked; a kernel failure is noted and the next steps still run.
@@ -194,7 +194,7 @@ class Plumber:
             log.exception("nftables tables failed unexpectedly")
             out.failures.append(NetFailure(step="tables", what="nftables tables", error=INTERNAL))
             return
-        out.namespaces.update(todo)
+        out.namespaces.update(self.node_netns if netns is None else netns for netns in wanted)
         for netns, (table, target), result in zip(todo, targets, results, strict=True):
             if isinstance(result, KernelError):
                 log.warning("nftables table of %s failed: %s", netns or "the node", result)

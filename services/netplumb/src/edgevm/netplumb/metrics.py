@@ -17,7 +17,8 @@ RECONCILE_FAILURES = Counter(
 )
 CONVERGE_NAMESPACES = Histogram(
     "edgevm_netplumb_converge_namespaces",
-    "Namespaces one converge read or changed (kind: change, a command's; reconcile, one part of a reconcile).",
+    "Namespaces one converge looked at: compared, read or changed "
+    "(kind: change, a command's; reconcile, one part of a reconcile).",
     ["kind"],
     buckets=(1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )

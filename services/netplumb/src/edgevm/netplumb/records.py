@@ -51,6 +51,9 @@ class RecordSet(Generic[R]):
         """Every record, ordered by name."""
         return [self._items[name] for name in sorted(self._items)]
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -20,6 +20,10 @@ from ipaddress import IPv4Address, IPv4Network
 from edgevm.netplumb import names
 
 DEFAULT_SUBNET = IPv4Network("10.77.0.0/24")
+# VRFs a node holds besides `default` (docs/protocol.md, Limits). Each costs a namespace, two bridges, two veth
+# pairs, sysctls and an nft table, and a reconcile verifies every one (~10 ms each): at 512 a whole pass stays
+# near 5 s, made in parts. Fixed by design, not by the environment; a test may pass a smaller one.
+MAX_VRFS = 512
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Settings:
     node_netns: str | None = None
     vxlan_local: IPv4Address | None = None
     reconcile_interval: float = 60.0
+    max_vrfs: int = MAX_VRFS
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

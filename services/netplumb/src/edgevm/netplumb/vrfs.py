@@ -11,7 +11,7 @@ from edgevm.netplumb.desired import vrf_plan
 from edgevm.netplumb.nodenet import NodeNetwork
 from edgevm.shared.clock import now
 from edgevm.shared.commands import Empty, NameRef, VrfCreate, VrfList
-from edgevm.shared.errors import Conflict, InvalidRequest, NotFound
+from edgevm.shared.errors import Conflict, InvalidRequest, NotFound, Unprocessable
 from edgevm.shared.netstate import VrfRecord
 from edgevm.shared.objects import Vrf
 
@@ -65,6 +65,11 @@ class VrfCommands:
         records = self._net.records.vrfs
         if cmd.name in records:
             raise Conflict(f"a VRF named {cmd.name} exists already", "name")
+        limit = self._net.settings.max_vrfs
+        if len(records) - (names.DEFAULT_VRF in records) >= limit:
+            raise Unprocessable(
+                f"name: this node holds {limit} VRFs besides default, its maximum; delete one first", "name"
+            )
         subnet = IPv4Network(cmd.subnet)
         check_usable("subnet", subnet, self._net)
         taken = [IPv4Network(r.uplink) for r in records.all() if r.uplink]
