@@ -5,7 +5,9 @@ Run as root: `.venv/bin/python tests/bench/bench_netplumb.py`. It works inside t
 the same run, so the ratios say what netplumb adds on top of nft. The first part measures the kernel
 layer alone; the second the whole service over NATS (its own nats-server on a free port): net.vm.activate
 of the 100th VM (all 100 VMs' mappings in the node table, one transaction) and net.reconcile when
-nothing changed.
+nothing changed. The third part shows that a VM's change does not grow with the node's VRFs: net.vm.prepare
+followed by net.vm.activate of a VM with one port mapping, at 1, 100 and 500 VRFs, against the raw
+`nft -j -f` of the one VRF namespace's table that change rewrites, measured in the same run.
 """
 
 import asyncio
@@ -20,6 +22,8 @@ import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+
+from prometheus_client import REGISTRY
 
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.netplumb import ipam
@@ -245,8 +249,91 @@ async def bench_service(prefix: str, vrf_count: int) -> None:
                 ns.remove_netns(name)
 
 
+SCALE_VRFS = (1, 100, 500)
+GOAL_VM_CHANGE_RATIO = 10.0  # prepare+activate against one raw `nft -j -f` of the VRF's table
+
+
+def namespaces_looked_at() -> tuple[float, float]:
+    """(converges, namespaces looked at) of commands so far, from netplumb's own metric."""
+    labels = {"kind": "change"}
+    return (REGISTRY.get_sample_value("edgevm_netplumb_converge_namespaces_count", labels) or 0.0,
+            REGISTRY.get_sample_value("edgevm_netplumb_converge_namespaces_sum", labels) or 0.0)
+
+
+async def bench_vm_change(prefix: str, vrf_count: int) -> None:
+    """net.vm.prepare + net.vm.activate of a fresh VM in the last of `vrf_count` VRFs, over NATS."""
+    import nats
+
+    node_ns = f"{prefix}scale{vrf_count}"
+    store = Path(tempfile.mkdtemp(prefix="edgevm-bench-np-"))
+    server = start_nats_server(store / "nats", port=free_port())
+    stop = asyncio.Event()
+    task: asyncio.Task[None] | None = None
+    nc = await nats.connect(server.url)
+    try:
+        ns.ensure_netns(node_ns)
+        await asyncio.to_thread(host_interface, node_ns, "eth0")
+        node = f"bench-{secrets.token_hex(3)}"
+        config = Config(node, server.url, store, "test:///default", "127.0.0.1", 0, 0, "WARNING")
+        settings = Settings(netns_prefix=f"{node_ns}-", node_netns=node_ns, reconcile_interval=0)
+        task = asyncio.create_task(serve("netplumb", make_setup(settings), config, stop))
+        client = Client(nc, node, timeout=60)
+        for _ in range(200):
+            try:
+                await client.call("net.vrf.list")
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        vrfs = [f"v{n}" for n in range(vrf_count)]  # besides default: the VM's is a VRF namespace at every count
+        for name in vrfs:
+            await client.call("net.vrf.create", {"name": name, "subnet": "10.0.0.0/24"})
+        built = time.perf_counter() - started
+        vrf = vrfs[-1]
+        rounds = iter(range(10**6))
+        looked = namespaces_looked_at()
+
+        async def prepare_and_activate() -> None:
+            n = next(rounds)  # a VM of its own each round, with a host port of its own
+            mapping = {"host_interface": "eth0", "host_port": 8000 + n, "vm_port": 80, "protocol": "tcp"}
+            await client.call("net.vm.prepare", {"vm": f"vm{n}", "network": {"vrf": vrf, "port_mappings": [mapping]}})
+            await client.call("net.vm.activate", {"vm": f"vm{n}"})
+
+        change = await timed_async(prepare_and_activate, rounds=9)
+        after = namespaces_looked_at()
+        per_command = (after[1] - looked[1]) / max(after[0] - looked[0], 1)
+        await prepare_and_activate()  # the VRF's table now holds a mapping, as the change left it
+        vrf_ns = f"{node_ns}-{vrf}"
+        table = nft.read_table(FAMILY, TABLE, vrf_ns)
+        assert table is not None
+        payload = json.dumps(batch(table))
+        raw_apply = median_seconds(
+            lambda: subprocess.run(["ip", "netns", "exec", vrf_ns, "nft", "-j", "-f", "-"], input=payload,
+                                   text=True, check=True)
+        )
+        ratio = change / raw_apply
+        print(f"  {vrf_count:4d} VRF(s) besides default (built in {built:5.1f} s): prepare+activate {change * 1000:7.1f} ms"
+              f"   raw nft -j -f of the VRF's table {raw_apply * 1000:6.1f} ms   ratio {ratio:5.2f}"
+              f"   namespaces looked at per command {per_command:4.1f}"
+              f"   goal ratio < {GOAL_VM_CHANGE_RATIO:g} {'ok' if ratio < GOAL_VM_CHANGE_RATIO else 'MISSED'}",
+              flush=True)
+    finally:
+        await nc.close()
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 60)
+        server.stop()
+        shutil.rmtree(store, ignore_errors=True)
+        for name in sorted(os.listdir(ns.NETNS_DIR), reverse=True):
+            if name.startswith(node_ns):
+                ns.remove_netns(name)
+
+
 if __name__ == "__main__":
     main()
     bench_prefix = f"edgevm-t-bench-{secrets.token_hex(3)}-"
     for count in (1, VRFS):
         asyncio.run(bench_service(bench_prefix, count))
+    print("netplumb at many VRFs: a VM's change against the node's VRF count (each part its own service)")
+    for count in SCALE_VRFS:
+        asyncio.run(bench_vm_change(bench_prefix, count))

@@ -276,9 +276,10 @@ class Plumber:
         return remove_vnet(vnet, self.node_netns)
 
     def existing_interfaces(self, wanted: set[str]) -> set[str]:
-        """Which of the named links the node namespace has."""
+        """Which of the named links the node namespace has (each looked up: a dump of every link costs pyroute2
+        about 0.7 ms a link, and a node has three per VRF)."""
         with open_links(self.node_netns) as node:
-            return wanted & node.names()
+            return {name for name in wanted if node.index(name) is not None}
 
     def underlay_address(self, peers: list[str]) -> IPv4Address | None:
         """The address this node reaches the first peer from, else its first global IPv4 address."""

@@ -54,15 +54,34 @@ def nic_address(vm: VmNetRecord) -> IPv4Address | None:
     return IPv4Interface(vm.nics[0].address).ip if vm.nics and vm.nics[0].address else None
 
 
+PlanCache = dict[str, tuple[VrfRecord, VrfPlan]]  # by VRF name: the record a plan was made of, and the plan
+
+
+def vrf_plans(records: list[VrfRecord], netns_prefix: str, cache: PlanCache | None = None) -> tuple[VrfPlan, ...]:
+    """The plans of VRF records; with a `cache`, a record seen before (the same object) is not planned again."""
+    if cache is None:
+        return tuple(vrf_plan(r, netns_prefix) for r in records)
+    plans = []
+    for record in records:
+        known = cache.get(record.name)
+        if known is None or known[0] is not record:
+            known = cache[record.name] = (record, vrf_plan(record, netns_prefix))
+        plans.append(known[1])
+    for gone in set(cache) - {record.name for record in records}:
+        del cache[gone]
+    return tuple(plans)
+
+
 def desired(
     vrfs: list[VrfRecord],
     vnets: list[VnetRecord],
     vms: list[VmNetRecord],
     netns_prefix: str,
     vxlan_local: IPv4Address | None = None,
+    plan_cache: PlanCache | None = None,
 ) -> Desired:
     """The Desired state of records: VRFs and vnets always, port mappings, virtual IPs and wires of active VMs."""
-    vrf_plans = tuple(vrf_plan(r, netns_prefix) for r in vrfs)
+    planned = vrf_plans(vrfs, netns_prefix, plan_cache)
     known_vrfs = {r.name for r in vrfs}
     known_vnets = {r.name for r in vnets}
     mappings: list[PortMappingRule] = []
@@ -93,7 +112,7 @@ def desired(
             vips.append(VirtualIpRule(address, vip, att.allow_outbound, att.network, vm.vrf))
             attached.setdefault((att.network, vm.vrf), []).append(vip)
     return Desired(
-        vrfs=vrf_plans,
+        vrfs=planned,
         vnets=tuple(vnet_plan(r, vxlan_local) for r in vnets),
         attachments={key: tuple(sorted(ips)) for key, ips in sorted(attached.items())},
         port_mappings=tuple(mappings),

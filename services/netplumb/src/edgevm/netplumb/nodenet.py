@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from edgevm.netplumb.converge import EVERYTHING, Outcome, Plumber, Scope
-from edgevm.netplumb.desired import Desired, desired
+from edgevm.netplumb.desired import Desired, PlanCache, desired
 from edgevm.netplumb.errors import KernelError
 from edgevm.netplumb.metrics import CONVERGE_NAMESPACES
 from edgevm.netplumb.records import NetRecords
@@ -49,6 +49,7 @@ class NodeNetwork:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netplumb-kernel")
         self._changes = Background("netplumb changes")
         self.last_outcome = Outcome()
+        self._plans: PlanCache = {}  # a VRF's plan is made once per record, not on every change
 
     async def kernel(self, work: Callable[..., T], *args: Any) -> T:
         """Runs blocking kernel work on the kernel thread."""
@@ -86,6 +87,7 @@ class NodeNetwork:
             self.records.vms.all(),
             self.settings.netns_prefix,
             self.settings.vxlan_local,
+            self._plans,
         )
 
     async def converge(self, verify: bool = False, scope: Scope = EVERYTHING) -> Outcome:

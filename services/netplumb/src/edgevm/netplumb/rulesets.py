@@ -131,14 +131,9 @@ def node_table(
         (match(meta("oifname"), "evu-*"), DROP),  # into a VRF only through port mappings
         *vip_forwards,
     ]
-    snats = [
-        *vip_snats,
-        *(
-            (match(payload("ip", "saddr"), vrf.uplink_vrf.ip), MASQUERADE)
-            for vrf in sorted(vrfs, key=lambda v: v.name)
-            if not vrf.is_default
-        ),
-    ]
+    # One rule for every VRF (what comes out of an uplink), not one per VRF: the node's table, rewritten whole by
+    # every change of a port mapping, then does not grow with the number of VRFs.
+    snats = [*vip_snats, (match(meta("iifname"), "evu-*"), MASQUERADE)]
     if default is not None:
         # The default VRF's subnet is private too: reached from outside only through port mappings.
         forwards.append((match(meta("iifname"), default.bridge, "!="), match(meta("oifname"), default.bridge), DROP))
