@@ -66,7 +66,7 @@ def vrf_scope(*vrfs: str | None) -> Scope:
 
 @dataclass
 class Outcome:
-    """What a converge changed (each a sentence), the steps it could not do, and the namespaces it touched."""
+    """What a converge changed (each a sentence), the steps it could not do, and the namespaces it looked at."""
 
     changes: list[str] = field(default_factory=list)
     failures: list[NetFailure] = field(default_factory=list)
@@ -165,9 +165,10 @@ class Plumber:
         changes: list[str] = []
         if todo:
             with open_links(self.node_netns) as node:
-                # A verify reads every link anyway; a change looks up its own few (a dump of a node with
-                # hundreds of VRFs takes pyroute2 most of a second).
-                present = node.names(fresh=False) if verify else {n for t in todo for n in t if node.index(n)}
+                if verify:  # every link is read anyway
+                    present = node.names(fresh=False)
+                else:  # its own few, each looked up: pyroute2 takes most of a second to dump hundreds of VRFs' links
+                    present = {name for pair in todo for name in pair if node.index(name) is not None}
                 for tap, bridge in todo:
                     # libvirt puts the tap on the bridge itself; this repairs one left off it (or a test's veth).
                     if tap in present and bridge in present:
@@ -211,8 +212,8 @@ class Plumber:
     def _tables_of(self, want: Desired, scope: Scope) -> NetnsTables:
         # Building the tables of 100 VMs takes milliseconds; a reconcile mostly sees the Desired of last time.
         if self._built is None or self._built[0] != (want, scope):
-            only = None if scope.vrfs is None else scope.vrfs
-            self._built = ((want, scope), tables(want.vrfs, want.port_mappings, want.virtual_ips, only, scope.node))
+            built = tables(want.vrfs, want.port_mappings, want.virtual_ips, scope.vrfs, scope.node)
+            self._built = ((want, scope), built)
         return self._built[1]
 
     @staticmethod
