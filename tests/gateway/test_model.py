@@ -135,3 +135,10 @@ def test_the_encoded_vm_list_is_the_vm_list_after_every_change(model: FleetModel
     clocks.advance(31)
     assert same(None) and {v.node_state for v in model.vm_list(None)} == {"unreachable"}
     assert msgspec.json.decode(model.vm_list_json("n1"))["vms"][0]["node_state"] == "unreachable"
+    # A VM changes while its node is unreachable, and the node comes back before the next list: no entry keeps
+    # the state it was encoded with.
+    model.apply("n2", VmUpdated(at=stamp(START + 31), vm=vm("b", 2)))
+    model.apply("n2", beat(START + 31))
+    assert same(None) and [v.node_state for v in model.vm_list("n2")] == ["up", "up"]
+    model.apply("n2", VmCreated(at=stamp(START + 31), vm=vm("c", 1)))
+    assert same("n2") and same(None) and len(model.vm_list(None)) == 4

@@ -25,6 +25,11 @@ from edgevm.shared import subjects
 log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
+# nats-py's outgoing buffer (its default is 2 MiB). A message that overflows it makes the publish wait until the
+# server has read everything pending: a 2.7 MB gw.vm.list reply then held its handler ~5-9 ms. Larger than
+# the biggest message (the servers' max_payload, 8 MiB), so no single reply waits; it also bounds what is
+# buffered while reconnecting.
+PENDING_BYTES = 32 * 1024 * 1024
 
 EVENTS_STREAM = StreamConfig(
     name="EDGEVM_EVENTS",
@@ -127,6 +132,7 @@ async def connect(url: str, name: str, closed: asyncio.Event | None = None, seed
         error_cb=on_error,
         closed_cb=on_closed,
         nkeys_seed=seed_file,
+        pending_size=PENDING_BYTES,
     )
     return client
 
