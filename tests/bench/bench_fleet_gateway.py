@@ -17,9 +17,13 @@ What it measures:
   burst, heartbeats of 5 services per node every 10 s throughout) reaches the gateway's model with no loss:
   the gateway's applied count equals the stream's message count, none skipped, and every VM shows the
   revision of its last event. Baseline: a bare ordered consumer reading the same stream (no decode, no model).
-- `gw.vm.list` (all 5,000 VMs, ~3 MB) p50/p99 over 200 requests while the nodes keep beating and publishing;
-  goal p99 < 50 ms. Baseline: a bare responder answering the same bytes.
-- RSS of the gateway process and of the nats-server after the run.
+- `gw.vm.list` (all 5,000 VMs, ~3 MB) p50/p99 over 200 requests while the nodes keep beating and publishing,
+  in LIST_ROUNDS rounds (the spread says how much the machine's other load moves it, and the load average is
+  printed beside it); goal: the median round's p99 < 50 ms. Baseline: a bare responder answering the same bytes.
+- RSS of the hub (the gateway process plus the nats-server) after the run.
+
+Which hub it is: one nats-server with 100 sourced streams, not 100 leaf servers (100 nats-servers with
+JetStream do not fit beside the gateway on 2 cores); the topology line says so.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ BURST_EVENTS = 20_000
 SERVICES = ("lifecycle", "netplumb", "snapshotter", "flowwatch", "gateway")
 HEARTBEAT_INTERVAL = 10.0
 LIST_REQUESTS = 200
+LIST_ROUNDS = int(os.environ.get("BENCH_FLEET_LIST_ROUNDS", "3"))
 GOAL_P99 = 0.050
 _encoder = msgspec.json.Encoder()
 
@@ -255,7 +260,12 @@ async def run(url: str, server_pid: int, topology: str) -> None:
         await check_ingest(admin, nodes, metrics, stored, "live")
         report("live: gateway caught up after the last ack", f"{lag * 1e3:.0f} ms", "-", "-", "-", True)
         before = await asyncio.to_thread(scrape, metrics)
-        await list_latency(admin, url, nodes)
+        p99s = [await list_latency(admin, url, nodes) for _ in range(LIST_ROUNDS)]
+        load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+        report(f"gw.vm.list p99 over {LIST_ROUNDS} rounds: median",
+               f"{statistics.median(p99s) * 1e3:.1f} ms", f"{min(p99s) * 1e3:.0f}-{max(p99s) * 1e3:.0f} ms",
+               "spread", "< 50 ms", statistics.median(p99s) < GOAL_P99)
+        print(f"  machine load average (1 / 5 / 15 min): {load} on {os.cpu_count()} cores", flush=True)
         after = await asyncio.to_thread(scrape, metrics)
         key = 'edgevm_command_duration_seconds_%s{endpoint="gw.vm.list",service="edgevm-gateway"}'
         served = after.get(key % "sum", 0) - before.get(key % "sum", 0)
@@ -265,8 +275,9 @@ async def run(url: str, server_pid: int, topology: str) -> None:
         states = [n["state"] for n in msgspec.json.decode(ups.data)["nodes"] if n["node"].startswith("node-")]
         report("nodes up (heartbeats every 10 s)", f"{states.count('up')}/{NODES}", "-", "-", f"{NODES}/{NODES}",
                states.count("up") == NODES)
-        report("RSS gateway / nats-server", f"{rss_mib(gateway.pid):.0f} MiB", f"{rss_mib(server_pid):.0f} MiB",
-               "-", "reported", True)
+        gw_rss, server_rss = rss_mib(gateway.pid), rss_mib(server_pid)
+        report("hub RSS: gateway + nats-server", f"{gw_rss + server_rss:.0f} MiB",
+               f"{gw_rss:.0f} + {server_rss:.0f} MiB", "-", "reported", True)
 
         # A restart: the new gateway replays the whole stream (the hub's case after its own downtime).
         gateway.terminate()
@@ -317,8 +328,10 @@ async def check_ingest(nc: nats.NATS, nodes: list[SimNode], metrics: str, stored
            f"{skipped:.0f} skipped", "all, 0 wrong", ok)
 
 
-async def list_latency(nc: nats.NATS, url: str, nodes: list[SimNode]) -> None:
-    """gw.vm.list of the whole fleet while the nodes keep publishing, against a bare responder of the same bytes."""
+async def list_latency(nc: nats.NATS, url: str, nodes: list[SimNode]) -> float:
+    """gw.vm.list of the whole fleet while the nodes keep publishing, against a bare responder of the same bytes.
+
+    Return the p99 of the whole fleet's list."""
     subject = subjects.gateway("vm.list")
     reply = (await nc.request(subject, b"{}", timeout=10)).data
     raw = await nats.connect(url)
@@ -359,6 +372,7 @@ async def list_latency(nc: nats.NATS, url: str, nodes: list[SimNode]) -> None:
            f"{p99(ours) / p99(bare):.2f}x", "< 50 ms", p99(ours) < GOAL_P99)
     report(f"gw.vm.list {{node}} ({VMS_PER_NODE} VMs) p99", f"{p99(one) * 1e3:.1f} ms", "-", "-", "< 50 ms",
            p99(one) < GOAL_P99)
+    return p99(ours)
 
 
 async def main() -> None:
