@@ -12,8 +12,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
-
 from edgevm.shared.errors import RemoteError
 from tests.e2e.test_node_up import ping_names
 from tests.helpers import eventually
@@ -47,8 +45,6 @@ async def held_by_netplumb(hostile_node: HostileNode, vm: str) -> bool:
     return True
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="lifecycle's vm.create leaves its directory and netplumb's allocation "
-                   "behind when the process dies between network prepare and its record (vms.py is being split)")
 async def test_lifecycle_killed_mid_create_leaves_no_half_made_vm(hostile_node: HostileNode) -> None:
     lifecycle = child_pid(hostile_node.node.process.pid, "edgevm.lifecycle")
     sent = []

@@ -16,6 +16,7 @@ from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
 from edgevm.lifecycle.reach import make_reachable
 from edgevm.lifecycle.records import VmRecords
+from edgevm.lifecycle.resume import Resumer
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
 from edgevm.lifecycle.vmmetrics import VmMetrics, read_bulk_stats
@@ -34,8 +35,6 @@ from edgevm.shared.taskrunner import TaskRunner
 from edgevm.shared.tasks import TaskStore
 
 log = logging.getLogger(__name__)
-# Tasks of these kinds are the lifecycle's own: after a restart, unfinished ones are failed.
-OWN_TASK_KINDS = ("vm.", "image.")
 NET_TIMEOUT = 10.0  # netplumb's activate may wait behind one of its reconciles
 RECOVERY_WAIT = 10.0
 
@@ -77,7 +76,8 @@ async def setup(ctx: ServiceContext) -> None:
     store = TaskStore(ctx.buckets[bus.TASKS.name], ctx.publisher, node)
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
     locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle", ctx.js)
-    runner = TaskRunner(store, locks, "lifecycle", holder=process_instance(), on_write=index.put)
+    holder = process_instance()
+    runner = TaskRunner(store, locks, "lifecycle", holder=holder, on_write=index.put)
     ctx.stack.push_async_callback(runner.drain)
     records = VmRecords(ctx.buckets[bus.VMS.name], node)
     await records.load()
@@ -97,20 +97,28 @@ async def setup(ctx: ServiceContext) -> None:
 
     ctx.background(index.follow(), "task index")
     await asyncio.wait_for(index.ready.wait(), 30)
-    interrupted = await tasks.fail_interrupted(OWN_TASK_KINDS, locks)
-    if interrupted:
-        log.warning("%d task(s) interrupted by the last restart were marked failed", interrupted)
     # Events first, then the look at every domain: a change between the two is not missed.
     events = await ctx.stack.enter_async_context(LifecycleEvents(connection))
     await vms.reconciler.reconcile()
+    # Tasks the last restart cut go on from libvirt's real state, under their leases taken over.
+    for run in await Resumer(index, store, locks, runner, vms, holder).resume_all():
+        ctx.background(run, "a resumed task")
     ctx.background(vms.reconciler.follow(events), "libvirt events")
     # Lost domains and auto starts need netplumb, which may come up after us: wait a little for it, then
     # serve anyway and let the recovery finish in the background.
-    recovery = ctx.background(vms.reconciler.recover(), "recovery after start-up")
+    recovery = ctx.background(recover(vms), "recovery after start-up")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(recovery), RECOVERY_WAIT)
 
     await serve_commands(ctx, images, vms, tasks)
+
+
+async def recover(vms: VmService) -> None:
+    """Once netplumb answers: define lost domains, start auto_start VMs, remove what cut creates left."""
+    await vms.reconciler.recover()
+    swept = await vms.sweep_cut_creates()
+    if swept:
+        log.warning("removed what %d create(s) cut by the last restart left behind: %s", len(swept), ", ".join(swept))
 
 
 async def serve_commands(ctx: ServiceContext, images: ImageService, vms: VmService, tasks: TaskCommands) -> None:

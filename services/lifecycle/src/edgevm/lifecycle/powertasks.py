@@ -67,17 +67,20 @@ class PowerTasks:
         await self.states.set(self.records.get(name), "running", event=VmStarted)
         return None
 
-    async def stop(self, name: str, force: bool, progress: Progress) -> dict[str, Any] | None:
-        """ACPI shutdown, destroyed after the VM's stop_timeout (at once with `force`); then its network."""
+    async def stop(self, name: str, force: bool, progress: Progress,
+                   timeout: float | None = None) -> dict[str, Any] | None:
+        """ACPI shutdown, destroyed after `timeout` (the VM's stop_timeout by default; at once with `force`);
+        then its network. A domain already off just ends the stop (a resumed stop may find it so)."""
         vm = self.records.get(name)
-        if await self.state_of(name) in OFF:
+        if await self.state_of(name) in (*OFF, None):  # no domain (lost with the host's libvirt): off too
             if vm.status.state not in ("stopped", "defined", "crashed"):
                 await self.states.set(vm, "stopped", event=VmStopped)
             await self.network_down(name)
             return {"forced": False}
         try:
             async with self.states.transient(name, "stopping"):
-                forced = await self._power_off(name, force, vm.spec.stop_timeout, progress)
+                stop_timeout = vm.spec.stop_timeout if timeout is None else timeout
+                forced = await self._power_off(name, force, stop_timeout, progress)
         except Exception:
             # Whatever failed, the record must not stay `stopping`: take what libvirt says.
             with contextlib.suppress(Exception):

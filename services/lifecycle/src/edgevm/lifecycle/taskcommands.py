@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from edgevm.lifecycle.taskindex import TaskIndex
 from edgevm.shared.commands import TaskList, TaskListRequest, TaskRef
-from edgevm.shared.errors import Conflict, NotFound
-from edgevm.shared.locks import VmLocks
+from edgevm.shared.errors import Conflict
 from edgevm.shared.objects import Task
 from edgevm.shared.tasks import TaskStore
-
-log = logging.getLogger(__name__)
 
 
 class TaskCommands:
@@ -41,25 +36,3 @@ class TaskCommands:
         cancelled, _ = await self._store.update(task, revision, status="cancelled", message="cancelled by request")
         self._index.put(cancelled)
         return cancelled
-
-    async def fail_interrupted(self, kinds: tuple[str, ...], locks: VmLocks | None = None) -> int:
-        """Mark this service's unfinished tasks failed (it restarted, so nothing runs them); return how many."""
-        count = 0
-        for task in self._index.unfinished():
-            if not task.kind.startswith(kinds):
-                continue
-            try:
-                current, revision = await self._store.get(task.id)
-            except NotFound:
-                continue
-            if current.finished:
-                continue
-            await self._store.update(
-                current, revision, status="failed", message="interrupted",
-                error="the lifecycle service restarted while this task ran; the VM's state was read again from libvirt",
-            )
-            # Its lease would block the VM for up to 30 s more, naming a task that is over.
-            if current.vm is not None and locks is not None and await locks.clear(current.vm, current.id):
-                log.info("the lease of interrupted task %s on VM %s was given back", current.id, current.vm)
-            count += 1
-        return count

@@ -7,7 +7,9 @@ from typing import Any
 
 import msgspec
 
+from edgevm.lifecycle.createintents import CreateIntents
 from edgevm.lifecycle.images import ImageService
+from edgevm.lifecycle.killhook import with_kill_hook
 from edgevm.lifecycle.network import NoNetwork, VmNetwork
 from edgevm.lifecycle.planner import Planner
 from edgevm.lifecycle.powertasks import PowerTasks
@@ -29,7 +31,7 @@ from edgevm.shared.objects import Vm, VmStatus
 from edgevm.shared.publisher import EventPublisher
 from edgevm.shared.qemuimg import QemuImg
 from edgevm.shared.spec import IMMUTABLE_FIELDS, VmSpec
-from edgevm.shared.taskrunner import Progress, TaskRunner
+from edgevm.shared.taskrunner import Progress, TaskRunner, Work
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class VmService:
         self.tasks = PowerTasks(self.states, self.builder, Power(hypervisor), self.network)
         self.reconciler = Reconciler(node, self.tasks, runner, locks, lambda name: self.start(VmRef(name)))
         self._creating: dict[str, VmSpec] = {}
+        self.intents = CreateIntents(planner.layout.root / "creating")
 
     def users_of_image(self, image: str) -> list[str]:
         """Return the VMs whose spec names `image`, those being created included."""
@@ -81,12 +84,17 @@ class VmService:
         # an in-process guard keeps two creates of one name apart, without a lease in the bucket.
         if spec.name in self._creating:
             raise Conflict(f"a VM named {spec.name} is being created", "name")
-        if spec.name in self.reconciler.strays or self.builder.layout.vm_dir(spec.name).exists():
+        left = spec.name in self.reconciler.strays or self.builder.layout.vm_dir(spec.name).exists()
+        if left and not self.intents.marked(spec.name):
             # What a record-less domain or directory holds is not ours to overwrite or to clean up.
             raise Conflict(f"VM {spec.name} has no record but its domain edgevm-{spec.name} or directory"
                            f" {self.builder.layout.vm_dir(spec.name)} is there: remove them by hand first", "name")
         self._creating[spec.name] = spec
         try:
+            if self.intents.marked(spec.name) and not await self._undo_create(spec.name):
+                raise Conflict(f"VM {spec.name}: what a create cut by a restart left behind cannot be removed"
+                               " yet (netplumb did not answer): try again", "name")
+            self.intents.mark(spec.name)  # before netplumb is asked for anything
             stamp = now()
             guest_os = self.images.images[spec.image].guest_os
             try:
@@ -97,6 +105,7 @@ class VmService:
             except BaseException:
                 await self._undo_create(spec.name)
                 raise
+            self.intents.clear(spec.name)
         finally:
             self._creating.pop(spec.name, None)
         await self.publisher.publish(VmCreated(at=now(), vm=vm))
@@ -107,18 +116,40 @@ class VmService:
                 log.warning("VM %s was created but its auto start was refused: %s", spec.name, exc.message)
         return vm
 
-    async def _undo_create(self, name: str) -> None:
+    async def _undo_create(self, name: str) -> bool:
+        """Remove what a create of `name` made; return whether all is gone (its mark is then cleared)."""
+        released = True
         try:
             await self.network.release(name)
         except Exception as exc:
             log.warning("VM %s: its network allocation could not be released: %s", name, exc)
+            released = False
         try:
             await self.builder.definitions.undefine(name)
         except DomainNotFound:
             pass
         except Exception:
             log.exception("VM %s: the half-made domain could not be removed", name)
+            return False
         await self.builder.remove(name)
+        self.reconciler.strays.discard(name)
+        if released:
+            self.intents.clear(name)
+        return released
+
+    async def sweep_cut_creates(self) -> list[str]:
+        """At start-up, once netplumb answers: remove what creates cut by the last restart left; return them."""
+        swept = []
+        for name in self.intents.pending():
+            if name in self._creating:
+                continue
+            if self.records.find(name) is not None:  # the record was written: only the mark was left
+                self.intents.clear(name)
+                continue
+            log.warning("VM %s: its create was cut by the last restart; removing what it left", name)
+            if await self._undo_create(name):
+                swept.append(name)
+        return swept
 
     async def get(self, req: VmRef) -> Vm:
         """vm.get: from the records, never from libvirt."""
@@ -185,14 +216,12 @@ class VmService:
     async def start(self, req: VmRef) -> TaskReply:
         """vm.start."""
         self.records.get(req.name)
-        return TaskReply(await self.runner.submit("vm.start", req.name, lambda p: self.tasks.start(req.name, p)))
+        return await self._submit("vm.start", req.name, lambda p: self.tasks.start(req.name, p))
 
     async def stop(self, req: StopVm) -> TaskReply:
         """vm.stop: ACPI shutdown, destroyed after stop_timeout; at once with force."""
         self.records.get(req.name)
-        return TaskReply(
-            await self.runner.submit("vm.stop", req.name, lambda p: self.tasks.stop(req.name, req.force, p))
-        )
+        return await self._submit("vm.stop", req.name, lambda p: self.tasks.stop(req.name, req.force, p))
 
     async def restart(self, req: VmRef) -> TaskReply:
         """vm.restart: a graceful stop, then a start."""
@@ -202,12 +231,15 @@ class VmService:
             await self.tasks.stop(req.name, False, progress)
             return await self.tasks.start(req.name, progress)
 
-        return TaskReply(await self.runner.submit("vm.restart", req.name, work))
+        return await self._submit("vm.restart", req.name, work)
 
     async def delete(self, req: VmRef) -> TaskReply:
         """vm.delete: stop it (as vm.stop does) when running, release its network, remove domain and files."""
         self.records.get(req.name)
-        return TaskReply(await self.runner.submit("vm.delete", req.name, lambda p: self.tasks.delete(req.name, p)))
+        return await self._submit("vm.delete", req.name, lambda p: self.tasks.delete(req.name, p))
+
+    async def _submit(self, kind: str, name: str, work: Work) -> TaskReply:
+        return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work)))
 
 
 def volume_resizes(old: VmSpec, new: VmSpec) -> dict[str, int]:

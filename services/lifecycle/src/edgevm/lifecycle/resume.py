@@ -1,0 +1,132 @@
+"""Resuming the lifecycle's tasks a restart cut: each goes on from what libvirt and the files say now.
+
+A task keeps its id and started_at; it runs again under its VM's lease (taken over from the dead process)
+and ends `succeeded`, or `failed` with the real reason. What each kind does when resumed:
+- vm.start: starts the domain unless it runs, then activates its network (idempotent in netplumb).
+- vm.stop: a domain already off just ends; else the ACPI shutdown is sent again and waited for during what is
+  left of the VM's stop_timeout (counted from the task's start), then destroyed. A forced stop is not told
+  apart (the Task has no field for it); it destroyed the domain at its first step, so it rarely runs again.
+- vm.restart: the stop as above, then the start.
+- vm.delete: its remaining steps, each idempotent (stop, release network, undefine, remove files, record).
+- image.import: fails: the request's source is not kept in the task, and the partial copy was removed at
+  start-up (`ImageStore.remove_partials`), so the import must be asked for again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+from edgevm.lifecycle.taskindex import TaskIndex
+from edgevm.lifecycle.vms import VmService
+from edgevm.shared.errors import Conflict, EdgevmError, NotFound
+from edgevm.shared.locks import HeldLease, VmLocks
+from edgevm.shared.objects import Task
+from edgevm.shared.taskrunner import Progress, TaskRunner, Work
+from edgevm.shared.tasks import TaskStore
+
+log = logging.getLogger(__name__)
+OWN_TASK_KINDS = ("vm.", "image.")
+
+
+class ImportCut(EdgevmError):
+    """An image import cut by a restart: its partial copy is gone and its source was not kept."""
+
+    code = "500"
+
+
+class Resumer:
+    """Finds the lifecycle's unfinished tasks at start-up and runs each again from the real state."""
+
+    def __init__(self, index: TaskIndex, store: TaskStore, locks: VmLocks, runner: TaskRunner, vms: VmService,
+                 holder: str) -> None:
+        self._index = index
+        self._store = store
+        self._locks = locks
+        self._runner = runner
+        self._vms = vms
+        self._holder = holder
+
+    async def resume_all(self) -> list[Coroutine[Any, Any, None]]:
+        """Take over every unfinished task of this service; return their runs (to await in the background)."""
+        runs: list[Coroutine[Any, Any, None]] = []
+        for task in self._index.unfinished():
+            if not task.kind.startswith(OWN_TASK_KINDS):
+                continue
+            try:
+                current, revision = await self._store.get(task.id)
+            except NotFound:
+                continue
+            if current.finished:
+                continue
+            run = await self._resume(current, revision)
+            if run is not None:
+                runs.append(run)
+        return runs
+
+    async def _resume(self, task: Task, revision: int) -> Coroutine[Any, Any, None] | None:
+        work = self._work(task)
+        lease: HeldLease | None = None
+        if task.vm is not None:
+            try:
+                lease = await self._locks.take_over(task.vm, task.kind, task.id, self._holder)
+            except Conflict as exc:
+                await self._store.update(task, revision, status="failed", message="interrupted",
+                                         error=f"the lifecycle service restarted while this task ran, and it could"
+                                               f" not go on: {exc.message}")
+                return None
+        log.warning("task %s %s of %s was cut by the last restart: resuming it", task.kind, task.id, task.vm)
+        return self._runner.run(task, revision, work, lease)
+
+    def _work(self, task: Task) -> Work:
+        name = task.vm or ""
+        tasks = self._vms.tasks
+        if task.kind == "vm.start":
+            return lambda progress: self._existing(name, tasks.start(name, progress))
+        if task.kind == "vm.stop":
+            return lambda progress: self._existing(name, self._stop(task, progress))
+        if task.kind == "vm.restart":
+            async def restart(progress: Progress) -> dict[str, Any] | None:
+                await self._stop(task, progress)
+                return await tasks.start(name, progress)
+            return lambda progress: self._existing(name, restart(progress))
+        if task.kind == "vm.delete":
+            return lambda progress: self._delete(name, progress)
+        return self._cut_import
+
+    async def _stop(self, task: Task, progress: Progress) -> dict[str, Any] | None:
+        name = task.vm or ""
+        timeout = self._vms.records.get(name).spec.stop_timeout
+        if task.started_at is not None:
+            timeout = max(0.0, timeout - _since(task.started_at))
+        return await self._vms.tasks.stop(name, False, progress, timeout)
+
+    async def _existing(self, name: str, step: Awaitable[dict[str, Any] | None]) -> dict[str, Any] | None:
+        if self._vms.records.find(name) is None:
+            _close(step)
+            raise NotFound(f"VM {name} does not exist any more on node {self._vms.node}", "name")
+        return await step
+
+    async def _delete(self, name: str, progress: Progress) -> dict[str, Any] | None:
+        if self._vms.records.find(name) is None:
+            return None  # its record was the last step: the delete was done
+        return await self._vms.tasks.delete(name, progress)
+
+    @staticmethod
+    async def _cut_import(progress: Progress) -> dict[str, Any] | None:
+        raise ImportCut("the lifecycle service restarted during the import's copy; the partial copy was removed"
+                        " at start-up: import the image again")
+
+
+def _close(step: Awaitable[Any]) -> None:
+    close: Callable[[], None] | None = getattr(step, "close", None)
+    if close is not None:
+        close()  # a coroutine never awaited
+
+
+def _since(stamp: str) -> float:
+    started = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return max(0.0, (datetime.now(started.tzinfo) - started).total_seconds())
+
