@@ -130,3 +130,29 @@ async def test_a_cut_image_import_fails_saying_to_import_again(nats_server: Nats
         assert task.started_at == cut.started_at
     finally:
         await again.shutdown()
+
+
+async def test_a_cut_create_is_swept_and_a_directory_never_marked_is_left_alone(
+    nats_server: NatsServer, nc: NATS
+) -> None:
+    node = await start_node(nats_server, nc)
+    await import_image(node)
+    await node.shutdown()
+    vms = node.config.state_dir / "lifecycle" / "vms"
+    (vms / "cut").mkdir(parents=True)
+    (vms / "cut" / "root.qcow2").write_text("half made")
+    (node.config.state_dir / "lifecycle" / "creating").mkdir()
+    (node.config.state_dir / "lifecycle" / "creating" / "cut").touch()  # as vm.create leaves it when killed
+    (vms / "mine").mkdir()
+    (vms / "mine" / "notes").write_text("a user's file")
+    again = await start_node(nats_server, nc, state=node.config.state_dir, node=node.config.node)
+    try:
+        assert not (vms / "cut").exists()
+        assert (await again.client.call("vm.create", {"name": "cut", "image": "base"}, Vm)).status.state == "defined"
+        assert not (node.config.state_dir / "lifecycle" / "creating" / "cut").exists()
+        with pytest.raises(RemoteError) as info:
+            await again.client.call("vm.create", {"name": "mine", "image": "base"})
+        assert info.value.code == "409" and "by hand" in info.value.message
+        assert (vms / "mine" / "notes").read_text() == "a user's file"
+    finally:
+        await again.shutdown()

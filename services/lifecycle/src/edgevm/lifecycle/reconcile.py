@@ -141,6 +141,11 @@ class Reconciler:
                         self.node)
         return sorted(self.strays)
 
+    def keep_off(self, name: str) -> None:
+        """Do not start `name` again in `recover`: a stop or delete of it was cut by the restart (resumed)."""
+        with contextlib.suppress(ValueError):
+            self._restart.remove(name)
+
     async def recover(self) -> None:
         """After `reconcile`, once the network answers: define lost domains again, start auto_start VMs.
 

@@ -77,6 +77,8 @@ class Resumer:
                                          error=f"the lifecycle service restarted while this task ran, and it could"
                                                f" not go on: {exc.message}")
                 return None
+        if task.vm is not None and task.kind in ("vm.stop", "vm.delete"):
+            self._vms.reconciler.keep_off(task.vm)  # someone asked it off: no auto start at recovery
         log.warning("task %s %s of %s was cut by the last restart: resuming it", task.kind, task.id, task.vm)
         return self._runner.run(task, revision, work, lease)
 
