@@ -26,7 +26,7 @@ from tests.helpers import eventually
 async def test_lifecycle_killed_mid_stop_resumes_the_stop(tmp_path, step: str) -> None:  # type: ignore[no-untyped-def]
     tag = secrets.token_hex(3)
     world = World(f"edgevm-t-hk-{tag}", f"edgevm-t-hk{tag}-")
-    subprocess.run(["ip", "netns", "add", world.netns], check=True)
+    await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", world.netns], check=True)
     state = tmp_path / "state"
     node = start_node_up(state, tmp_path / "node.log", world, env={"EDGEVM_TEST_KILL_AT": f"vm.stop:{step}"})
     try:
@@ -50,15 +50,19 @@ async def test_lifecycle_killed_mid_stop_resumes_the_stop(tmp_path, step: str) -
         finally:
             await nc.close()
     finally:
-        node.process.terminate()
-        try:
-            node.process.wait(30)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
-        for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
-            if name == world.netns or name.startswith(world.prefix):
-                subprocess.run(["ip", "netns", "del", name], check=False)
+        await asyncio.to_thread(_tear_down, node.process, world)
+
+
+def _tear_down(process: subprocess.Popen[bytes], world: World) -> None:
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        if name == world.netns or name.startswith(world.prefix):
+            subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 async def _lifecycle_answers(url: str) -> bool:
