@@ -16,7 +16,7 @@ from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
 from edgevm.lifecycle.reach import make_reachable
 from edgevm.lifecycle.records import VmRecords
-from edgevm.lifecycle.resume import Resumer
+from edgevm.lifecycle.resume import Resumer, Resumption
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
 from edgevm.lifecycle.vmmetrics import VmMetrics, read_bulk_stats
@@ -100,25 +100,35 @@ async def setup(ctx: ServiceContext) -> None:
     # Events first, then the look at every domain: a change between the two is not missed.
     events = await ctx.stack.enter_async_context(LifecycleEvents(connection))
     await vms.reconciler.reconcile()
-    # Tasks the last restart cut go on from libvirt's real state, under their leases taken over.
-    for run in await Resumer(index, store, locks, runner, vms, holder).resume_all():
-        ctx.background(run, "a resumed task")
+    # Tasks the last restart cut go on from libvirt's real state, under their leases taken over now.
+    resumer = Resumer(index, store, locks, runner, vms, holder)
+    resumptions = await resumer.take_over_all()
     ctx.background(vms.reconciler.follow(events), "libvirt events")
     # Lost domains and auto starts need netplumb, which may come up after us: wait a little for it, then
     # serve anyway and let the recovery finish in the background.
-    recovery = ctx.background(recover(vms), "recovery after start-up")
+    recovery = ctx.background(recover(ctx, vms, resumer, resumptions), "recovery after start-up")
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(recovery), RECOVERY_WAIT)
 
     await serve_commands(ctx, images, vms, tasks)
 
 
-async def recover(vms: VmService) -> None:
-    """Once netplumb answers: define lost domains, start auto_start VMs, remove what cut creates left."""
-    await vms.reconciler.recover()
-    swept = await vms.sweep_cut_creates()
-    if swept:
-        log.warning("removed what %d create(s) cut by the last restart left behind: %s", len(swept), ", ".join(swept))
+async def recover(ctx: ServiceContext, vms: VmService, resumer: Resumer, resumptions: list[Resumption]) -> None:
+    """Once netplumb answers: define lost domains, start auto_start VMs, remove what cut creates left, then
+    resume the cut tasks (their domains are all defined by then)."""
+    try:
+        await vms.reconciler.recover()
+        swept = await vms.sweep_cut_creates()
+        if swept:
+            log.warning("removed what %d create(s) cut by the last restart left: %s", len(swept), ", ".join(swept))
+    except asyncio.CancelledError:
+        for taken in resumptions:  # a shutdown came first: the next process takes them over
+            await taken.abandon()
+        raise
+    except Exception:
+        log.exception("the recovery after start-up failed; resuming the cut tasks anyway")
+    for taken in resumptions:
+        ctx.background(resumer.run(taken), f"resumed task {taken.task.id}")
 
 
 async def serve_commands(ctx: ServiceContext, images: ImageService, vms: VmService, tasks: TaskCommands) -> None:

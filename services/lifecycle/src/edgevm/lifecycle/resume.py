@@ -15,7 +15,8 @@ and ends `succeeded`, or `failed` with the real reason. What each kind does when
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +38,20 @@ class ImportCut(EdgevmError):
     code = "500"
 
 
+@dataclass
+class Resumption:
+    """A cut task whose lease this process took over, waiting to run again."""
+
+    task: Task
+    revision: int
+    lease: HeldLease | None
+
+    async def abandon(self) -> None:
+        """Not run after all (a shutdown came first): stop renewing; the next process takes it over."""
+        if self.lease is not None:
+            await self.lease.stop()
+
+
 class Resumer:
     """Finds the lifecycle's unfinished tasks at start-up and runs each again from the real state."""
 
@@ -49,9 +64,10 @@ class Resumer:
         self._vms = vms
         self._holder = holder
 
-    async def resume_all(self) -> list[Coroutine[Any, Any, None]]:
-        """Take over every unfinished task of this service; return their runs (to await in the background)."""
-        runs: list[Coroutine[Any, Any, None]] = []
+    async def take_over_all(self) -> list[Resumption]:
+        """Take over every unfinished task of this service (before `recover`: a VM someone was stopping or
+        deleting is then not auto-started); return them, to `run` once the network answers."""
+        taken: list[Resumption] = []
         for task in self._index.unfinished():
             if not task.kind.startswith(OWN_TASK_KINDS):
                 continue
@@ -61,13 +77,12 @@ class Resumer:
                 continue
             if current.finished:
                 continue
-            run = await self._resume(current, revision)
-            if run is not None:
-                runs.append(run)
-        return runs
+            resumption = await self._take_over(current, revision)
+            if resumption is not None:
+                taken.append(resumption)
+        return taken
 
-    async def _resume(self, task: Task, revision: int) -> Coroutine[Any, Any, None] | None:
-        work = self._work(task)
+    async def _take_over(self, task: Task, revision: int) -> Resumption | None:
         lease: HeldLease | None = None
         if task.vm is not None:
             try:
@@ -79,8 +94,13 @@ class Resumer:
                 return None
         if task.vm is not None and task.kind in ("vm.stop", "vm.delete"):
             self._vms.reconciler.keep_off(task.vm)  # someone asked it off: no auto start at recovery
+        return Resumption(task, revision, lease)
+
+    async def run(self, taken: Resumption) -> None:
+        """Run a task taken over to its end, from the real state of its VM."""
+        task = taken.task
         log.warning("task %s %s of %s was cut by the last restart: resuming it", task.kind, task.id, task.vm)
-        return self._runner.run(task, revision, work, lease)
+        await self._runner.run(task, taken.revision, self._work(task), taken.lease)
 
     def _work(self, task: Task) -> Work:
         name = task.vm or ""
