@@ -12,6 +12,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from edgevm.lifecycle.imagestore import ImageStore
+from edgevm.lifecycle.killhook import with_kill_hook
 from edgevm.lifecycle.paths import confine
 from edgevm.shared.bus import current_values
 from edgevm.shared.clock import now
@@ -109,7 +110,7 @@ class ImageService:
             return msgspec.to_builtins(image)  # type: ignore[no-any-return]
 
         try:
-            return TaskReply(await self._runner.submit("image.import", None, work))
+            return TaskReply(await self._runner.submit("image.import", None, with_kill_hook("image.import", work)))
         except BaseException:
             release()
             raise
