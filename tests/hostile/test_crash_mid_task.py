@@ -89,16 +89,18 @@ class killing_node:
     """`edgevm node up` (test driver, its network in a namespace of its own) whose lifecycle kills itself at
     `kill_at`; yields a client and the launcher's log."""
 
-    def __init__(self, root: Path, kill_at: str) -> None:
+    def __init__(self, root: Path, kill_at: str, state: Path | None = None, env: dict[str, str] | None = None) -> None:
         tag = secrets.token_hex(3)
         self.world = World(f"edgevm-t-hk-{tag}", f"edgevm-t-hk{tag}-")
         self.root = root
+        self.state = state or root / "state"
         self.kill_at = kill_at
+        self.env = env or {}
 
     async def __aenter__(self) -> tuple[Client, Path]:
         await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", self.world.netns], check=True)
-        self.node = start_node_up(self.root / "state", self.root / "node.log", self.world,
-                                  env={"EDGEVM_TEST_KILL_AT": self.kill_at})
+        self.node = start_node_up(self.state, self.root / "node.log", self.world,
+                                  env={"EDGEVM_TEST_KILL_AT": self.kill_at, **self.env})
         await eventually(lambda: _answers(self.node.url), timeout=60, what="the services answer")
         self.nc = await nats.connect(self.node.url)
         return Client(self.nc, "e2e", timeout=15), self.node.log
@@ -127,6 +129,11 @@ def _tear_down(process: subprocess.Popen[bytes], world: World) -> None:
     for name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
         if name == world.netns or name.startswith(world.prefix):
             subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+async def ended(client: Client, task_id: str) -> dict[str, Any] | None:
+    """The task once it has ended; None before, or while lifecycle is down for its restart."""
+    return await _ended(client, task_id)
 
 
 async def _answers(url: str) -> bool:
