@@ -15,7 +15,6 @@ and ends `succeeded`, or `failed` with the real reason. What each kind does when
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -106,14 +105,14 @@ class Resumer:
         name = task.vm or ""
         tasks = self._vms.tasks
         if task.kind == "vm.start":
-            return lambda progress: self._existing(name, tasks.start(name, progress))
+            return lambda progress: tasks.start(name, progress)  # a VM deleted meanwhile: 404 from its record
         if task.kind == "vm.stop":
-            return lambda progress: self._existing(name, self._stop(task, progress))
+            return lambda progress: self._stop(task, progress)
         if task.kind == "vm.restart":
             async def restart(progress: Progress) -> dict[str, Any] | None:
                 await self._stop(task, progress)
                 return await tasks.start(name, progress)
-            return lambda progress: self._existing(name, restart(progress))
+            return restart
         if task.kind == "vm.delete":
             return lambda progress: self._delete(name, progress)
         return self._cut_import
@@ -125,12 +124,6 @@ class Resumer:
             timeout = max(0.0, timeout - _since(task.started_at))
         return await self._vms.tasks.stop(name, False, progress, timeout)
 
-    async def _existing(self, name: str, step: Awaitable[dict[str, Any] | None]) -> dict[str, Any] | None:
-        if self._vms.records.find(name) is None:
-            _close(step)
-            raise NotFound(f"VM {name} does not exist any more on node {self._vms.node}", "name")
-        return await step
-
     async def _delete(self, name: str, progress: Progress) -> dict[str, Any] | None:
         if self._vms.records.find(name) is None:
             return None  # its record was the last step: the delete was done
@@ -140,12 +133,6 @@ class Resumer:
     async def _cut_import(progress: Progress) -> dict[str, Any] | None:
         raise ImportCut("the lifecycle service restarted during the import's copy; the partial copy was removed"
                         " at start-up: import the image again")
-
-
-def _close(step: Awaitable[Any]) -> None:
-    close: Callable[[], None] | None = getattr(step, "close", None)
-    if close is not None:
-        close()  # a coroutine never awaited
 
 
 def _since(stamp: str) -> float:
