@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from edgevm.lifecycle.imagestore import ImageStore
+from edgevm.lifecycle.intents import Intents
 from edgevm.lifecycle.killhook import with_kill_hook
 from edgevm.lifecycle.paths import confine
 from edgevm.shared.bus import current_values
@@ -20,6 +22,8 @@ from edgevm.shared.commands import Empty, ImageList, ImageRef, ImportImage, Task
 from edgevm.shared.errors import Conflict, NotFound
 from edgevm.shared.objects import Image
 from edgevm.shared.taskrunner import Progress, TaskRunner
+
+log = logging.getLogger(__name__)
 
 _decoder = msgspec.json.Decoder(Image)
 
@@ -46,6 +50,9 @@ class ImageService:
         # Names an import or a delete of this process is working on: a second one is a 409 at once, and an
         # import and a delete of one name never touch the store's files at the same time.
         self._busy: dict[str, str] = {}
+        # Imports under way, marked before the copy and cleared once the record is written or the copy gone:
+        # a mark left with no record is an import a crash cut after its file was in place (see `load`).
+        self.intents = Intents(store.root.parent / "importing")
 
     def _key(self, name: str) -> str:
         return f"{self._node}.{name}"
@@ -55,6 +62,10 @@ class ImageService:
         for entry in (await current_values(self._kv, f"{self._node}.>")).values():
             image = _decoder.decode(entry.value or b"")
             self.images[image.name] = image
+        for name in self.intents.pending():
+            if name not in self.images and await self._store.remove(name):
+                log.warning("image %s: its import was cut by a restart after the copy; its file was removed", name)
+            self.intents.clear(name)
 
     def path(self, name: str) -> Path:
         """Return the file of image `name`."""
@@ -74,6 +85,7 @@ class ImageService:
         if req.name in self.images:
             raise Conflict(f"an image named {req.name} exists already", "name")
         self._reserve(req.name, "imported")
+        self.intents.mark(req.name)
         released = False
 
         def release() -> None:
@@ -81,10 +93,15 @@ class ImageService:
             if not released:
                 released = True
                 self._busy.pop(req.name, None)
+                self.intents.clear(req.name)
 
         async def work(progress: Progress) -> dict[str, Any]:
+            nonlocal released
             try:
                 return await copy_in(progress)
+            except asyncio.CancelledError:
+                released = True  # cut by a shutdown: the mark stays for the next start to look at
+                raise
             finally:
                 release()
 
@@ -99,6 +116,7 @@ class ImageService:
                     await progress(shown, f"copying {source.name}")
             record = copy.result()
             image = Image(req.name, record.format, req.guest_os, record.size_bytes, record.sha256, now())
+            await progress(99, "recording the image")
             try:
                 await self._kv.create(self._key(req.name), msgspec.json.encode(image))
             except KeyWrongLastSequenceError:
@@ -106,6 +124,9 @@ class ImageService:
                 # stored a file of another format (x.qcow2 beside our x.raw), and that one is the image.
                 await asyncio.to_thread(record.path.unlink, True)
                 raise Conflict(f"an image named {req.name} was imported meanwhile", "name") from None
+            except Exception:
+                await asyncio.to_thread(record.path.unlink, True)  # no record, no image: never an orphan file
+                raise
             self.images[req.name] = image
             return msgspec.to_builtins(image)  # type: ignore[no-any-return]
 

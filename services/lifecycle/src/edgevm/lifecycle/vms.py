@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from edgevm.lifecycle.createintents import CreateIntents
 from edgevm.lifecycle.images import ImageService
+from edgevm.lifecycle.intents import Intents
 from edgevm.lifecycle.killhook import with_kill_hook
 from edgevm.lifecycle.network import NoNetwork, VmNetwork
 from edgevm.lifecycle.planner import Planner
@@ -68,7 +68,7 @@ class VmService:
         self.tasks = PowerTasks(self.states, self.builder, Power(hypervisor), self.network)
         self.reconciler = Reconciler(node, self.tasks, runner, locks, lambda name: self.start(VmRef(name)))
         self._creating: dict[str, VmSpec] = {}
-        self.intents = CreateIntents(planner.layout.root / "creating")
+        self.intents = Intents(planner.layout.root / "creating")
 
     def users_of_image(self, image: str) -> list[str]:
         """Return the VMs whose spec names `image`, those being created included."""
