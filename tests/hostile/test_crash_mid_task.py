@@ -103,7 +103,7 @@ class killing_node:
         await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", self.world.netns], check=True)
         self.node = start_node_up(self.state, self.root / "node.log", self.world,
                                   env={"EDGEVM_TEST_KILL_AT": self.kill_at, **self.env})
-        await eventually(lambda: _answers(self.node.url), timeout=60, what="the services answer")
+        await eventually(lambda: _answers(self.node.url), timeout=120, what="the services answer")
         self.nc = await nats.connect(self.node.url)
         return Client(self.nc, "e2e", timeout=15), self.node.log
 
