@@ -181,8 +181,9 @@ async def bench_service(prefix: str, vrf_count: int) -> None:
         await asyncio.to_thread(host_interface, node_ns, "eth0")
         node = f"bench-{secrets.token_hex(3)}"
         config = Config(node, server.url, store, "test:///default", "127.0.0.1", 0, 0, "WARNING")
+        # The other VRFs all take 10.0.0.0/22 (VRFs may overlap each other, never the default VRF).
         settings = Settings(netns_prefix=f"{node_ns}-", node_netns=node_ns, reconcile_interval=0,
-                            default_subnet=IPv4Network("10.0.0.0/22"))
+                            default_subnet=IPv4Network("10.200.0.0/22"))
         task = asyncio.create_task(serve("netplumb", make_setup(settings), config, stop))
         client = Client(nc, node, timeout=60)
         for _ in range(200):
