@@ -53,10 +53,12 @@ async def reconcile(net: NodeNetwork) -> Reconciled:
 
 
 async def _verify_in_parts(net: NodeNetwork) -> Outcome:
-    node_part = Scope(vrfs=frozenset({names.DEFAULT_VRF}), node=True)
-    outcome = await net.exclusive(lambda: net.converge(verify=True, scope=node_part))
+    # The node's own parts go with the default VRF and the first VRFS_PER_PART others: a node of a few VRFs is
+    # verified in one pass (each part reads the node's links again).
     others = [vrf.name for vrf in net.records.vrfs.all() if vrf.name != names.DEFAULT_VRF]
-    for start in range(0, len(others), VRFS_PER_PART):
+    node_part = Scope(vrfs=frozenset({names.DEFAULT_VRF, *others[:VRFS_PER_PART]}), node=True)
+    outcome = await net.exclusive(lambda: net.converge(verify=True, scope=node_part))
+    for start in range(VRFS_PER_PART, len(others), VRFS_PER_PART):
         part = Scope(vrfs=frozenset(others[start : start + VRFS_PER_PART]), node=False)
         done = await net.exclusive(partial(net.converge, verify=True, scope=part))
         outcome.changes += done.changes
