@@ -11,6 +11,7 @@ followed by net.vm.activate of a VM with one port mapping, at 1, 100 and 500 VRF
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -19,9 +20,10 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import REGISTRY
 
@@ -166,11 +168,11 @@ def host_interface(netns: str, name: str) -> None:
         links.ensure_bridge(name)
 
 
-async def bench_service(prefix: str, vrf_count: int) -> None:
-    """The netplumb service over NATS driving namespace `<prefix>svc<n>`: activate and no-change reconcile."""
+@contextlib.asynccontextmanager
+async def running_netplumb(node_ns: str, **settings: Any) -> AsyncIterator[Client]:
+    """The netplumb service on a NATS of its own, driving namespace `node_ns` (removed after, with its VRFs)."""
     import nats
 
-    node_ns = f"{prefix}svc{vrf_count}"
     store = Path(tempfile.mkdtemp(prefix="edgevm-bench-np-"))
     server = start_nats_server(store / "nats", port=free_port())
     stop = asyncio.Event()
@@ -181,10 +183,8 @@ async def bench_service(prefix: str, vrf_count: int) -> None:
         await asyncio.to_thread(host_interface, node_ns, "eth0")
         node = f"bench-{secrets.token_hex(3)}"
         config = Config(node, server.url, store, "test:///default", "127.0.0.1", 0, 0, "WARNING")
-        # The other VRFs all take 10.0.0.0/22 (VRFs may overlap each other, never the default VRF).
-        settings = Settings(netns_prefix=f"{node_ns}-", node_netns=node_ns, reconcile_interval=0,
-                            default_subnet=IPv4Network("10.200.0.0/22"))
-        task = asyncio.create_task(serve("netplumb", make_setup(settings), config, stop))
+        own = Settings(netns_prefix=f"{node_ns}-", node_netns=node_ns, reconcile_interval=0, **settings)
+        task = asyncio.create_task(serve("netplumb", make_setup(own), config, stop))
         client = Client(nc, node, timeout=60)
         for _ in range(200):
             try:
@@ -192,6 +192,24 @@ async def bench_service(prefix: str, vrf_count: int) -> None:
                 break
             except Exception:
                 await asyncio.sleep(0.05)
+        yield client
+    finally:
+        await nc.close()
+        stop.set()
+        if task is not None:
+            await asyncio.wait_for(task, 60)
+        server.stop()
+        shutil.rmtree(store, ignore_errors=True)
+        for name in sorted(os.listdir(ns.NETNS_DIR), reverse=True):
+            if name.startswith(node_ns):
+                ns.remove_netns(name)
+
+
+async def bench_service(prefix: str, vrf_count: int) -> None:
+    """The netplumb service over NATS driving namespace `<prefix>svc<n>`: activate and no-change reconcile."""
+    node_ns = f"{prefix}svc{vrf_count}"
+    # The other VRFs all take 10.0.0.0/22 (VRFs may overlap each other, never the default VRF).
+    async with running_netplumb(node_ns, default_subnet=IPv4Network("10.200.0.0/22")) as client:
         vrfs = ["default"] + [f"v{n}" for n in range(vrf_count - 1)]
         for name in vrfs[1:]:
             await client.call("net.vrf.create", {"name": name, "subnet": "10.0.0.0/22"})
@@ -238,16 +256,6 @@ async def bench_service(prefix: str, vrf_count: int) -> None:
             f"tables {raw_list * 1000:6.1f} ms   ratio {reconcile / raw_list:4.2f}"
             f"   goal < {GOAL_RECONCILE * 1000:.0f} ms   {'ok' if reconcile < GOAL_RECONCILE else 'MISSED'}"
         )
-    finally:
-        await nc.close()
-        stop.set()
-        if task is not None:
-            await asyncio.wait_for(task, 30)
-        server.stop()
-        shutil.rmtree(store, ignore_errors=True)
-        for name in sorted(os.listdir(ns.NETNS_DIR), reverse=True):
-            if name.startswith(node_ns):
-                ns.remove_netns(name)
 
 
 SCALE_VRFS = (1, 100, 500)
@@ -263,28 +271,8 @@ def namespaces_looked_at() -> tuple[float, float]:
 
 async def bench_vm_change(prefix: str, vrf_count: int) -> None:
     """net.vm.prepare + net.vm.activate of a fresh VM in the last of `vrf_count` VRFs, over NATS."""
-    import nats
-
     node_ns = f"{prefix}scale{vrf_count}"
-    store = Path(tempfile.mkdtemp(prefix="edgevm-bench-np-"))
-    server = start_nats_server(store / "nats", port=free_port())
-    stop = asyncio.Event()
-    task: asyncio.Task[None] | None = None
-    nc = await nats.connect(server.url)
-    try:
-        ns.ensure_netns(node_ns)
-        await asyncio.to_thread(host_interface, node_ns, "eth0")
-        node = f"bench-{secrets.token_hex(3)}"
-        config = Config(node, server.url, store, "test:///default", "127.0.0.1", 0, 0, "WARNING")
-        settings = Settings(netns_prefix=f"{node_ns}-", node_netns=node_ns, reconcile_interval=0)
-        task = asyncio.create_task(serve("netplumb", make_setup(settings), config, stop))
-        client = Client(nc, node, timeout=60)
-        for _ in range(200):
-            try:
-                await client.call("net.vrf.list")
-                break
-            except Exception:
-                await asyncio.sleep(0.05)
+    async with running_netplumb(node_ns) as client:
         started = time.perf_counter()
         vrfs = [f"v{n}" for n in range(vrf_count)]  # besides default: the VM's is a VRF namespace at every count
         for name in vrfs:
@@ -325,16 +313,6 @@ async def bench_vm_change(prefix: str, vrf_count: int) -> None:
               flush=True)
         print(f"       the last net.vrf.create {last_create * 1000:6.1f} ms; net.reconcile, nothing to change,"
               f" {reconcile * 1000:7.1f} ms (in parts: commands pass between them)", flush=True)
-    finally:
-        await nc.close()
-        stop.set()
-        if task is not None:
-            await asyncio.wait_for(task, 60)
-        server.stop()
-        shutil.rmtree(store, ignore_errors=True)
-        for name in sorted(os.listdir(ns.NETNS_DIR), reverse=True):
-            if name.startswith(node_ns):
-                ns.remove_netns(name)
 
 
 if __name__ == "__main__":
