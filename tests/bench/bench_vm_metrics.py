@@ -34,13 +34,12 @@ from tests.helpers import eventually
 
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.lifecycle.app import setup
-from edgevm.lifecycle.vmmetrics import STATS_GROUPS, VmMetrics, read_bulk_stats
+from edgevm.lifecycle.vmmetrics import STATS_GROUPS, VmMetrics, bulk_stats_reader
 from edgevm.shared import textformat
 from edgevm.shared.client import Client
 from edgevm.shared.commands import TaskReply
 from edgevm.shared.config import Config
 from edgevm.shared.libvirt.connection import HypervisorConnection
-from edgevm.shared.metrics import on_loop
 from edgevm.shared.runtime import serve
 
 VMS = 1000
@@ -127,8 +126,7 @@ async def main() -> None:
         # on this event loop), to tell it from the rest of the lifecycle's metrics.
         connection = HypervisorConnection("test:///default")
         await connection.open()
-        read = on_loop(lambda: connection.call(read_bulk_stats), asyncio.get_running_loop())
-        vm_text = VmMetrics(read, node, 1, 1, max_age=0).exposition
+        vm_text = VmMetrics(bulk_stats_reader(connection.submit), node, 1, 1, max_age=0).exposition
         scraper = Scraper("127.0.0.1", port)
         await asyncio.to_thread(scraper.get, "/metrics")  # connects, as Prometheus's first scrape does
         samples: dict[str, list[float]] = {"raw": [], "scrape": [], "vms": [], "registry": [], "generate_latest": []}

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Generic, TypeVar
 
@@ -63,7 +64,7 @@ TASKS_ACTIVE = Gauge(
 )
 
 
-TextSource = Callable[[], str]
+TextSource = Callable[[], Callable[[], str]]
 
 
 class Exposition:
@@ -71,7 +72,9 @@ class Exposition:
 
     A text source renders whole families itself (HELP, TYPE and samples, each line ending in a newline), for
     figures with series per VM: prometheus_client formats each series at about 6 us, which made a scrape of
-    1,000 VMs several times as long as the libvirt call that read them.
+    1,000 VMs several times as long as the libvirt call that read them. A source is called in two steps:
+    `source()` begins what its text needs (a read that waits on libvirt, say) and returns the function that
+    writes the text; the registry is rendered in between, while those reads run on other threads.
     """
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
@@ -88,7 +91,8 @@ class Exposition:
 
     def render(self) -> bytes:
         """The whole exposition, as a scrape gets it."""
-        return (textformat.render(self.registry) + "".join(source() for source in list(self._sources))).encode()
+        writers = [source() for source in list(self._sources)]
+        return (textformat.render(self.registry) + "".join(write() for write in writers)).encode()
 
 
 EXPOSITION = Exposition()
@@ -188,22 +192,77 @@ def on_loop(call: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop,
     return blocking
 
 
-class CachedRead(Generic[T]):
-    """A blocking read shared by the scrapes of `max_age` seconds (concurrent scrapes wait for one read)."""
+def ready(read: Callable[[], T]) -> Callable[[], Future[T]]:
+    """A blocking read as a start function (see CachedRead): it reads on the calling thread, then returns."""
 
-    def __init__(self, read: Callable[[], T], max_age: float) -> None:
-        self._read = read
+    def start() -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(read())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    return start
+
+
+class CachedRead(Generic[T]):
+    """A read shared by the scrapes of `max_age` seconds (concurrent scrapes wait for one read).
+
+    `start` begins the read and returns its future (`begin_on_loop`, or `ready` for a read that blocks).
+    """
+
+    def __init__(self, start: Callable[[], Future[T]], max_age: float, timeout: float = SCRAPE_TIMEOUT) -> None:
+        self._start = start
         self._max_age = max_age
+        self._timeout = timeout
         self._lock = threading.Lock()
-        self._cached: tuple[float, T, float] | None = None
+        self._cached: tuple[float, T, float] | None = None  # (read at, value, seconds the read took)
+        self._pending: _Read[T] | None = None
+
+    def begin(self) -> Callable[[], tuple[T, float]]:
+        """Begin a read unless a recent or pending one serves; return the function that waits for its result."""
+        with self._lock:
+            cached = self._cached
+            if cached is not None and time.monotonic() - cached[0] < self._max_age:
+                return lambda: (cached[1], cached[2])
+            if self._pending is None:
+                self._pending = _Read(self._start)
+            pending = self._pending
+        return lambda: self._finish(pending)
 
     def __call__(self) -> tuple[T, float]:
         """Return the value and the seconds its read took (a read's exception is raised, not cached)."""
+        return self.begin()()
+
+    def _finish(self, read: _Read[T]) -> tuple[T, float]:
+        try:
+            value = read.future.result(self._timeout)
+        except BaseException:
+            with self._lock:
+                if self._pending is read:
+                    self._pending = None  # the next scrape reads again
+            raise
+        ended = read.ended()
         with self._lock:
-            started = time.monotonic()
-            if self._cached is not None and started - self._cached[0] < self._max_age:
-                return self._cached[1], self._cached[2]
-            value = self._read()
-            ended = time.monotonic()
-            self._cached = (ended, value, ended - started)
-            return value, ended - started
+            if self._pending is read:
+                self._pending = None
+                self._cached = (ended, value, ended - read.started)
+        return value, ended - read.started
+
+
+class _Read(Generic[T]):
+    """One read of a CachedRead: its future, and when it began and ended (monotonic seconds)."""
+
+    def __init__(self, start: Callable[[], Future[T]]) -> None:
+        self.started = time.monotonic()
+        self._ended: float | None = None
+        self.future = start()
+        self.future.add_done_callback(self._note_end)
+
+    def _note_end(self, _future: Future[T]) -> None:
+        self._ended = time.monotonic()
+
+    def ended(self) -> float:
+        """When the read ended (its future's waiters may wake before its callbacks run: then now)."""
+        return self._ended if self._ended is not None else time.monotonic()

@@ -19,7 +19,7 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.resume import Resumer, Resumption
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
-from edgevm.lifecycle.vmmetrics import VmMetrics, read_bulk_stats
+from edgevm.lifecycle.vmmetrics import VmMetrics, bulk_stats_reader
 from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
@@ -29,7 +29,7 @@ from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.libvirt.events import LifecycleEvents
 from edgevm.shared.libvirt.plan import DomainType
 from edgevm.shared.locks import VmLocks, process_instance
-from edgevm.shared.metrics import EXPOSITION, SCRAPE_TIMEOUT, on_loop
+from edgevm.shared.metrics import EXPOSITION
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.taskrunner import TaskRunner
 from edgevm.shared.tasks import TaskStore
@@ -159,8 +159,7 @@ async def serve_commands(ctx: ServiceContext, images: ImageService, vms: VmServi
 
 def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
     """Serve the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
-    read = on_loop(lambda: connection.call(read_bulk_stats, timeout=SCRAPE_TIMEOUT), asyncio.get_running_loop())
-    vm_metrics = VmMetrics(read, ctx.config.node, vms.builder.host_cpus, vms.builder.host_memory)
-    EXPOSITION.add(vm_metrics.exposition)
-    ctx.stack.callback(EXPOSITION.remove, vm_metrics.exposition)
+    vm_metrics = VmMetrics(bulk_stats_reader(connection.submit), ctx.config.node, vms.builder.host_cpus, vms.builder.host_memory)
+    EXPOSITION.add(vm_metrics.begin)
+    ctx.stack.callback(EXPOSITION.remove, vm_metrics.begin)
 
