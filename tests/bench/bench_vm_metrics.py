@@ -43,7 +43,7 @@ from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.runtime import serve
 
 VMS = 1000
-ROUNDS = 12
+ROUNDS = 16
 CACHE_AGE = 1.0  # the collector's max_age: scrapes are spaced past it
 GOAL_RATIO = 1.5
 
