@@ -49,13 +49,26 @@ def test_a_failed_read_is_not_cached_and_the_next_scrape_reads_again() -> None:
     assert again()[0] == 3
 
 
-def test_a_read_that_never_ends_times_out_and_is_not_waited_for_again() -> None:
+def test_scrapes_time_out_on_a_hung_read_without_queueing_more_reads_behind_it() -> None:
     start = Manual()
-    read = CachedRead(start, max_age=60, timeout=0.05)
-    with pytest.raises(TimeoutError):
-        read()
+    read = CachedRead(start, max_age=0, timeout=0.05)
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            read()
+    assert len(start.futures) == 1, "each scrape queued another read behind the hung one"
+    start.futures[0].set_result(4)  # libvirt answers at last
+    assert read()[0] == 4
     read.begin()
-    assert len(start.futures) == 2, "a scrape after the timeout waited on the read that never ended"
+    assert len(start.futures) == 2, "a read after max_age did not read again"
+
+
+def test_a_start_that_fails_at_once_fails_the_read() -> None:
+    def start() -> Future[int]:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    read = CachedRead(start, max_age=60)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        read()
 
 
 def test_the_read_time_is_the_reads_own_not_the_scrapes() -> None:

@@ -239,9 +239,13 @@ class CachedRead(Generic[T]):
         try:
             value = read.future.result(self._timeout)
         except BaseException:
-            with self._lock:
-                if self._pending is read:
-                    self._pending = None  # the next scrape reads again
+            # A read that failed is not kept: the next scrape reads again. One still running past the
+            # timeout is: the next scrapes wait for it rather than queue reads behind it (a hung libvirt
+            # holds one worker thread, not one more per scrape).
+            if read.future.done():
+                with self._lock:
+                    if self._pending is read:
+                        self._pending = None
             raise
         ended = read.ended()
         with self._lock:
@@ -257,7 +261,11 @@ class _Read(Generic[T]):
     def __init__(self, start: Callable[[], Future[T]]) -> None:
         self.started = time.monotonic()
         self._ended: float | None = None
-        self.future = start()
+        try:
+            self.future = start()
+        except Exception as exc:  # a start that fails at once fails this read, as a read that fails does
+            self.future = Future()
+            self.future.set_exception(exc)
         self.future.add_done_callback(self._note_end)
 
     def _note_end(self, _future: Future[T]) -> None:

@@ -14,7 +14,7 @@ import libvirt
 from edgevm.shared.libvirt.naming import vm_name
 from edgevm.shared.libvirt.states import DomainState, state_from_libvirt
 from edgevm.shared.libvirt.errors import HypervisorTimeout
-from edgevm.shared.metrics import SCRAPE_TIMEOUT, CachedRead
+from edgevm.shared.metrics import CachedRead
 from edgevm.shared.textformat import label_value
 
 __all__ = ["FAMILIES", "STATS_GROUPS", "VmMetrics", "bulk_stats_reader", "read_bulk_stats"]
@@ -31,6 +31,7 @@ STATS_GROUPS = (
     | libvirt.VIR_DOMAIN_STATS_INTERFACE
     | libvirt.VIR_DOMAIN_STATS_BLOCK
 )
+BEGIN_WAIT = 0.1  # seconds a scrape waits for its read to begin before it renders the registry
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN)
 
 # Every family, exported on every scrape (empty when no VM has the stat): name -> (type, help).
@@ -117,7 +118,8 @@ def bulk_stats_reader(submit: Callable[[Callable[[libvirt.virConnect], object]],
     The future gets the stats as soon as they are read (the domain objects are freed after it). The start
     function returns once libvirt has the call: the scrape thread goes on to render the registry, holding
     the GIL, and returning earlier would keep the worker thread from even starting the call until the
-    rendering let go of the GIL (for up to `sys.getswitchinterval()`, 5 ms).
+    rendering let go of the GIL (for up to `sys.getswitchinterval()`, 5 ms). It waits at most BEGIN_WAIT:
+    with every worker thread busy (VMs starting, say) the registry is rendered while the read is queued.
     """
 
     def start() -> Future[DomainStats]:
@@ -126,7 +128,7 @@ def bulk_stats_reader(submit: Callable[[Callable[[libvirt.virConnect], object]],
         call = submit(functools.partial(read_bulk_stats, deliver=result.set_result, begun=begun.set))
         call.add_done_callback(functools.partial(_failure_into, result))
         call.add_done_callback(lambda _: begun.set())
-        begun.wait(SCRAPE_TIMEOUT)
+        begun.wait(BEGIN_WAIT)
         return result
 
     return start

@@ -89,11 +89,14 @@ class HypervisorConnection:
         It spares a scrape two thread switches through the event loop, each way.
         """
         conn = self._conn
-        if conn is None or self._closed:
+        try:
+            if conn is None or self._closed:
+                raise RuntimeError("not connected")
+            future = self._executor.submit(_translated, conn, function)
+        except RuntimeError:  # not connected, or closed (its executor shut down) since
             failed: Future[T] = Future()
-            failed.set_exception(HypervisorUnavailable(f"not connected to {self.uri} (reconnecting)"))
+            failed.set_exception(HypervisorUnavailable(f"not connected to {self.uri}"))
             return failed
-        future = self._executor.submit(_translated, conn, function)
         future.add_done_callback(functools.partial(self._lost_if_unavailable, conn))
         return future
 
