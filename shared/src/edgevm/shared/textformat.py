@@ -135,7 +135,7 @@ def _children(wrapper: Any) -> list[tuple[tuple[str, ...], Any]]:
 @functools.lru_cache(maxsize=65536)
 def _series(name: str, labelnames: tuple[str, ...], labelvalues: tuple[str, ...], extra: tuple[str, str] | None) -> str:
     """A series' text up to its value: its name and labels (sorted, as generate_latest sorts them)."""
-    pairs = list(zip(labelnames, labelvalues))
+    pairs = list(zip(labelnames, labelvalues, strict=True))
     if extra is not None:
         pairs.append(extra)
     if not pairs:
@@ -182,7 +182,7 @@ def _write_histogram(histogram: Any, output: list[str]) -> None:
     children = _children(histogram)
     for labels, child in children:
         accumulated = 0.0
-        for le, value in zip(_bounds(tuple(child._upper_bounds)), child._buckets):
+        for le, value in zip(_bounds(tuple(child._upper_bounds)), child._buckets, strict=True):
             accumulated += value.get()
             output.append(f"{_series(bucket, names, labels, le)}{_number(accumulated)}\n")
         output.append(f"{_series(count, names, labels, None)}{_number(accumulated)}\n")

@@ -159,7 +159,8 @@ async def serve_commands(ctx: ServiceContext, images: ImageService, vms: VmServi
 
 def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
     """Serve the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
-    vm_metrics = VmMetrics(bulk_stats_reader(connection.submit), ctx.config.node, vms.builder.host_cpus, vms.builder.host_memory)
+    vm_metrics = VmMetrics(bulk_stats_reader(connection.submit), ctx.config.node, vms.builder.host_cpus,
+                           vms.builder.host_memory)
     EXPOSITION.add(vm_metrics.begin)
     ctx.stack.callback(EXPOSITION.remove, vm_metrics.begin)
 

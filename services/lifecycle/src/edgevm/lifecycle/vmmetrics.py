@@ -11,9 +11,9 @@ from typing import Any
 
 import libvirt
 
+from edgevm.shared.libvirt.errors import HypervisorTimeout
 from edgevm.shared.libvirt.naming import vm_name
 from edgevm.shared.libvirt.states import DomainState, state_from_libvirt
-from edgevm.shared.libvirt.errors import HypervisorTimeout
 from edgevm.shared.metrics import CachedRead
 from edgevm.shared.textformat import label_value
 
