@@ -209,7 +209,8 @@ def ready(read: Callable[[], T]) -> Callable[[], Future[T]]:
 class CachedRead(Generic[T]):
     """A read shared by the scrapes of `max_age` seconds (concurrent scrapes wait for one read).
 
-    `start` begins the read and returns its future (`begin_on_loop`, or `ready` for a read that blocks).
+    `start` begins the read and returns its future (as `vmmetrics.bulk_stats_reader` does; `ready` makes one of
+    a read that blocks).
     """
 
     def __init__(self, start: Callable[[], Future[T]], max_age: float, timeout: float = SCRAPE_TIMEOUT) -> None:
