@@ -93,13 +93,15 @@ async def test_every_service_answers_the_moment_discovery_lists_it(tmp_path: Pat
         assert outcomes == dict.fromkeys(names, "answered"), f"start {start}: {outcomes}"
 
 
-async def test_ctrl_c_stops_the_services_before_nats(tmp_path: Path, node_world: World) -> None:
+# Ctrl-C, and the SIGHUP a terminal sends as it closes: both reach the whole foreground group.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "terminal-closed"])
+async def test_ctrl_c_stops_the_services_before_nats(tmp_path: Path, node_world: World, sig: int) -> None:
     names = {f"edgevm-{s}" for s in installed_services()}
     node = start_node_up(tmp_path / "state", tmp_path / "node.log", node_world)
     try:
         assert await command_each_when_listed(node.url, "e2e", names) == dict.fromkeys(names, "answered")
     finally:
-        code = stop_node(node, signal.SIGINT)  # the whole foreground group, as a terminal sends it
+        code = stop_node(node, sig)  # the whole foreground group, as a terminal sends it
     text = node.log.read_text()
     assert code == 0, text
     nats_stops = text.index("services stopped; stopping NATS")
@@ -108,6 +110,35 @@ async def test_ctrl_c_stops_the_services_before_nats(tmp_path: Path, node_world:
         assert 0 <= stopped < nats_stops, f"{name} did not stop (drained) before NATS:\n{text}"
     assert "disconnected from NATS" not in text, f"a service lost NATS on the way down:\n{text}"
     assert text.rstrip().endswith("stopped"), text
+
+
+async def test_a_killed_launcher_leaves_nothing_running_and_the_node_starts_again(tmp_path: Path,
+                                                                                 node_world: World) -> None:
+    names = {f"edgevm-{s}" for s in installed_services()}
+    node = start_node_up(tmp_path / "state", tmp_path / "node.log", node_world)
+    children: dict[int, str] = {}
+    try:
+        assert await command_each_when_listed(node.url, "e2e", names) == dict.fromkeys(names, "answered")
+        children = children_of(node.process.pid)
+        assert any("nats-server" in command for command in children.values()), children
+        os.kill(node.process.pid, signal.SIGKILL)  # the launcher alone, as the OOM killer would
+        await asyncio.to_thread(node.process.wait, 10)
+
+        async def all_ended() -> bool:
+            return not [command for pid, command in children.items() if alive(pid)]
+
+        await eventually(all_ended, timeout=60, what="the embedded NATS and the services ended with node up")
+    finally:
+        for pid in children:  # whatever outlived it, so that it does not outlive the test
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        stop_node(node, signal.SIGKILL)
+    # Nothing holds the state directory's JetStream store: node up starts on it again.
+    again = start_node_up(tmp_path / "state", tmp_path / "again.log", node_world)
+    try:
+        assert await command_each_when_listed(again.url, "e2e", names) == dict.fromkeys(names, "answered")
+    finally:
+        stop_node(again)
 
 
 async def _count_of_vm_list(port: int) -> float:

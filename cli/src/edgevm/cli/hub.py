@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from edgevm.cli.fleetstate import HUB_DOMAIN, HubState
 from edgevm.cli.natsserver import launch_nats_server
 from edgevm.cli.sourcewatch import watch_sources
 from edgevm.cli.sourcing import ensure_hub_streams
-from edgevm.cli.supervisor import Child, NodeOptions, Supervisor
+from edgevm.cli.supervisor import STOP_SIGNALS, Child, NodeOptions, Supervisor
 from edgevm.shared.bus import connect
 from edgevm.shared.config import DEFAULT_METRICS_BASE, SERVICES
 
@@ -81,11 +80,13 @@ class HubSupervisor(Supervisor):
     async def run(self) -> None:
         """Start everything, supervise until SIGTERM/SIGINT, then stop everything."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal)
         state = await asyncio.to_thread(prepare, self.hub)
-        self.nats = await asyncio.to_thread(launch_nats_server, state.nats_config, self.options.nats_host,
-                                            self.hub.nats_port, state.root / "nats.log", state.nats_dir)
+        # Started on this (the main) thread so that it dies with `hub up` even when that is killed.
+        self.nats = launch_nats_server(state.nats_config, self.options.nats_host, self.hub.nats_port,
+                                       state.root / "nats.log", state.nats_dir, die_with_parent=True, wait=False)
+        await asyncio.to_thread(self.nats.wait_ready)
         try:
             nodes = sorted(state.load().nodes)
             admin = await connect(self.nats.url, "edgevm-hub", seed_file=str(state.seed_path("admin")))

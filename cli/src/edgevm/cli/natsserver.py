@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgevm.cli.parentdeath import die_with_parent as die_with_parent_fn
 from edgevm.cli.secretfile import write_secret
 
 
@@ -72,6 +73,15 @@ class NatsServer:
                 self.process.kill()
                 self.process.wait()
 
+    def wait_ready(self, timeout: float = 15) -> None:
+        """Return once the server accepts connections; kill it if it does not within `timeout` seconds."""
+        try:
+            wait_for_port(self.host, self.port, timeout, self.process)
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+
     def reload(self) -> None:
         """Make the server re-read its configuration file (SIGHUP: a reload, never a restart)."""
         self.process.send_signal(signal.SIGHUP)
@@ -84,30 +94,35 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 
 def start_nats_server(
     store_dir: Path, host: str = "127.0.0.1", port: int = 4222, log_file: Path | None = None,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, *, die_with_parent: bool = False, wait: bool = True,
 ) -> NatsServer:
     """Start nats-server with JetStream storing under `store_dir`; return once it accepts connections.
 
     Settings without a command-line flag (max_payload, and `extra`: e.g. a JetStream domain and a leaf-node
     uplink) go in `nats-server.conf` inside `store_dir`, written 0600 since a leaf-node uplink holds a seed.
+    `die_with_parent` and `wait` as for `launch_nats_server`.
     """
     store_dir.mkdir(parents=True, exist_ok=True)
     config = {"max_payload": MAX_PAYLOAD, "jetstream": {"store_dir": str(store_dir)}, **(extra or {})}
     config_path = store_dir / "nats-server.conf"
     write_secret(config_path, json.dumps(config, indent=2) + "\n")
-    return launch_nats_server(config_path, host, port, log_file, store_dir)
+    return launch_nats_server(config_path, host, port, log_file, store_dir, die_with_parent=die_with_parent,
+                              wait=wait)
 
 
-def launch_nats_server(config: Path, host: str, port: int, log_file: Path | None, store_dir: Path) -> NatsServer:
-    """Run nats-server with the configuration file `config`; return once it accepts connections on host:port."""
+def launch_nats_server(config: Path, host: str, port: int, log_file: Path | None, store_dir: Path, *,
+                       die_with_parent: bool = False, wait: bool = True) -> NatsServer:
+    """Run nats-server with the configuration file `config`; return once it accepts connections on host:port.
+
+    With `die_with_parent` the server gets SIGTERM when the calling thread ends (see parentdeath): call it
+    from the main thread, with `wait=False` so as not to block there, then `wait_ready()` from another.
+    """
     args = [find_nats_server(), "--config", str(config), "--addr", host, "--port", str(port)]
     if log_file is not None:
         args += ["--log", str(log_file)]
-    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_port(host, port, 15, process)
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return NatsServer(process, host, port, store_dir)
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                               preexec_fn=die_with_parent_fn if die_with_parent else None)
+    server = NatsServer(process, host, port, store_dir)
+    if wait:
+        server.wait_ready()
+    return server

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgevm.cli.natsserver import NatsServer, start_nats_server
+from edgevm.cli.parentdeath import die_with_parent
 from edgevm.shared.config import SERVICES
 
 if TYPE_CHECKING:
@@ -28,18 +28,13 @@ HEALTHY_AFTER = 60.0
 # How long the services get to stop before they are killed: their drains (lifecycle's tasks 30 s, snapshot
 # tasks 60 s, then NATS 5 s) fit in it. A second Ctrl-C kills them at once.
 STOP_GRACE = 75.0
-_PR_SET_PDEATHSIG = 1
+# Each stops the node as Ctrl-C does: SIGHUP too, which a terminal that closes sends.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def installed_services() -> list[str]:
     """Return the services whose package (with a __main__) is installed, in start order."""
     return [s for s in SERVICES if importlib.util.find_spec(f"edgevm.{s}.__main__") is not None]
-
-
-def _die_with_parent() -> None:
-    # A child gets SIGTERM when `node up` itself dies (even by SIGKILL), so no service outlives its node.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @dataclass
@@ -56,7 +51,7 @@ class Child:
     async def spawn(self) -> None:
         """Start the service process."""
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"edgevm.{self.name}", env=self.env, preexec_fn=_die_with_parent
+            sys.executable, "-m", f"edgevm.{self.name}", env=self.env, preexec_fn=die_with_parent
         )
         self.started_at = time.monotonic()
         log.info("started edgevm-%s (pid %d)", self.name, self.process.pid)
@@ -109,7 +104,7 @@ class Supervisor:
     async def run(self) -> None:
         """Start everything, supervise until SIGTERM/SIGINT, then stop everything."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal)
         self.options.state_dir.mkdir(parents=True, exist_ok=True)
         nats_url = self.options.nats_url
@@ -117,14 +112,17 @@ class Supervisor:
         nats_log = self.options.state_dir / "nats.log"
         logged_before = nats_log.stat().st_size if nats_log.exists() else 0  # what the uplink's watch skips
         if nats_url is None:
-            self.nats = await asyncio.to_thread(
-                start_nats_server,
+            # Started on this (the main) thread so that it dies with `node up` even when that is killed.
+            self.nats = start_nats_server(
                 self.options.state_dir / "nats",
                 self.options.nats_host,
                 self.options.nats_port,
                 self.options.state_dir / "nats.log",
                 link.config if link is not None else None,
+                die_with_parent=True,
+                wait=False,
             )
+            await asyncio.to_thread(self.nats.wait_ready)
             nats_url = self.nats.url
         print(f"edgevm node {self.options.node}: NATS on {nats_url}"
               f"{' (embedded, JetStream in ' + str(self.options.state_dir / 'nats') + ')' if self.nats else ''}",

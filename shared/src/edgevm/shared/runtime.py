@@ -180,7 +180,8 @@ def main(name: str, setup: Setup) -> None:
     async def run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: a terminal that closes sends it to `node up` and the services it runs in the foreground.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         try:
             await serve(name, setup, config, stop)
