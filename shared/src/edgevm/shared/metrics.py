@@ -99,6 +99,8 @@ EXPOSITION = Exposition()
 
 
 IDLE_TIMEOUT = 600.0  # seconds a kept-alive scrape connection may stay idle (Prometheus keeps its own 5 minutes)
+# Connections served at once (a thread each). A few scrapers need a few; the rest are closed when accepted.
+MAX_CONNECTIONS = 32
 
 
 def _loopback(address: str) -> bool:
@@ -161,9 +163,24 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry = REGISTRY) 
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
 
     class Server(ThreadingHTTPServer):
-        """A thread per connection, on the listening address's family (IPv4 or IPv6)."""
+        """A thread per connection, on the listening address's family (IPv4 or IPv6), MAX_CONNECTIONS at most."""
 
         address_family = family
+        _open = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            # Past the limit a connection is closed at once: idle connections, however many a client opens,
+            # cost the service at most MAX_CONNECTIONS threads.
+            return self._open.acquire(blocking=False)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._open.release()
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("metrics connection from %s ended with an error", client_address, exc_info=True)
 
     class Handler(_ScrapeHandler):
         exposition = EXPOSITION if registry is REGISTRY else Exposition(registry)
