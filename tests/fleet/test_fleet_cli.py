@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from edgevm.cli.fleetstate import HubState
-from tests.fleet.conftest import EDGEVM
+from edgevm.cli.natsserver import free_port
+from tests.e2e.test_node_up import alive, children_of
+from tests.fleet.conftest import EDGEVM, Hub
 
 
 def fleet(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -65,3 +70,29 @@ def test_credentials_are_0600_and_the_hub_keeps_no_node_seed(state: Path, tmp_pa
         assert (state / secret).stat().st_mode & 0o777 == 0o600, secret
     result = fleet(state, "add-node", "edge-2", "--out", str(tmp_path / "edge-2.creds"))
     assert "the hub has not run yet" in result.stdout and seed not in result.stdout + result.stderr
+
+
+def test_a_killed_hub_leaves_no_nats_server_and_starts_again(tmp_path: Path) -> None:
+    hub = Hub(tmp_path / "hub", free_port(), free_port(), free_port(), tmp_path / "hub.log")
+    hub.start()
+    assert hub.process is not None
+    servers: dict[int, str] = {}
+    try:
+        servers = {pid: command for pid, command in children_of(hub.process.pid).items() if "nats-server" in command}
+        assert servers, hub.log.read_text()
+        os.kill(hub.process.pid, signal.SIGKILL)  # the launcher alone, as the OOM killer would
+        hub.process.wait(10)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in servers):
+            assert time.monotonic() < deadline, f"the hub's nats-server outlived it: {servers}"
+            time.sleep(0.1)
+    finally:
+        for pid in servers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        hub.stop()
+    hub.start()  # its ports and JetStream store are free again
+    try:
+        assert hub.process is not None and hub.process.poll() is None, hub.log.read_text()
+    finally:
+        hub.stop()
