@@ -13,6 +13,7 @@ rendering) and the service's other metrics (the registry, rendered by edgevm.sha
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import statistics
@@ -34,7 +35,7 @@ from tests.helpers import eventually
 
 from edgevm.cli.natsserver import free_port, start_nats_server
 from edgevm.lifecycle.app import setup
-from edgevm.lifecycle.vmmetrics import STATS_GROUPS, VmMetrics, bulk_stats_reader
+from edgevm.lifecycle.vmmetrics import STATS_GROUPS, VmMetrics, free_in_background, read_bulk_stats
 from edgevm.shared import textformat
 from edgevm.shared.client import Client
 from edgevm.shared.commands import TaskReply
@@ -126,7 +127,8 @@ async def main() -> None:
         # on this event loop), to tell it from the rest of the lifecycle's metrics.
         connection = HypervisorConnection("test:///default")
         await connection.open()
-        vm_text = VmMetrics(bulk_stats_reader(connection.submit), node, 1, 1, max_age=0).exposition
+        read = functools.partial(connection.call_here, functools.partial(read_bulk_stats, dispose=free_in_background))
+        vm_text = VmMetrics(read, node, 1, 1, max_age=0).exposition
         scraper = Scraper("127.0.0.1", port)
         await asyncio.to_thread(scraper.get, "/metrics")  # connects, as Prometheus's first scrape does
         samples: dict[str, list[float]] = {"raw": [], "scrape": [], "vms": [], "registry": [], "generate_latest": []}

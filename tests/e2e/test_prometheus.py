@@ -26,7 +26,6 @@ from edgevm.cli.natsserver import free_port
 from edgevm.shared.client import Client
 from edgevm.shared.config import DEFAULT_METRICS_BASE, SERVICES
 from edgevm.shared.errors import RemoteError
-from edgevm.shared.metrics import ready
 from tests.e2e.conftest import World, start_node_up
 from tests.helpers import eventually
 
@@ -168,7 +167,7 @@ async def test_the_dashboards_use_only_metrics_the_services_register() -> None:
         lambda: {name for collector in collectors for family in collector.collect() for name in exposed_names(family)}
     )
     # ...and the text sources served after the registry (see edgevm.shared.metrics.Exposition).
-    text = VmMetrics(ready(list), "n", 1, 1).exposition()
+    text = VmMetrics(list, "n", 1, 1).exposition()
     registered |= {name for family in text_string_to_metric_families(text) for name in exposed_names(family)}
     queries = every_dashboard_query()
     assert len(queries) > 60, "the dashboards' queries were not found"

@@ -308,23 +308,24 @@ async def test_lost_connection_is_reopened_and_events_resume_with_resync(tmp_pat
         assert await next_event(events) == DomainEvent("new", EventKind.DEFINED)
 
 
-async def test_submit_from_a_thread_translates_errors_and_reopens_a_lost_connection(tmp_path: Path) -> None:
+async def test_call_here_translates_errors_and_reopens_a_lost_connection(tmp_path: Path) -> None:
     (tmp_path / "node.xml").write_text("<node/>")
     async with HypervisorConnection(f"test://{tmp_path}/node.xml", timeout=5.0) as connection:
-        uri = await asyncio.to_thread(lambda: connection.submit(lambda conn: conn.getURI()).result(5))
+        uri = await asyncio.to_thread(connection.call_here, lambda conn: conn.getURI())
         assert uri == f"test://{tmp_path}/node.xml"
         with pytest.raises(DomainNotFound):  # libvirt's error, made ours as `call` makes it
-            await asyncio.to_thread(lambda: connection.submit(lambda conn: conn.lookupByName("nope")).result(5))
-        # Close libvirt's connection under the driver: a submitted read finds it dead...
+            await asyncio.to_thread(connection.call_here, lambda conn: conn.lookupByName("nope"))
+        with pytest.raises(RuntimeError, match="block the loop"):
+            connection.call_here(lambda conn: conn.getURI())
+        # Close libvirt's connection under the driver: a read on another thread finds it dead...
         await connection.call(lambda conn: conn.close())
         with pytest.raises(HypervisorUnavailable):
-            await asyncio.to_thread(lambda: connection.submit(lambda conn: conn.getURI()).result(5))
-        # ...which tells the event loop to reopen it, as a failed `call` does; meanwhile a submit fails at once.
-        await eventually(lambda: asyncio.to_thread(lambda: connection.submit(lambda conn: conn.getURI()).result(5)),
+            await asyncio.to_thread(connection.call_here, lambda conn: conn.getURI())
+        # ...which tells the event loop to reopen it, as a failed `call` does.
+        await eventually(lambda: asyncio.to_thread(connection.call_here, lambda conn: conn.getURI()),
                          timeout=10, what="the lost connection reopened")
-    closed = connection.submit(lambda conn: conn.getURI())
-    with pytest.raises(HypervisorUnavailable):
-        closed.result(0)
+    with pytest.raises(HypervisorUnavailable):  # closed
+        await asyncio.to_thread(connection.call_here, lambda conn: conn.getURI())
 
 
 async def test_a_call_past_its_deadline_raises_timeout(connection: HypervisorConnection) -> None:

@@ -13,11 +13,12 @@ import libvirt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgevm.lifecycle.vmmetrics import FAMILIES, VmMetrics, bulk_stats_reader, read_bulk_stats
+from edgevm.lifecycle.vmmetrics import FAMILIES, VmMetrics, free_in_background, read_bulk_stats
 from edgevm.shared.commands import TaskReply
 from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.libvirt.errors import HypervisorUnavailable
-from edgevm.shared.metrics import EXPOSITION, ready, serve_metrics
+from edgevm.shared.metrics import EXPOSITION, serve_metrics
+from tests.helpers import eventually
 from tests.lifecycle.conftest import Node, private_test_uri
 from tests.lifecycle.test_lifecycle_breadth import import_image, wait_task
 
@@ -55,7 +56,7 @@ def test_one_bulk_read_gives_every_edgevm_domain_and_the_node(conn: libvirt.virC
     for name, vcpus in [("edgevm-web", 2), ("edgevm-db", 1), ("someone-else", 1)]:
         conn.defineXML(DOMAIN.format(name=name, kib=524288, vcpus=vcpus))
     conn.lookupByName("edgevm-web").create()
-    collector = VmMetrics(ready(lambda: read_bulk_stats(conn)), "n1", host_cpus=4, host_memory=8 << 30)
+    collector = VmMetrics(lambda: read_bulk_stats(conn), "n1", host_cpus=4, host_memory=8 << 30)
     metrics = scrape(collector)
     assert metrics["edgevm_vm_state"] == {
         (("node", "n1"), ("state", "running"), ("vm", "web")): 1.0,
@@ -70,7 +71,7 @@ def test_one_bulk_read_gives_every_edgevm_domain_and_the_node(conn: libvirt.virC
     assert {name for name in FAMILIES} <= {name.removesuffix("_total") for name in _exposed(collector)}
 
 
-def test_the_stats_are_delivered_before_the_domain_objects_are_freed(conn: libvirt.virConnect) -> None:
+def test_the_domain_objects_are_freed_off_the_scrape(conn: libvirt.virConnect) -> None:
     for name in ("edgevm-web", "edgevm-db"):
         conn.defineXML(DOMAIN.format(name=name, kib=524288, vcpus=1))
 
@@ -78,26 +79,31 @@ def test_the_stats_are_delivered_before_the_domain_objects_are_freed(conn: libvi
         return sum(isinstance(thing, libvirt.virDomain) for thing in gc.get_objects())
 
     before = domain_objects()
-    alive_at_delivery: list[int] = []
-    stats = read_bulk_stats(conn, deliver=lambda found: alive_at_delivery.append(domain_objects()))
+    handed: list[list] = []
+    stats = read_bulk_stats(conn, dispose=handed.append)
     assert sorted(vm for vm, _ in stats) == ["db", "web"]
-    assert alive_at_delivery == [before + 2], "the scrape got its stats only after the domains were freed"
-    assert domain_objects() == before
+    assert domain_objects() == before + 2, "the domains were freed on the scrape's thread"
+    assert len(handed) == 1 and len(handed[0]) == 2
+    free_in_background(handed.pop())
+
+    async def freed() -> bool:
+        return domain_objects() == before
+
+    asyncio.run(eventually(freed, timeout=5, what="the domains freed by the background thread"))
 
 
-async def test_the_bulk_reader_reads_through_the_connection_and_reports_its_errors(tmp_path: Path) -> None:
+async def test_a_read_on_the_scrape_thread_reports_libvirt_errors_as_ours(tmp_path: Path) -> None:
     async with HypervisorConnection(private_test_uri(tmp_path), timeout=5.0) as connection:
         await connection.call(lambda conn: conn.defineXML(DOMAIN.format(name="edgevm-web", kib=524288, vcpus=1)))
-        start = bulk_stats_reader(connection.submit)
-        stats = await asyncio.to_thread(lambda: start().result(5))
+        stats = await asyncio.to_thread(connection.call_here, read_bulk_stats)
         assert [vm for vm, _ in stats] == ["web"]
         await connection.call(lambda conn: conn.close())  # libvirt's connection dies under the service
         with pytest.raises(HypervisorUnavailable):
-            await asyncio.to_thread(lambda: start().result(5))
+            await asyncio.to_thread(connection.call_here, read_bulk_stats)
 
 
 def test_qemu_stats_become_base_units_per_disk_and_nic() -> None:
-    collector = VmMetrics(ready(lambda: [("web", QEMU_STATS)]), "n1", host_cpus=4, host_memory=8 << 30)
+    collector = VmMetrics(lambda: [("web", QEMU_STATS)], "n1", host_cpus=4, host_memory=8 << 30)
     metrics = scrape(collector)
     vm = (("node", "n1"), ("vm", "web"))
     disk, nic = (("disk", "vda"), *vm), (("nic", "vnet7"), *vm)
@@ -124,11 +130,11 @@ def test_scrapes_within_max_age_share_one_read(conn: libvirt.virConnect) -> None
         reads.append(1)
         return read_bulk_stats(conn)
 
-    collector = VmMetrics(ready(read), "n1", 1, 1 << 30, max_age=60)
+    collector = VmMetrics(read, "n1", 1, 1 << 30, max_age=60)
     scrape(collector)
     scrape(collector)
     assert len(reads) == 1
-    fresh = VmMetrics(ready(read), "n1", 1, 1 << 30, max_age=0)
+    fresh = VmMetrics(read, "n1", 1, 1 << 30, max_age=0)
     scrape(fresh)
     scrape(fresh)
     assert len(reads) == 3
@@ -138,7 +144,7 @@ def test_a_failed_read_still_serves_the_node_and_says_so() -> None:
     def read() -> list:
         raise TimeoutError("libvirt did not answer")
 
-    metrics = scrape(VmMetrics(ready(read), "n1", 2, 1 << 30))
+    metrics = scrape(VmMetrics(read, "n1", 2, 1 << 30))
     assert metrics["edgevm_vm_stats_up"] == {(("node", "n1"),): 0.0}
     assert metrics["edgevm_node_cpus"] == {(("node", "n1"),): 2.0}
     assert "edgevm_vm_state" not in metrics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.resume import Resumer, Resumption
 from edgevm.lifecycle.taskcommands import TaskCommands
 from edgevm.lifecycle.taskindex import TaskIndex
-from edgevm.lifecycle.vmmetrics import VmMetrics, bulk_stats_reader
+from edgevm.lifecycle.vmmetrics import VmMetrics, free_in_background, read_bulk_stats
 from edgevm.lifecycle.vms import VmService
 from edgevm.shared import bus
 from edgevm.shared.client import Client
@@ -159,8 +160,8 @@ async def serve_commands(ctx: ServiceContext, images: ImageService, vms: VmServi
 
 def register_vm_metrics(ctx: ServiceContext, connection: HypervisorConnection, vms: VmService) -> None:
     """Serve the per-VM metrics from one bulk stats call per scrape, for the life of the service."""
-    vm_metrics = VmMetrics(bulk_stats_reader(connection.submit), ctx.config.node, vms.builder.host_cpus,
-                           vms.builder.host_memory)
-    EXPOSITION.add(vm_metrics.begin)
-    ctx.stack.callback(EXPOSITION.remove, vm_metrics.begin)
+    read = functools.partial(connection.call_here, functools.partial(read_bulk_stats, dispose=free_in_background))
+    vm_metrics = VmMetrics(read, ctx.config.node, vms.builder.host_cpus, vms.builder.host_memory)
+    EXPOSITION.add(vm_metrics.exposition)
+    ctx.stack.callback(EXPOSITION.remove, vm_metrics.exposition)
 

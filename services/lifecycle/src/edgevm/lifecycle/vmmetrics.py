@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import libvirt
 
-from edgevm.shared.libvirt.errors import HypervisorTimeout
 from edgevm.shared.libvirt.naming import vm_name
 from edgevm.shared.libvirt.states import DomainState, state_from_libvirt
 from edgevm.shared.metrics import CachedRead
 from edgevm.shared.textformat import label_value
 
-__all__ = ["FAMILIES", "STATS_GROUPS", "VmMetrics", "bulk_stats_reader", "read_bulk_stats"]
+__all__ = ["FAMILIES", "STATS_GROUPS", "VmMetrics", "free_in_background", "read_bulk_stats"]
 
 log = logging.getLogger(__name__)
 DomainStats = Sequence[tuple[str, Mapping[str, Any]]]
@@ -31,7 +28,6 @@ STATS_GROUPS = (
     | libvirt.VIR_DOMAIN_STATS_INTERFACE
     | libvirt.VIR_DOMAIN_STATS_BLOCK
 )
-BEGIN_WAIT = 0.1  # seconds a scrape waits for its read to begin before it renders the registry
 _ACTIVE = (DomainState.RUNNING, DomainState.PAUSED, DomainState.SHUTTING_DOWN)
 
 # Every family, exported on every scrape (empty when no VM has the stat): name -> (type, help).
@@ -92,66 +88,45 @@ _VM_KEYS = {
 }
 
 
-def read_bulk_stats(conn: libvirt.virConnect, deliver: Callable[[DomainStats], object] = lambda _: None,
-                    begun: Callable[[], None] = lambda: None) -> DomainStats:
+def read_bulk_stats(conn: libvirt.virConnect,
+                    dispose: Callable[[list[Any]], object] = lambda _: None) -> DomainStats:
     """(VM, stats) of every edgevm domain, from one `virConnectGetAllDomainStats` call (blocking).
 
-    `begun` is called just before the call (which lets go of the GIL while libvirt gathers the stats);
-    `deliver` gets the result before the call's domain objects are freed. Freeing one lets go of the GIL and
-    takes it again: for 1,000 VMs that is about 1.3 ms, a third of the call, which a scrape need not wait for.
+    `dispose` is handed the call's records (with their domain objects) once they are read, to free them
+    elsewhere: freeing a domain object lets go of the GIL and takes it again, for 1,000 VMs about 1.3 ms, a
+    third of the call, which a scrape need not wait for (see `free_in_background`).
     """
-    begun()
     records = conn.getAllDomainStats(STATS_GROUPS)
     found = []
     for domain, stats in records:
         vm = vm_name(domain.name())
         if vm is not None:
             found.append((vm, stats))
-    deliver(found)
+    dispose(records)
     return found
 
 
-def bulk_stats_reader(submit: Callable[[Callable[[libvirt.virConnect], object]], Future[object]]
-                      ) -> Callable[[], Future[DomainStats]]:
-    """The start function of VmMetrics: `read_bulk_stats` through `submit` (HypervisorConnection.submit).
-
-    The future gets the stats as soon as they are read (the domain objects are freed after it). The start
-    function returns once libvirt has the call: the scrape thread goes on to render the registry, holding
-    the GIL, and returning earlier would keep the worker thread from even starting the call until the
-    rendering let go of the GIL (for up to `sys.getswitchinterval()`, 5 ms). It waits at most BEGIN_WAIT:
-    with every worker thread busy (VMs starting, say) the registry is rendered while the read is queued.
-    """
-
-    def start() -> Future[DomainStats]:
-        result: Future[DomainStats] = Future()
-        begun = threading.Event()
-        call = submit(functools.partial(read_bulk_stats, deliver=result.set_result, begun=begun.set))
-        call.add_done_callback(functools.partial(_failure_into, result))
-        call.add_done_callback(lambda _: begun.set())
-        begun.wait(BEGIN_WAIT)
-        return result
-
-    return start
+_FREEING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stats-free")
 
 
-def _failure_into(result: Future[DomainStats], call: Future[object]) -> None:
-    if not result.done():
-        exception = call.exception() if not call.cancelled() else HypervisorTimeout("the stats read was cancelled")
-        result.set_exception(exception or RuntimeError("the stats read ended without stats"))
+def free_in_background(records: list[Any]) -> None:
+    """Empty `records` on a thread of its own, freeing its domain objects there (a `dispose` for read_bulk_stats)."""
+    _FREEING.submit(records.clear)
 
 
 class VmMetrics:
     """Each VM's state, CPU, memory, disks and NICs, and the node's capacity, rendered at scrape time.
 
-    `start` begins a read of the bulk stats (see `read_bulk_stats`) and returns its future, at most once per
-    `max_age` seconds (concurrent or quickly repeated scrapes share one read). The text is written here
-    rather than by prometheus_client (see `edgevm.shared.metrics.Exposition`): served through
-    `Exposition.add(vm_metrics.begin)`.
+    `read` returns the bulk stats (see `read_bulk_stats`); it runs on the scraping thread (libvirt's call
+    needs no other: a thread switch costs more than it saves), at most once per `max_age` seconds (concurrent
+    or quickly repeated scrapes share one read, the others waiting for it up to a deadline). The text is
+    written here rather than by prometheus_client (see `edgevm.shared.metrics.Exposition`): served through
+    `Exposition.add(vm_metrics.exposition)`.
     """
 
-    def __init__(self, start: Callable[[], Future[DomainStats]], node: str, host_cpus: int, host_memory: int,
+    def __init__(self, read: Callable[[], DomainStats], node: str, host_cpus: int, host_memory: int,
                  max_age: float = 1.0) -> None:
-        self._read = CachedRead(start, max_age)
+        self._read = CachedRead(read, max_age)
         self._node = f'node="{label_value(node)}"'
         self._host_cpus = host_cpus
         self._host_memory = host_memory
@@ -159,16 +134,8 @@ class VmMetrics:
 
     def exposition(self) -> str:
         """Every family of FAMILIES in the text format 0.0.4 (empty ones too, so every name is served)."""
-        return self.begin()()
-
-    def begin(self) -> Callable[[], str]:
-        """Begin the read the text needs; return the function that waits for it and writes the text."""
-        read = self._read.begin()
-        return lambda: self._text(read)
-
-    def _text(self, read: Callable[[], tuple[DomainStats, float]]) -> str:
         try:
-            stats, took = read()
+            stats, took = self._read()
             ok = True
         except Exception as exc:  # the scrape goes on with what is known without libvirt
             log.warning("VM stats not read for the scrape: %s", str(exc) or type(exc).__name__)

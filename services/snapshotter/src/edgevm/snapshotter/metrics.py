@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 
 from edgevm.shared.layout import Layout
 from edgevm.shared.libvirt.naming import vm_name
-from edgevm.shared.metrics import CachedRead, ready
+from edgevm.shared.metrics import CachedRead
 from edgevm.snapshotter.layers import FROZEN_PREFIX, VmFiles
 
 __all__ = ["SnapshotCollector", "SnapshotUse", "count_snapshots", "snapshot_use"]
@@ -67,7 +67,7 @@ class SnapshotCollector(Collector):
     `max_age` seconds, on the scraping thread."""
 
     def __init__(self, read: Callable[[], Mapping[str, SnapshotUse]], node: str, max_age: float = 10.0) -> None:
-        self._read = CachedRead(ready(read), max_age)
+        self._read = CachedRead(read, max_age)
         self._node = node
 
     def describe(self) -> Iterator[Metric]:

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Self, TypeVar
 
 import libvirt
@@ -81,28 +81,27 @@ class HypervisorConnection:
             self._lost(conn)
             raise
 
-    def submit(self, function: Callable[[libvirt.virConnect], T]) -> "Future[T]":
-        """function(conn) in a worker thread, from a thread that is not the event loop's (a scrape): its future.
+    def call_here(self, function: Callable[[libvirt.virConnect], T]) -> T:
+        """function(conn) on the calling thread, which must not be the event loop's (a scrape's thread, say).
 
-        Unlike `call` it has no deadline of its own (whoever waits on the future has one) and does not wait
-        for a lost connection to be reopened: the future then fails with HypervisorUnavailable at once.
-        It spares a scrape two thread switches through the event loop, each way.
+        Unlike `call` it has no deadline (a thread cannot be stopped in libvirt: whoever waits for this thread
+        has one) and does not wait for a lost connection to be reopened: it raises HypervisorUnavailable at
+        once, and the event loop reopens the connection as it does after a failed `call`.
         """
-        conn = self._conn
         try:
-            if conn is None or self._closed:
-                raise RuntimeError("not connected")
-            future = self._executor.submit(_translated, conn, function)
-        except RuntimeError:  # not connected, or closed (its executor shut down) since
-            failed: Future[T] = Future()
-            failed.set_exception(HypervisorUnavailable(f"not connected to {self.uri}"))
-            return failed
-        future.add_done_callback(functools.partial(self._lost_if_unavailable, conn))
-        return future
-
-    def _lost_if_unavailable(self, conn: libvirt.virConnect, future: "Future[Any]") -> None:
-        if not future.cancelled() and isinstance(future.exception(), HypervisorUnavailable):
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None  # no loop runs on this thread: as it should be
+        if running is not None and running is self._loop:
+            raise RuntimeError("call_here on the event loop's thread would block the loop: use call")
+        conn = self._conn
+        if conn is None or self._closed:
+            raise HypervisorUnavailable(f"not connected to {self.uri}")
+        try:
+            return _translated(conn, function)
+        except HypervisorUnavailable:
             self._on_close(conn, libvirt.VIR_CONNECT_CLOSE_REASON_ERROR, None)
+            raise
 
     async def add_open_hook(self, hook: OpenHook) -> None:
         """Run hook(conn) in a worker thread now, if connected, and again on every reopened connection."""
