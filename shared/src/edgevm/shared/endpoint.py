@@ -28,6 +28,7 @@ from edgevm.shared.errors import (
 )
 from edgevm.shared.limits import MAX_DEPTH, MAX_ERROR_FIELD, MAX_ERROR_MESSAGE, MAX_REQUEST_BYTES, clip, too_deep_at
 from edgevm.shared.metrics import COMMAND_DURATION, COMMANDS
+from edgevm.shared.paging import PAGING_HINT, Page, Paged
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class CommandService:
         self._service = DiscoveryService(nc, ServiceConfig(name=name, version=version, description=description))
         self._inflight: set[asyncio.Task[None]] = set()
         self._accepting = True
+        self._paged: set[str] = set()  # verbs whose listing comes in pages: a 422 for its size says how
 
     async def start(self) -> None:
         """Announce the service in discovery (PING/INFO/STATS): call it once every command is added."""
@@ -160,6 +162,8 @@ class CommandService:
         request_type = request_type_of(handler)
         decoder = msgspec.json.Decoder(request_type)
         serve = self._make_callback(verb, handler, decoder, None if inline else deadline, request_type)
+        if isinstance(request_type, type) and issubclass(request_type, Paged):
+            self._paged.add(verb)
         await self._service.add_endpoint(name=verb.replace(".", "-"), subject=subject, handler=serve)
 
     def _make_callback(
@@ -218,7 +222,10 @@ class CommandService:
             else:
                 async with asyncio.timeout(deadline):
                     reply = await handler(request)
-            body = _encoder.encode(reply if reply is not None else {})
+            if isinstance(reply, Page):
+                body = reply.encode(self._nc.max_payload)
+            else:
+                body = _encoder.encode(reply if reply is not None else {})
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -244,9 +251,10 @@ class CommandService:
         if not limit or size <= limit:
             return body, headers
         log.warning("%s: the reply is %d bytes, over the NATS max_payload of %d bytes", verb, size, limit)
+        hint = f"; {PAGING_HINT}" if verb in self._paged and not headers else ""
         return error_reply(Unprocessable(
             f"{verb}: the reply would be {size} bytes, more than the {limit} bytes NATS carries in one "
-            "message (the server's max_payload)"
+            f"message (the server's max_payload){hint}"
         ))
 
     async def stop(self) -> None:
