@@ -4,6 +4,7 @@ which pages, on a nats-server whose max_payload is too small for the whole list 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,13 @@ from nats.aio.client import Client as NATS
 
 from edgevm.cli.natsserver import NatsServer, free_port, start_nats_server
 from edgevm.shared import subjects
-from edgevm.shared.commands import VmList
+from edgevm.shared.clock import now
+from edgevm.shared.commands import Empty, VmList
+from edgevm.shared.endpoint import CommandService
 from edgevm.shared.limits import MAX_PAGE
-from edgevm.shared.objects import Vm
+from edgevm.shared.objects import Vm, VmStatus
+from edgevm.shared.spec import VmSpec
+from tests.gateway.test_cli_fleet import edgevm as edgevm_at
 from tests.lifecycle.conftest import Node, start_node
 from tests.lifecycle.test_cli import edgevm
 from tests.lifecycle.test_lifecycle_breadth import expect_error, import_image, wait_task
@@ -167,3 +172,24 @@ async def test_a_list_too_large_for_one_reply_is_a_422_that_says_to_page_and_pag
     reply = json.loads(as_json.stdout)
     assert list(reply) == ["vms"] and [vm["spec"]["name"] for vm in reply["vms"]] == [f"big{i}" for i in range(8)]
     assert reply["vms"][0]["spec"]["cloud_init"]["user_data"] == USER_DATA
+
+
+async def test_the_cli_lists_a_node_of_a_version_before_paging_in_one_request(nc: NATS, nats_server: NatsServer
+                                                                              ) -> None:
+    node = f"old{uuid.uuid4().hex[:6]}"
+    service = CommandService(nc, "edgevm-old")
+    asked: list[Empty] = []
+
+    async def old_list(req: Empty) -> VmList:  # vm.list before paging: `{}` only, unknown fields refused (400)
+        asked.append(req)
+        return VmList([Vm(VmSpec(name=n, image="img"), VmStatus("defined", 1, now(), now())) for n in ("a", "b")])
+
+    await service.add(subjects.command(node, "vm.list"), old_list, verb="vm.list")
+    await service.start()
+    try:
+        listed = await edgevm_at(nats_server, "--node", node, "vm", "list")
+        assert listed.returncode == 0, listed.stderr
+        assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["a", "b"]
+        assert len(asked) == 1  # the paged request was refused before the handler; then the whole list
+    finally:
+        await service.stop()
