@@ -138,7 +138,6 @@ class CommandService:
         self._service = DiscoveryService(nc, ServiceConfig(name=name, version=version, description=description))
         self._inflight: set[asyncio.Task[None]] = set()
         self._accepting = True
-        self._paged: set[str] = set()  # verbs whose listing comes in pages: a 422 for its size says how
 
     async def start(self) -> None:
         """Announce the service in discovery (PING/INFO/STATS): call it once every command is added."""
@@ -162,8 +161,6 @@ class CommandService:
         request_type = request_type_of(handler)
         decoder = msgspec.json.Decoder(request_type)
         serve = self._make_callback(verb, handler, decoder, None if inline else deadline, request_type)
-        if isinstance(request_type, type) and issubclass(request_type, Paged):
-            self._paged.add(verb)
         await self._service.add_endpoint(name=verb.replace(".", "-"), subject=subject, handler=serve)
 
     def _make_callback(
@@ -237,9 +234,12 @@ class CommandService:
                 log.exception("%s failed unexpectedly", verb)
                 error = Internal(f"{verb} failed because of an internal error; the node's log has the details")
             return self._fitting(verb, *error_reply(error))
-        return self._fitting(verb, body, None)
+        # A listing asked for whole that could have come in pages: its 422 says how.
+        return self._fitting(verb, body, None, unpaged=isinstance(request, Paged) and request.limit is None)
 
-    def _fitting(self, verb: str, body: bytes, headers: dict[str, str] | None) -> tuple[bytes, dict[str, str] | None]:
+    def _fitting(
+        self, verb: str, body: bytes, headers: dict[str, str] | None, unpaged: bool = False
+    ) -> tuple[bytes, dict[str, str] | None]:
         """Return the reply, or a short 422 in its place when it is over the server's max_payload.
 
         nats-server closes the connection of a client that publishes more than max_payload (body and
@@ -251,7 +251,7 @@ class CommandService:
         if not limit or size <= limit:
             return body, headers
         log.warning("%s: the reply is %d bytes, over the NATS max_payload of %d bytes", verb, size, limit)
-        hint = f"; {PAGING_HINT}" if verb in self._paged and not headers else ""
+        hint = f"; {PAGING_HINT}" if unpaged else ""
         return error_reply(Unprocessable(
             f"{verb}: the reply would be {size} bytes, more than the {limit} bytes NATS carries in one "
             f"message (the server's max_payload){hint}"
