@@ -20,6 +20,8 @@ What it measures:
 - `gw.vm.list` (all 5,000 VMs, ~3 MB) p50/p99 over 200 requests while the nodes keep beating and publishing,
   in LIST_ROUNDS rounds (the spread says how much the machine's other load moves it, and the load average is
   printed beside it); goal: the median round's p99 < 50 ms. Baseline: a bare responder answering the same bytes.
+- the same 5,000 VMs read in pages of 200 (`limit`, `after`; what `edgevm fleet vms` does), the p50 of a whole
+  walk against the p50 of one unpaged gw.vm.list measured beside it.
 - RSS of the hub (the gateway process plus the nats-server) after the run.
 
 Which hub it is: one nats-server with 100 sourced streams, not 100 leaf servers (100 nats-servers with
@@ -63,6 +65,7 @@ HEARTBEAT_INTERVAL = 10.0
 LIST_REQUESTS = 200
 LIST_ROUNDS = int(os.environ.get("BENCH_FLEET_LIST_ROUNDS", "3"))
 GOAL_P99 = 0.050
+PAGE = 200  # what `edgevm fleet vms` asks for
 _encoder = msgspec.json.Encoder()
 
 
@@ -360,6 +363,7 @@ async def list_latency(nc: nats.NATS, url: str, nodes: list[SimNode]) -> float:
     ours.sort()
     bare.sort()
     one = await latencies(nc, subject, b'{"node":"node-007"}', LIST_REQUESTS)
+    walks = [await walk_pages(nc, subject, PAGE) for _ in range(LIST_REQUESTS // 20)]
     stop.set()
     await load
     await asyncio.wait_for(asyncio.gather(*(n.settle() for n in nodes)), 120)
@@ -372,7 +376,33 @@ async def list_latency(nc: nats.NATS, url: str, nodes: list[SimNode]) -> float:
            f"{p99(ours) / p99(bare):.2f}x", "< 50 ms", p99(ours) < GOAL_P99)
     report(f"gw.vm.list {{node}} ({VMS_PER_NODE} VMs) p99", f"{p99(one) * 1e3:.1f} ms", "-", "-", "< 50 ms",
            p99(one) < GOAL_P99)
+    walk = statistics.median(t for t, _ in walks)
+    pages = -(-NODES * VMS_PER_NODE // PAGE)
+    report(f"gw.vm.list walk, {pages} pages of {PAGE}: p50", f"{walk * 1e3:.1f} ms",
+           f"{statistics.median(ours) * 1e3:.1f} ms", f"{walk / statistics.median(ours):.2f}x whole", "every VM once",
+           all(n == NODES * VMS_PER_NODE for _, n in walks))
     return p99(ours)
+
+
+class PageHead(msgspec.Struct):
+    """What a walk reads of a page: the VMs left raw (the unpaged baseline decodes nothing), and `next`."""
+
+    vms: list[msgspec.Raw]
+    next: str | None
+
+
+async def walk_pages(nc: nats.NATS, subject: str, limit: int) -> tuple[float, int]:
+    """Seconds to read the whole fleet page by page (`limit`, `after` = the `next` before), and the VMs read."""
+    start = time.perf_counter()
+    after = None
+    count = 0
+    while True:
+        body = _encoder.encode({"limit": limit, **({"after": after} if after is not None else {})})
+        page = msgspec.json.decode((await nc.request(subject, body, timeout=10)).data, type=PageHead)
+        count += len(page.vms)
+        after = page.next
+        if after is None:
+            return time.perf_counter() - start, count
 
 
 async def main() -> None:

@@ -18,6 +18,7 @@ from edgevm.shared.commands import VmRef
 from edgevm.shared.endpoint import CommandService
 from edgevm.shared.errors import Conflict, RemoteError
 from edgevm.shared.objects import Vm, VmStatus
+from edgevm.shared.paging import Page, Paged
 from edgevm.shared.spec import VmSpec
 from tests.unit.test_protocol import BAD_SPECS
 
@@ -142,8 +143,55 @@ async def test_a_reply_over_max_payload_is_422_naming_the_size_and_the_limit(
     assert info.value.code == "422" and info.value.field is None
     assert f"{size} bytes" in info.value.message and f"{limit} bytes" in info.value.message
     assert "max_payload" in info.value.message
+    assert "`limit`" not in info.value.message  # only a listing that comes in pages says to page
     vm = await client.call("vm.create", {"name": "d", "image": "img"}, Vm)  # and the service keeps serving
     assert vm.spec.name == "d"
+
+
+class RowsRequest(Paged):
+    after: str | None = None
+
+
+async def test_a_listing_in_pages_fills_each_page_up_to_max_payload_and_only_a_whole_one_is_told_to_page(
+    nc: NATS,
+) -> None:
+    node = f"t{uuid.uuid4().hex[:8]}"
+    svc = CommandService(nc, "edgevm-test-pages")
+    rows = [(f"r{i:02d}", msgspec.json.encode("x" * MEGA)) for i in range(20)]  # 20 MiB, over two max_payloads
+
+    async def listing(req: RowsRequest) -> Page:
+        return Page("rows", (row for row in rows if req.after is None or row[0] > req.after), req.limit)
+
+    async def huge(req: RowsRequest) -> Page:  # one entry alone over max_payload: no page can hold it
+        return Page("rows", iter([("big", msgspec.json.encode("x" * nc.max_payload))]), req.limit)
+
+    for verb, handler in [("rows.list", listing), ("huge.list", huge)]:
+        await svc.add(subjects.command(node, verb), handler, verb=verb)
+    client = Client(nc, node, timeout=10)
+    try:
+        with pytest.raises(RemoteError) as info:
+            await client.call("rows.list")
+        assert info.value.code == "422" and "`limit`" in info.value.message and "`after`" in info.value.message
+        seen: list[str] = []
+        after = None
+        while True:
+            msg = await nc.request(subjects.command(node, "rows.list"),
+                                   json.dumps({"limit": 1000, "after": after}).encode(), timeout=10)
+            assert msg.headers is None and len(msg.data) <= nc.max_payload
+            page = json.loads(msg.data)
+            assert len(page["rows"]) == MAX_PAYLOAD // (MEGA + 3) or page["next"] is None  # as many as fit
+            seen += [f"r{i:02d}" for i in range(len(seen), len(seen) + len(page["rows"]))]
+            after = page["next"]
+            if after is None:
+                break
+            assert after == seen[-1]
+        assert seen == [key for key, _ in rows]
+        for body, hinted in [({}, True), ({"limit": 1}, False)]:
+            with pytest.raises(RemoteError) as info:
+                await client.call("huge.list", body)
+            assert info.value.code == "422" and ("`limit`" in info.value.message) == hinted, info.value.message
+    finally:
+        await svc.stop()
 
 
 async def test_the_embedded_server_takes_8_mb_messages(nc: NATS) -> None:

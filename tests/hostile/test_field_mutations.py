@@ -31,6 +31,7 @@ VALID: dict[str, dict[str, Any]] = {
         "cloud_init": {"user_data": "#cloud-config\n", "network_config": None, "meta_data": {"a": 1}},
     },
     "vm.get": {"name": "nope"},
+    "vm.list": {"limit": 5, "after": "a"},
     "vm.update": {"name": "web", "revision": 999, "description": "x", "cpu": 1, "memory": "64MB"},
     "vm.start": {"name": "nope"},
     "vm.stop": {"name": "nope", "force": True},
@@ -54,7 +55,7 @@ VALID: dict[str, dict[str, Any]] = {
     "snapshot.list": {"vm": "nope"},
     "flow.list": {"vm": "nope", "status": "all", "limit": 5},
     "flow.terminate": {"vm": "nope", "id": "x"},
-    "gw.vm.list": {"node": "e2e"},
+    "gw.vm.list": {"node": "e2e", "limit": 5, "after": "e2e/a"},
     "gw.task.list": {"node": "e2e", "vm": "web", "limit": 5},
     "gw.flow.list": {"node": "e2e", "vm": "web", "status": "all", "limit": 5},
 }

@@ -139,6 +139,14 @@ CASES = [
     Case("task-limit-10e30", "task.list", {"limit": 10**30}, field="limit"),
     Case("flow-limit-0", "flow.list", {"vm": "web", "limit": 0}, field="limit"),
     Case("gw-limit-float", "gw.task.list", {"limit": 1.5}, field="limit"),
+    Case("vm-list-limit-0", "vm.list", {"limit": 0}, field="limit", says=">= 1"),
+    Case("vm-list-limit-1001", "vm.list", {"limit": 1001}, field="limit", says="<= 1000"),
+    Case("vm-list-limit-string", "vm.list", {"limit": "10"}, field="limit"),
+    Case("vm-list-after-huge", "vm.list", {"limit": 5, "after": "a" * BIG}, field="after", says="length <= 63"),
+    Case("vm-list-after-control", "vm.list", {"after": "a\u0007"}, field="after"),
+    Case("gw-vm-list-limit-10e30", "gw.vm.list", {"limit": 10**30}, field="limit"),
+    Case("gw-vm-list-after-huge", "gw.vm.list", {"after": "e2e/" + "a" * BIG}, field="after", says="length <= 127"),
+    Case("gw-vm-list-after-no-node", "gw.vm.list", {"limit": 5, "after": "web"}, field="after"),
     # 4: deep nesting.
     Case("meta-data-100000-deep", "vm.create",
          b'{"name": "hx", "image": "base", "cloud_init": {"meta_data": ' + b'{"k": ' * 100_000 + b"1" + b"}" * 100_002,
@@ -184,6 +192,8 @@ CASES = [
     Case("task-id-newline", "task.get", {"id": TASK_ID + "\n"}, field="id"),
     Case("flow-vm-newline", "flow.list", {"vm": "web\n"}, field="vm"),
     Case("gw-node-newline", "gw.vm.list", {"node": "e2e\n"}, field="node"),
+    Case("vm-list-after-newline", "vm.list", {"limit": 5, "after": "web\n"}, field="after"),
+    Case("gw-vm-list-after-newline", "gw.vm.list", {"limit": 5, "after": "e2e/web\n"}, field="after"),
     # 6: subnets that are never a network of VMs.
     *[Case(f"vrf-subnet-{net}", "net.vrf.create", {"name": "hx", "subnet": net}, field="subnet", says=why)
       for net, why in [("0.0.0.0/0", "whole IPv4 space"), ("127.0.0.0/8", "loopback"),

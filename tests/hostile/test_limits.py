@@ -112,7 +112,7 @@ def test_the_request_structs_have_name_patterns() -> None:
 
 @pytest.mark.parametrize(("pattern", "where"), _patterns(), ids=[w for _, w in _patterns()])
 def test_every_name_pattern_refuses_a_final_newline(pattern: str, where: str) -> None:
-    samples = ["a", "web", "eth0", "0" * 26, "A" * 26, "abc-1", "r1"]
+    samples = ["a", "web", "eth0", "0" * 26, "A" * 26, "abc-1", "r1", "n1/web"]
     matching = [s for s in samples if re.search(pattern, s)]
     assert matching, f"no sample matches {pattern} ({where})"
     for sample in matching:

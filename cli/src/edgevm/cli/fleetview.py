@@ -46,6 +46,7 @@ def _marked(node: str, node_state: str) -> str:
 
 async def dispatch(client: Client, args: argparse.Namespace) -> int:
     """Run one read verb of `edgevm fleet`; return the exit code."""
+    from edgevm.cli.listing import every_vm
     from edgevm.cli.output import print_json, print_table
     from edgevm.shared.units import format_size
 
@@ -60,7 +61,7 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
                      for n in reply["nodes"]])
         return 0
     if args.verb == "vms":
-        reply = await client.gateway("vm.list", node)
+        reply = {"vms": await every_vm(lambda body: client.gateway("vm.list", body), node)}
         if args.status:
             reply["vms"] = [v for v in reply["vms"] if v["status"]["state"] == args.status]
         if args.json:

@@ -13,6 +13,7 @@ import nats
 import yaml
 
 from edgevm.cli import fleetview
+from edgevm.cli.listing import every_vm
 from edgevm.cli.network import flow_verb, net_verb
 from edgevm.cli.output import fail, print_json, print_table
 from edgevm.cli.snapshots import snapshot_verb
@@ -99,7 +100,7 @@ async def dispatch(client: Client, args: argparse.Namespace) -> int:
             print_vm(await client.call("vm.create", args.document), args.json)
             return 0
         if verb == "list":
-            reply = await client.call("vm.list")
+            reply = {"vms": await every_vm(lambda body: client.call("vm.list", body), {})}
             if args.json:
                 print_json(reply)
             else:

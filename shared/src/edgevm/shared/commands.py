@@ -10,7 +10,9 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from edgevm.shared.errors import FieldError
 from edgevm.shared.limits import MAX_PEERS, excerpt
 from edgevm.shared.objects import Flow, Image, Snapshot, Task, Vm, VmStatus, Vnet, Vrf
+from edgevm.shared.paging import Paged
 from edgevm.shared.spec import (
+    NAME_BODY,
     Bus,
     CloudInit,
     Description,
@@ -30,6 +32,8 @@ from edgevm.shared.spec import (
 ImageName = Annotated[str, Meta(pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?\Z", max_length=63)]
 TaskId = Annotated[str, Meta(pattern=r"^[0-9A-Z]{26}\Z")]
 Limit = Annotated[int, Meta(ge=1, le=500)]
+# The cursor of gw.vm.list, whose order is node then name: `<node>/<vm>`.
+NodeVmCursor = Annotated[str, Meta(pattern=rf"^{NAME_BODY}/{NAME_BODY}\Z", max_length=127)]
 
 
 class Empty(Spec):
@@ -104,10 +108,17 @@ class UpdateVm(Spec):
         }
 
 
+class VmListRequest(Paged):
+    """vm.list: every VM by name, or a page of `limit` of them after the VM named `after` (gone or not)."""
+
+    after: Name | None = None
+
+
 class VmList(Struct):
-    """Reply of vm.list."""
+    """Reply of vm.list; `next` (the name of the page's last VM, null on the last page) only when paged."""
 
     vms: list[Vm]
+    next: str | UnsetType | None = UNSET
 
 
 class TaskReply(Struct):
@@ -258,10 +269,11 @@ class FlowTerminate(Spec):
 
 
 # Gateway
-class GwVmListRequest(Spec):
-    """gw.vm.list."""
+class GwVmListRequest(Paged):
+    """gw.vm.list: ordered by node then name; paged as vm.list, the cursor `after` being `<node>/<vm>`."""
 
     node: Name | None = None
+    after: NodeVmCursor | None = None
 
 
 class GwTaskListRequest(Spec):
@@ -310,9 +322,10 @@ class GwVm(Struct):
 
 
 class GwVmList(Struct):
-    """Reply of gw.vm.list."""
+    """Reply of gw.vm.list; `next` (`<node>/<vm>` of the page's last VM, null on the last page) only when paged."""
 
     vms: list[GwVm]
+    next: str | UnsetType | None = UNSET
 
 
 class GwTask(Task, kw_only=True):
@@ -373,6 +386,7 @@ __all__ = [
     "TaskReply",
     "UpdateVm",
     "VmList",
+    "VmListRequest",
     "VmRef",
     "VnetCreate",
     "VnetList",

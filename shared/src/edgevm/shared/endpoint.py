@@ -28,6 +28,7 @@ from edgevm.shared.errors import (
 )
 from edgevm.shared.limits import MAX_DEPTH, MAX_ERROR_FIELD, MAX_ERROR_MESSAGE, MAX_REQUEST_BYTES, clip, too_deep_at
 from edgevm.shared.metrics import COMMAND_DURATION, COMMANDS
+from edgevm.shared.paging import PAGING_HINT, Page, Paged
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,10 @@ class CommandService:
             else:
                 async with asyncio.timeout(deadline):
                     reply = await handler(request)
-            body = _encoder.encode(reply if reply is not None else {})
+            if isinstance(reply, Page):
+                body = reply.encode(self._nc.max_payload)
+            else:
+                body = _encoder.encode(reply if reply is not None else {})
         except asyncio.CancelledError:
             raise
         except TimeoutError:
@@ -230,9 +234,12 @@ class CommandService:
                 log.exception("%s failed unexpectedly", verb)
                 error = Internal(f"{verb} failed because of an internal error; the node's log has the details")
             return self._fitting(verb, *error_reply(error))
-        return self._fitting(verb, body, None)
+        # A listing asked for whole that could have come in pages: its 422 says how.
+        return self._fitting(verb, body, None, unpaged=isinstance(request, Paged) and request.limit is None)
 
-    def _fitting(self, verb: str, body: bytes, headers: dict[str, str] | None) -> tuple[bytes, dict[str, str] | None]:
+    def _fitting(
+        self, verb: str, body: bytes, headers: dict[str, str] | None, unpaged: bool = False
+    ) -> tuple[bytes, dict[str, str] | None]:
         """Return the reply, or a short 422 in its place when it is over the server's max_payload.
 
         nats-server closes the connection of a client that publishes more than max_payload (body and
@@ -244,9 +251,10 @@ class CommandService:
         if not limit or size <= limit:
             return body, headers
         log.warning("%s: the reply is %d bytes, over the NATS max_payload of %d bytes", verb, size, limit)
+        hint = f"; {PAGING_HINT}" if unpaged else ""
         return error_reply(Unprocessable(
             f"{verb}: the reply would be {size} bytes, more than the {limit} bytes NATS carries in one "
-            "message (the server's max_payload)"
+            f"message (the server's max_payload){hint}"
         ))
 
     async def stop(self) -> None:

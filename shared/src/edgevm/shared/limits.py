@@ -26,6 +26,8 @@ MAX_VIRTUAL_INTERFACES = 32
 MAX_PEERS = 256
 # The largest size (memory, a volume) a request may give: 1 PiB.
 MAX_SIZE_BYTES = 1024**5
+# The most entries one page of a paged listing (vm.list, gw.vm.list with `limit`) asks for.
+MAX_PAGE = 1000
 
 
 def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:

@@ -22,7 +22,8 @@ from edgevm.shared.limits import (
 from edgevm.shared.units import parse_size
 
 # Patterns end in \Z, not $: msgspec matches with re.search, where $ also matches before a final newline.
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z"
+NAME_BODY = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+NAME_PATTERN = rf"^{NAME_BODY}\Z"
 Name = Annotated[str, Meta(pattern=NAME_PATTERN, max_length=63)]
 # Interface names on Linux: at most 15 bytes, no '/', no whitespace, not '.' or '..'.
 InterfaceName = Annotated[str, Meta(pattern=r"^(?!\.\.?\Z)[^/\s:]{1,15}\Z")]

@@ -14,6 +14,7 @@ from edgevm.shared.commands import (
     GwVmListRequest,
     NodeList,
 )
+from edgevm.shared.paging import Page
 
 
 class GatewayHandlers:
@@ -26,9 +27,15 @@ class GatewayHandlers:
         """gw.node.list."""
         return NodeList(self._model.node_list())
 
-    async def vm_list(self, req: GwVmListRequest) -> msgspec.Raw:
-        """gw.vm.list: a GwVmList, encoded by the model (it keeps each node's part encoded)."""
-        return msgspec.Raw(self._model.vm_list_json(req.node))
+    async def vm_list(self, req: GwVmListRequest) -> msgspec.Raw | Page:
+        """gw.vm.list: a GwVmList, encoded by the model (it keeps each node's part encoded); paged with `limit`."""
+        if req.limit is None and req.after is None:
+            return msgspec.Raw(self._model.vm_list_json(req.node))
+        after = None
+        if req.after is not None:
+            node, _, name = req.after.partition("/")
+            after = (node, name)
+        return Page("vms", self._model.vm_rows(req.node, after), req.limit)
 
     async def task_list(self, req: GwTaskListRequest) -> GwTaskList:
         """gw.task.list."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
@@ -169,21 +170,27 @@ class FleetModel:
         """
         chunks = [b'{"vms":[']
         for name, state, up in self._selected(node):
-            if state.rows_state != up:  # every entry carries its node's state
-                state.rows_state, state.vms_json = up, None
-                state.vm_rows.clear()
+            _current_rows(state, up)
             if state.vms_json is None:
-                rows = state.vm_rows
-                for vm_name, vm in state.vms.items():
-                    if vm_name not in rows:
-                        rows[vm_name] = _encoder.encode(GwVm(name, vm.spec, vm.status, up))
-                state.vms_json = b",".join(rows[vm_name] for vm_name in sorted(state.vms))
+                state.vms_json = b",".join(_vm_row(name, state, up, vm_name) for vm_name in sorted(state.vms))
             if state.vms_json:
                 chunks += (state.vms_json, b",")
         if len(chunks) > 1:
             chunks.pop()  # the last separator
         chunks.append(b"]}")
         return b"".join(chunks)
+
+    def vm_rows(self, node: str | None, after: tuple[str, str] | None) -> Iterator[tuple[str, bytes]]:
+        """Yield the entries of `vm_list(node)` that sort after `after` (node, name), whether or not that VM
+        exists: each with its cursor `<node>/<name>` and its JSON, encoded once per change (as vm_list_json)."""
+        for name, state, up in self._selected(node):
+            if after is not None and name < after[0]:
+                continue
+            _current_rows(state, up)
+            names = sorted(state.vms)
+            start = bisect.bisect_right(names, after[1]) if after is not None and name == after[0] else 0
+            for vm_name in names[start:]:
+                yield f"{name}/{vm_name}", _vm_row(name, state, up, vm_name)
 
     def task_list(self, node: str | None, vm: str | None, limit: int) -> list[GwTask]:
         """Return the newest tasks first (ids sort by creation time), filtered by node and VM."""
@@ -205,6 +212,22 @@ class FleetModel:
             rows.extend((f, up) for f in state.flows.values() if wanted(f))
         newest = heapq.nlargest(limit, rows, key=lambda row: row[0].started_at)
         return [_extend(GwFlow, f, up) for f, up in newest]
+
+
+def _current_rows(state: NodeRecord, up: NodeState) -> None:
+    """Drop a node's encoded gw.vm.list entries when its state changed since: every entry carries it."""
+    if state.rows_state != up:
+        state.rows_state, state.vms_json = up, None
+        state.vm_rows.clear()
+
+
+def _vm_row(node: str, state: NodeRecord, up: NodeState, vm_name: str) -> bytes:
+    """Return the encoded gw.vm.list entry of one VM of `node`, encoding it unless it is kept already."""
+    row = state.vm_rows.get(vm_name)
+    if row is None:
+        vm = state.vms[vm_name]
+        row = state.vm_rows[vm_name] = _encoder.encode(GwVm(node, vm.spec, vm.status, up))
+    return row
 
 
 def _extend(kind: Callable[..., T], obj: msgspec.Struct, node_state: NodeState) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -48,7 +49,13 @@ class VmRecords:
 
     def all(self) -> list[Vm]:
         """Return every VM, ordered by name."""
-        return [self._vms[name] for name in sorted(self._vms)]
+        return self.after(None)
+
+    def after(self, name: str | None) -> list[Vm]:
+        """Return the VMs whose names sort after `name` (whether or not a VM of that name exists), by name."""
+        names = sorted(self._vms)
+        start = 0 if name is None else bisect.bisect_right(names, name)
+        return [self._vms[n] for n in names[start:]]
 
     async def create(self, vm: Vm) -> None:
         """Store a new VM; Conflict when the name is taken."""

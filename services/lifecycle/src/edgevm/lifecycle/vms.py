@@ -18,7 +18,7 @@ from edgevm.lifecycle.records import VmRecords
 from edgevm.lifecycle.vmbuild import VmBuilder
 from edgevm.lifecycle.vmstate import VmStates
 from edgevm.shared.clock import now
-from edgevm.shared.commands import Empty, StopVm, TaskReply, UpdateVm, VmList, VmRef
+from edgevm.shared.commands import StopVm, TaskReply, UpdateVm, VmListRequest, VmRef
 from edgevm.shared.errors import Conflict, EdgevmError, InvalidRequest, invalid_from_msgspec
 from edgevm.shared.events import VmCreated, VmUpdated
 from edgevm.shared.libvirt.blockjobs import BlockJobs
@@ -28,12 +28,14 @@ from edgevm.shared.libvirt.errors import DomainNotFound
 from edgevm.shared.libvirt.power import Power
 from edgevm.shared.locks import VmLocks
 from edgevm.shared.objects import Vm, VmStatus
+from edgevm.shared.paging import Page
 from edgevm.shared.publisher import EventPublisher
 from edgevm.shared.qemuimg import QemuImg
 from edgevm.shared.spec import IMMUTABLE_FIELDS, VmSpec
 from edgevm.shared.taskrunner import Progress, TaskRunner, Work
 
 log = logging.getLogger(__name__)
+_encoder = msgspec.json.Encoder()
 
 
 class VmService:
@@ -155,9 +157,10 @@ class VmService:
         """vm.get: from the records, never from libvirt."""
         return self.records.get(req.name)
 
-    async def list(self, req: Empty) -> VmList:
-        """vm.list."""
-        return VmList(self.records.all())
+    async def list(self, req: VmListRequest) -> Page:
+        """vm.list: by name; with `limit`, one page after the VM named `after` (which may be gone by now)."""
+        rows = ((vm.spec.name, _encoder.encode(vm)) for vm in self.records.after(req.after))
+        return Page("vms", rows, req.limit)
 
     async def update(self, req: UpdateVm) -> Vm:
         """vm.update: against the revision the caller saw; immutable fields stay as they are."""
