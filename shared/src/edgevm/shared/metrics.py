@@ -64,7 +64,7 @@ TASKS_ACTIVE = Gauge(
 )
 
 
-TextSource = Callable[[], Callable[[], str]]
+TextSource = Callable[[], str]
 
 
 class Exposition:
@@ -72,9 +72,7 @@ class Exposition:
 
     A text source renders whole families itself (HELP, TYPE and samples, each line ending in a newline), for
     figures with series per VM: prometheus_client formats each series at about 6 us, which made a scrape of
-    1,000 VMs several times as long as the libvirt call that read them. A source is called in two steps:
-    `source()` begins what its text needs (a read that waits on libvirt, say) and returns the function that
-    writes the text; the registry is rendered in between, while those reads run on other threads.
+    1,000 VMs several times as long as the libvirt call that read them.
     """
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
@@ -91,8 +89,7 @@ class Exposition:
 
     def render(self) -> bytes:
         """The whole exposition, as a scrape gets it."""
-        writers = [source() for source in list(self._sources)]
-        return (textformat.render(self.registry) + "".join(write() for write in writers)).encode()
+        return (textformat.render(self.registry) + "".join(source() for source in list(self._sources))).encode()
 
 
 EXPOSITION = Exposition()
@@ -209,86 +206,45 @@ def on_loop(call: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop,
     return blocking
 
 
-def ready(read: Callable[[], T]) -> Callable[[], Future[T]]:
-    """A blocking read as a start function (see CachedRead): it reads on the calling thread, then returns."""
-
-    def start() -> Future[T]:
-        future: Future[T] = Future()
-        try:
-            future.set_result(read())
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
-
-    return start
-
-
 class CachedRead(Generic[T]):
-    """A read shared by the scrapes of `max_age` seconds (concurrent scrapes wait for one read).
+    """A blocking read shared by the scrapes of `max_age` seconds.
 
-    `start` begins the read and returns its future (as `vmmetrics.bulk_stats_reader` does; `ready` makes one of
-    a read that blocks).
+    The scrape that finds no fresh value reads, on its own thread; scrapes that come meanwhile wait for that
+    read, up to `timeout` seconds (then TimeoutError), rather than read again: a hung libvirt holds one thread,
+    not one more per scrape. A read's exception reaches every scrape that waited for it and is not kept.
     """
 
-    def __init__(self, start: Callable[[], Future[T]], max_age: float, timeout: float = SCRAPE_TIMEOUT) -> None:
-        self._start = start
+    def __init__(self, read: Callable[[], T], max_age: float, timeout: float = SCRAPE_TIMEOUT) -> None:
+        self._read = read
         self._max_age = max_age
         self._timeout = timeout
         self._lock = threading.Lock()
         self._cached: tuple[float, T, float] | None = None  # (read at, value, seconds the read took)
-        self._pending: _Read[T] | None = None
+        self._pending: Future[tuple[T, float]] | None = None
 
-    def begin(self) -> Callable[[], tuple[T, float]]:
-        """Begin a read unless a recent or pending one serves; return the function that waits for its result."""
+    def __call__(self) -> tuple[T, float]:
+        """Return the value and the seconds its read took."""
         with self._lock:
             cached = self._cached
             if cached is not None and time.monotonic() - cached[0] < self._max_age:
-                return lambda: (cached[1], cached[2])
-            if self._pending is None:
-                self._pending = _Read(self._start)
+                return cached[1], cached[2]
             pending = self._pending
-        return lambda: self._finish(pending)
-
-    def __call__(self) -> tuple[T, float]:
-        """Return the value and the seconds its read took (a read's exception is raised, not cached)."""
-        return self.begin()()
-
-    def _finish(self, read: _Read[T]) -> tuple[T, float]:
+            if pending is None:
+                mine: Future[tuple[T, float]] = Future()
+                self._pending = mine
+        if pending is not None:
+            return pending.result(self._timeout)
+        started = time.monotonic()
         try:
-            value = read.future.result(self._timeout)
-        except BaseException:
-            # A read that failed is not kept: the next scrape reads again. One still running past the
-            # timeout is: the next scrapes wait for it rather than queue reads behind it (a hung libvirt
-            # holds one worker thread, not one more per scrape).
-            if read.future.done():
-                with self._lock:
-                    if self._pending is read:
-                        self._pending = None
-            raise
-        ended = read.ended()
-        with self._lock:
-            if self._pending is read:
+            value = self._read()
+        except BaseException as exc:
+            with self._lock:
                 self._pending = None
-                self._cached = (ended, value, ended - read.started)
-        return value, ended - read.started
-
-
-class _Read(Generic[T]):
-    """One read of a CachedRead: its future, and when it began and ended (monotonic seconds)."""
-
-    def __init__(self, start: Callable[[], Future[T]]) -> None:
-        self.started = time.monotonic()
-        self._ended: float | None = None
-        try:
-            self.future = start()
-        except Exception as exc:  # a start that fails at once fails this read, as a read that fails does
-            self.future = Future()
-            self.future.set_exception(exc)
-        self.future.add_done_callback(self._note_end)
-
-    def _note_end(self, _future: Future[T]) -> None:
-        self._ended = time.monotonic()
-
-    def ended(self) -> float:
-        """When the read ended (its future's waiters may wake before its callbacks run: then now)."""
-        return self._ended if self._ended is not None else time.monotonic()
+            mine.set_exception(exc)
+            raise
+        ended = time.monotonic()
+        with self._lock:
+            self._pending = None
+            self._cached = (ended, value, ended - started)
+        mine.set_result((value, ended - started))
+        return value, ended - started
