@@ -27,6 +27,7 @@ from edgevm.shared.objects import Image, Task, Vm
 from edgevm.shared.publisher import EventPublisher
 from edgevm.shared.tasks import TaskStore
 from tests.lifecycle.conftest import Node, start_node
+from tests.helpers import eventually
 from tests.lifecycle.test_lifecycle_breadth import import_image, wait_task
 
 SHUTOFF = libvirt.VIR_DOMAIN_SHUTOFF
@@ -140,6 +141,16 @@ def requests_of(node: Node) -> KeptRequests:
     return KeptRequests(node.config.state_dir / "lifecycle" / "requests")
 
 
+async def no_request_left(node: Node) -> None:
+    """Wait until no request is kept: it goes right after its task's end is written (seen a moment earlier)."""
+    root = requests_of(node).root
+
+    async def gone() -> bool:
+        return not root.exists() or not list(root.iterdir())
+
+    await eventually(gone, timeout=10, what="the kept requests are removed")
+
+
 async def cut_import(nc: NATS, node: Node, name: str, source: str) -> Task:
     """An import cut mid-copy, as a SIGKILL leaves it: its task running, its request kept, its name marked, a
     partial copy in the store."""
@@ -173,7 +184,7 @@ async def test_a_cut_image_import_is_copied_again_from_its_source(nats_server: N
         vm = await again.client.call("vm.create", {"name": "on-it", "image": "disk"}, Vm)
         assert vm.status.state == "defined"
         assert not list((again.config.state_dir / "lifecycle" / "importing").iterdir())
-        assert not requests_of(again).root.exists() or not list(requests_of(again).root.iterdir())
+        await no_request_left(again)
     finally:
         await again.shutdown()
 
@@ -198,7 +209,7 @@ async def test_a_cut_import_whose_source_went_meanwhile_fails_naming_it(nats_ser
         redo = await wait_task(again, await again.client.call("image.import", {"name": "gone", "path": "gone.qcow2"},
                                                               TaskReply))
         assert redo.status == "succeeded", redo.error
-        assert not list(requests_of(again).root.iterdir())  # each request went with its task's end
+        await no_request_left(again)  # each request went with its task's end
     finally:
         await again.shutdown()
 
@@ -223,7 +234,8 @@ async def test_a_torn_kept_request_fails_its_task_and_the_service_starts(nats_se
         assert task.status == "failed"
         assert f"kept in {kept}, cannot be read" in (task.error or "") and "import the image again" in (task.error or "")
         assert image_files(again) == []
-        assert not kept.exists() and not (requests_of(again).root / f"{ended.id}.json").exists()
+        assert not (requests_of(again).root / f"{ended.id}.json").exists()  # swept at start-up: its task ended
+        await no_request_left(again)
         redo = await wait_task(again, await again.client.call("image.import", {"name": "torn", "path": "torn.qcow2"},
                                                               TaskReply))
         assert redo.status == "succeeded", redo.error
@@ -256,7 +268,7 @@ async def test_a_cut_stop_is_resumed_as_asked(nats_server: NatsServer, nc: NATS,
         assert task.status == "succeeded", task.error
         assert task.result == {"forced": forced}
         assert shared_driver.lookupByName(f"edgevm-{vm}").state() == [SHUTOFF, reason]
-        assert not (requests_of(again).root / f"{cut.id}.json").exists()
+        await no_request_left(again)
     finally:
         domain = shared_driver.lookupByName(f"edgevm-{vm}")
         if domain.isActive():
@@ -288,7 +300,7 @@ async def test_a_cut_stop_whose_request_is_torn_fails_saying_so(
         assert domain_state(shared_driver, vm) == RUNNING  # nothing was done that was not asked
         stop = await wait_task(again, await again.client.call("vm.stop", {"name": vm, "force": True}, TaskReply))
         assert stop.status == "succeeded" and stop.result == {"forced": True}, stop.error
-        assert not list(requests_of(again).root.iterdir())  # a request goes with its task's end
+        await no_request_left(again)  # a request goes with its task's end
     finally:
         domain = shared_driver.lookupByName(f"edgevm-{vm}")
         if domain.isActive():
