@@ -26,8 +26,8 @@ from edgevm.shared.locks import VmLocks, process_instance
 from edgevm.shared.objects import Image, Task, Vm
 from edgevm.shared.publisher import EventPublisher
 from edgevm.shared.tasks import TaskStore
-from tests.lifecycle.conftest import Node, start_node
 from tests.helpers import eventually
+from tests.lifecycle.conftest import Node, start_node
 from tests.lifecycle.test_lifecycle_breadth import import_image, wait_task
 
 SHUTOFF = libvirt.VIR_DOMAIN_SHUTOFF

@@ -13,12 +13,15 @@ the same way, in `<state>/lifecycle/importing/`, until the image's record is wri
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from edgevm.shared.layout import fsync_dir
 from edgevm.shared.objects import Task
+
+log = logging.getLogger(__name__)
 
 
 class Intents:
@@ -52,9 +55,10 @@ class RequestUnreadable(Exception):
 class KeptRequests:
     """What a task was asked, for the parts its Task does not carry: one JSON file per task, by its id.
 
-    Why files here (`<state>/lifecycle/requests/<task id>.json`), not a key in NATS: the request is written
-    before the task is (the task takes the id given to the runner), with no second service to wait on, and
-    it lives beside the image store and the marks it goes with. A file is written whole or not at all
+    Why a file here (`<state>/lifecycle/requests/<task id>.json`), not a key in NATS next to the task: it is
+    written before the task is (the runner is given the id), durably on the local disk, with no second network
+    write that could fail apart from the task's; and it lives beside the image store and the import marks it
+    goes with, all read at start-up before anything is served. A file is written whole or not at all
     (a temporary file fsynced, then renamed), read back by the resume after a restart, and removed when the
     task's end is written (`ended`); those of tasks that ended meanwhile are swept at start-up (`sweep`).
     Only what a resume needs is kept: an image.import's request, a forced vm.stop's `force`.
@@ -95,9 +99,13 @@ class KeptRequests:
         self._path(task_id).unlink(missing_ok=True)
 
     def ended(self, task: Task) -> None:
-        """Called with every write of a task: the request goes with the write of its end."""
+        """Called with every write of a task: the request goes with the write of its end. A file that cannot
+        be removed now is logged, never the task's failure: the next start-up sweeps it."""
         if task.finished:
-            self.drop(task.id)
+            try:
+                self.drop(task.id)
+            except OSError as exc:
+                log.warning("task %s ended; its kept request stays until the next start: %s", task.id, exc)
 
     def sweep(self, unfinished: set[str]) -> list[str]:
         """At start-up: remove the requests (and half-written files) of tasks not in `unfinished`."""
