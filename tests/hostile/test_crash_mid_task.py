@@ -125,9 +125,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def killed_import(nats_server: NatsServer, nc: NATS, state: Path, node: str, step: str) -> str:
+async def killed_import(nats_server: NatsServer, nc: NATS, step: str) -> tuple[Path, str, str]:
     """Run edgevm-lifecycle as a process of its own, killed (SIGKILL, by its kill hook) at `step` of an import of
-    `base.raw`; return the import's task id once the process is gone, not restarted."""
+    `base.raw`; return its state directory, its node and the import's task id once the process is gone (no one
+    restarts it)."""
+    state = state_dir()
+    node = f"n{secrets.token_hex(4)}"
+    await make_source(state / "import" / "base.raw")
     env = {**os.environ, "EDGEVM_NODE": node, "EDGEVM_NATS_URL": nats_server.url, "EDGEVM_STATE_DIR": str(state),
            "EDGEVM_LIBVIRT_URI": private_test_uri(state), "EDGEVM_NETWORK": "none", "EDGEVM_METRICS_PORT": "0",
            "EDGEVM_TEST_KILL_AT": f"image.import:{step}"}
@@ -142,15 +146,12 @@ async def killed_import(nats_server: NatsServer, nc: NATS, state: Path, node: st
         if process.returncode is None:
             process.kill()
             await process.wait()
-    return str(cut["id"])
+    return state, node, str(cut["id"])
 
 
 async def test_a_killed_import_whose_source_is_deleted_meanwhile_fails_naming_it(
         nats_server: NatsServer, nc: NATS) -> None:
-    state = state_dir()
-    node = f"n{secrets.token_hex(4)}"
-    await make_source(state / "import" / "base.raw")
-    task_id = await killed_import(nats_server, nc, state, node, "copying base.raw")
+    state, node, task_id = await killed_import(nats_server, nc, "copying base.raw")
     assert list((state / "lifecycle" / "images").glob(".base.*.part"))  # the kill left a partial copy
     (state / "import" / "base.raw").unlink()  # while the service is down
     again = await start_node(nats_server, nc, state=state, node=node)
@@ -168,10 +169,7 @@ async def test_a_killed_import_whose_source_is_deleted_meanwhile_fails_naming_it
 
 async def test_a_killed_import_whose_kept_request_is_torn_fails_and_the_service_starts(
         nats_server: NatsServer, nc: NATS) -> None:
-    state = state_dir()
-    node = f"n{secrets.token_hex(4)}"
-    await make_source(state / "import" / "base.raw")
-    task_id = await killed_import(nats_server, nc, state, node, "begin")
+    state, node, task_id = await killed_import(nats_server, nc, "begin")
     kept = state / "lifecycle" / "requests" / f"{task_id}.json"
     kept.write_bytes(kept.read_bytes()[:25])  # torn, as a power loss may leave it
     again = await start_node(nats_server, nc, state=state, node=node)

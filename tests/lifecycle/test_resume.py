@@ -243,14 +243,10 @@ async def test_a_torn_kept_request_fails_its_task_and_the_service_starts(nats_se
         await again.shutdown()
 
 
-@pytest.mark.parametrize(("kept", "forced", "reason"), [
-    ({"force": True}, True, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED),
-    (None, False, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN),
-])
-async def test_a_cut_stop_is_resumed_as_asked(nats_server: NatsServer, nc: NATS, shared_driver: libvirt.virConnect,
-                                              kept: dict[str, bool] | None, forced: bool, reason: int) -> None:
+async def stop_cut_on_a_running_vm(nats_server: NatsServer, nc: NATS, vm: str) -> tuple[Node, Task]:
+    """A VM that runs, and a vm.stop of it cut before it did anything (its service gone, as a SIGKILL leaves
+    it); its kept request, if any, is the test's to write."""
     node = await start_node(nats_server, nc, uri="test:///default")
-    vm = f"f{secrets.token_hex(3)}"
     try:
         await import_image(node)
         await node.client.call("vm.create", {"name": vm, "image": "base", "stop_timeout": 5}, Vm)
@@ -258,48 +254,34 @@ async def test_a_cut_stop_is_resumed_as_asked(nats_server: NatsServer, nc: NATS,
         assert started.status == "succeeded", started.error
     finally:
         await node.shutdown()
-    cut = await cut_task(nc, node, "vm.stop", vm)
+    return node, await cut_task(nc, node, "vm.stop", vm)
+
+
+@pytest.mark.parametrize(("kept", "forced", "reason"), [
+    ('{"kind": "vm.stop", "request": {"force": true}}', True, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED),
+    (None, False, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN),  # a graceful stop keeps no request
+    ('{"kind": "vm.stop", "requ', None, None),  # torn: whether it was forced is not known
+])
+async def test_a_cut_stop_is_resumed_as_asked(nats_server: NatsServer, nc: NATS, shared_driver: libvirt.virConnect,
+                                              kept: str | None, forced: bool | None, reason: int | None) -> None:
+    vm = f"f{secrets.token_hex(3)}"
+    node, cut = await stop_cut_on_a_running_vm(nats_server, nc, vm)
     if kept is not None:
-        requests_of(node).keep(cut.id, "vm.stop", kept)
+        requests_of(node).root.mkdir(parents=True, exist_ok=True)
+        (requests_of(node).root / f"{cut.id}.json").write_text(kept)
     again = await start_node(nats_server, nc, uri="test:///default", state=node.config.state_dir,
                              node=node.config.node)
     try:
         task = await wait_task(again, {"task": {"id": cut.id}})
+        if forced is None:
+            assert task.status == "failed"
+            assert "cannot be read" in (task.error or "") and "stop the VM again" in (task.error or ""), task.error
+            assert domain_state(shared_driver, vm) == RUNNING  # nothing was done that was not asked
+            task = await wait_task(again, await again.client.call("vm.stop", {"name": vm, "force": True}, TaskReply))
+            forced, reason = True, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED
         assert task.status == "succeeded", task.error
         assert task.result == {"forced": forced}
         assert shared_driver.lookupByName(f"edgevm-{vm}").state() == [SHUTOFF, reason]
-        await no_request_left(again)
-    finally:
-        domain = shared_driver.lookupByName(f"edgevm-{vm}")
-        if domain.isActive():
-            domain.destroy()
-        domain.undefine()
-        await again.shutdown()
-
-
-async def test_a_cut_stop_whose_request_is_torn_fails_saying_so(
-        nats_server: NatsServer, nc: NATS, shared_driver: libvirt.virConnect) -> None:
-    node = await start_node(nats_server, nc, uri="test:///default")
-    vm = f"t{secrets.token_hex(3)}"
-    try:
-        await import_image(node)
-        await node.client.call("vm.create", {"name": vm, "image": "base", "stop_timeout": 5}, Vm)
-        started = await wait_task(node, await node.client.call("vm.start", {"name": vm}, TaskReply))
-        assert started.status == "succeeded", started.error
-    finally:
-        await node.shutdown()
-    cut = await cut_task(nc, node, "vm.stop", vm)
-    requests_of(node).root.mkdir(parents=True, exist_ok=True)
-    (requests_of(node).root / f"{cut.id}.json").write_text('{"kind": "vm.stop", "requ')
-    again = await start_node(nats_server, nc, uri="test:///default", state=node.config.state_dir,
-                             node=node.config.node)
-    try:
-        task = await wait_task(again, {"task": {"id": cut.id}})
-        assert task.status == "failed"
-        assert "cannot be read" in (task.error or "") and "stop the VM again" in (task.error or ""), task.error
-        assert domain_state(shared_driver, vm) == RUNNING  # nothing was done that was not asked
-        stop = await wait_task(again, await again.client.call("vm.stop", {"name": vm, "force": True}, TaskReply))
-        assert stop.status == "succeeded" and stop.result == {"forced": True}, stop.error
         await no_request_left(again)  # a request goes with its task's end
     finally:
         domain = shared_driver.lookupByName(f"edgevm-{vm}")
