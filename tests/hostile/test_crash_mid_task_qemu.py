@@ -8,11 +8,14 @@ never answers an ACPI shutdown, which is all a stop, a start and a delete need t
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 
 from edgevm.shared.client import Client
 from edgevm.shared.errors import RemoteError
@@ -62,6 +65,35 @@ async def test_a_task_killed_at_a_step_goes_on_from_the_running_domain(
                     await client.call("vm.get", {"name": vm})
                 assert info.value.code == "404"
                 assert not (state / "lifecycle" / "vms" / vm).exists()
+    finally:
+        await asyncio.to_thread(remove_domain, vm)
+
+
+@pytest.mark.parametrize("step", ["begin", "destroying the domain"])
+async def test_a_forced_stop_killed_destroys_the_running_domain_at_once(tmp_path: Path, step: str) -> None:
+    """The resume knows the stop was forced (its request was kept): no ACPI shutdown, no wait of stop_timeout."""
+    vm = f"f{secrets.token_hex(3)}"
+    state = state_dir()
+    node = killing_node(tmp_path, f"vm.stop:{step}", state, QEMU)
+    try:
+        async with node as (client, log):
+            await import_base(client, state)
+            await client.call("vm.create", {"name": vm, "image": "base", "stop_timeout": 3600, "auto_start": True})
+            await eventually(lambda: _runs(client, vm), timeout=60, what=f"VM {vm} runs")
+            events: list[dict[str, Any]] = []
+
+            async def seen(msg: Msg) -> None:
+                events.append(json.loads(msg.data)["task"])
+
+            await node.nc.subscribe("edgevm.evt.e2e.task.>", cb=seen)
+            cut = (await client.call("vm.stop", {"name": vm, "force": True}))["task"]
+            task = await eventually(lambda: ended(client, cut["id"]), timeout=120, what="the task ends")
+            assert "edgevm-lifecycle exited with code -9" in log.read_text(errors="replace")
+            assert task["status"] == "succeeded" and task["result"] == {"forced": True}, task
+            assert await asyncio.to_thread(domstate, vm) == "shut off"
+            messages = [t["message"] for t in events if t["id"] == cut["id"]]
+            assert "resumed after a restart of the lifecycle" in messages
+            assert "ACPI shutdown sent" not in messages, messages
     finally:
         await asyncio.to_thread(remove_domain, vm)
 

@@ -340,7 +340,7 @@ async def test_losing_an_import_race_to_another_process_removes_only_its_own_fil
     results: list[BaseException | dict] = []
 
     class InlineRunner:
-        async def submit(self, kind: str, vm: str | None, work):  # type: ignore[no-untyped-def]
+        async def submit(self, kind: str, vm: str | None, work, task_id: str | None = None):  # type: ignore[no-untyped-def]
             async def progress(percent: int, message: str) -> None:
                 pass
 

@@ -61,9 +61,13 @@ class TaskRunner:
         """Why a task of this service failed, as a whole sentence without Python internals."""
         return failure_text(exc, self._service)
 
-    async def submit(self, kind: str, vm: str | None, work: Work, lease: HeldLease | None = None) -> Task:
-        """Lease the VM (409 when busy), write the queued task and start it; return it at once."""
-        task_id = new_id()
+    async def submit(self, kind: str, vm: str | None, work: Work, lease: HeldLease | None = None,
+                     task_id: str | None = None) -> Task:
+        """Lease the VM (409 when busy), write the queued task and start it; return it at once.
+
+        `task_id`: the id the caller made (`ids.new_id`) to write something under it before the task exists.
+        """
+        task_id = task_id or new_id()
         if vm is not None and lease is None:
             lease = await self._locks.take(vm, kind, task_id, holder=self._holder)
         try:

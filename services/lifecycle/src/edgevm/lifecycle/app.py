@@ -12,6 +12,7 @@ from pathlib import Path
 from edgevm.lifecycle.drivers.host import detect_domain_type, guest_user
 from edgevm.lifecycle.images import ImageService
 from edgevm.lifecycle.imagestore import ImageStore
+from edgevm.lifecycle.intents import KeptRequests
 from edgevm.lifecycle.network import NetplumbNetwork, NoNetwork, VmNetwork
 from edgevm.lifecycle.paths import default_import_roots
 from edgevm.lifecycle.planner import Planner
@@ -31,6 +32,7 @@ from edgevm.shared.libvirt.events import LifecycleEvents
 from edgevm.shared.libvirt.plan import DomainType
 from edgevm.shared.locks import VmLocks, process_instance
 from edgevm.shared.metrics import EXPOSITION
+from edgevm.shared.objects import Task
 from edgevm.shared.runtime import ServiceContext
 from edgevm.shared.taskrunner import TaskRunner
 from edgevm.shared.tasks import TaskStore
@@ -78,7 +80,13 @@ async def setup(ctx: ServiceContext) -> None:
     index = TaskIndex(ctx.buckets[bus.TASKS.name], node)
     locks = VmLocks(ctx.buckets[bus.LOCKS.name], node, "lifecycle", ctx.js)
     holder = process_instance()
-    runner = TaskRunner(store, locks, "lifecycle", holder=holder, on_write=index.put)
+    requests = KeptRequests(layout.root / "requests")  # what a cut task's resume needs (see resume.py)
+
+    def written(task: Task) -> None:
+        index.put(task)
+        requests.ended(task)  # a task's request goes with the write of its end
+
+    runner = TaskRunner(store, locks, "lifecycle", holder=holder, on_write=written)
     ctx.stack.push_async_callback(runner.drain)
     records = VmRecords(ctx.buckets[bus.VMS.name], node)
     await records.load()
@@ -86,7 +94,7 @@ async def setup(ctx: ServiceContext) -> None:
     image_store.remove_partials()
     vms: VmService
     images = ImageService(ctx.buckets[bus.IMAGES.name], node, image_store, runner, roots,
-                          lambda name: vms.users_of_image(name))
+                          lambda name: vms.users_of_image(name), requests)
     await images.load()
     network: VmNetwork = NoNetwork() if config.network == "none" else NetplumbNetwork(Client(ctx.nc, node, NET_TIMEOUT))
     log.info("VM networks: %s", "none (EDGEVM_NETWORK=none)" if config.network == "none" else "from netplumb")

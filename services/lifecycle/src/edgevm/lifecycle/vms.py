@@ -21,6 +21,7 @@ from edgevm.shared.clock import now
 from edgevm.shared.commands import StopVm, TaskReply, UpdateVm, VmListRequest, VmRef
 from edgevm.shared.errors import Conflict, EdgevmError, InvalidRequest, invalid_from_msgspec
 from edgevm.shared.events import VmCreated, VmUpdated
+from edgevm.shared.ids import new_id
 from edgevm.shared.libvirt.blockjobs import BlockJobs
 from edgevm.shared.libvirt.connection import HypervisorConnection
 from edgevm.shared.libvirt.definitions import Definitions
@@ -222,9 +223,11 @@ class VmService:
         return await self._submit("vm.start", req.name, lambda p: self.tasks.start(req.name, p))
 
     async def stop(self, req: StopVm) -> TaskReply:
-        """vm.stop: ACPI shutdown, destroyed after stop_timeout; at once with force."""
+        """vm.stop: ACPI shutdown, destroyed after stop_timeout; at once with force (kept for a resume after a
+        restart: the Task does not say it)."""
         self.records.get(req.name)
-        return await self._submit("vm.stop", req.name, lambda p: self.tasks.stop(req.name, req.force, p))
+        kept = {"force": True} if req.force else None
+        return await self._submit("vm.stop", req.name, lambda p: self.tasks.stop(req.name, req.force, p), kept)
 
     async def restart(self, req: VmRef) -> TaskReply:
         """vm.restart: a graceful stop, then a start."""
@@ -241,8 +244,17 @@ class VmService:
         self.records.get(req.name)
         return await self._submit("vm.delete", req.name, lambda p: self.tasks.delete(req.name, p))
 
-    async def _submit(self, kind: str, name: str, work: Work) -> TaskReply:
-        return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work)))
+    async def _submit(self, kind: str, name: str, work: Work, request: dict[str, Any] | None = None) -> TaskReply:
+        """Submit a task; `request`, what a resume needs that the Task does not carry, is kept first."""
+        if request is None:
+            return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work)))
+        task_id = new_id()
+        self.images.requests.keep(task_id, kind, request)
+        try:
+            return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work), task_id=task_id))
+        except BaseException:
+            self.images.requests.drop(task_id)
+            raise
 
 
 def volume_resizes(old: VmSpec, new: VmSpec) -> dict[str, int]:
