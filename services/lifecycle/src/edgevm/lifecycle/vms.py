@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -249,7 +250,7 @@ class VmService:
         if request is None:
             return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work)))
         task_id = new_id()
-        self.images.requests.keep(task_id, kind, request)
+        await asyncio.to_thread(self.images.requests.keep, task_id, kind, request)  # fsyncs: off the loop
         try:
             return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work), task_id=task_id))
         except BaseException:
