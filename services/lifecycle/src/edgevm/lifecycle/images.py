@@ -96,7 +96,7 @@ class ImageService:
         self._reserve(req.name, "imported")
         task_id = new_id()
         try:
-            await asyncio.to_thread(self.requests.keep, task_id, "image.import", msgspec.to_builtins(req))  # fsyncs
+            self.requests.keep(task_id, "image.import", msgspec.to_builtins(req))
             self.intents.mark(req.name)
             work = with_kill_hook("image.import", self._work(req, lambda: source, resumed=False))
             task = await self._runner.submit("image.import", None, work, task_id=task_id)

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgevm.shared.layout import fsync_dir
 from edgevm.shared.objects import Task
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class KeptRequests:
     written before the task is (the runner is given the id), durably on the local disk, with no second network
     write that could fail apart from the task's; and it lives beside the image store and the import marks it
     goes with, all read at start-up before anything is served. A file is written whole or not at all
-    (a temporary file fsynced, then renamed), read back by the resume after a restart, and removed when the
+    (a temporary file, then renamed), read back by the resume after a restart, and removed when the
     task's end is written (`ended`); those of tasks that ended meanwhile are swept at start-up (`sweep`).
     Only what a resume needs is kept: an image.import's request, a forced vm.stop's `force`.
     """
@@ -71,15 +70,14 @@ class KeptRequests:
         return self.root / f"{task_id}.json"
 
     def keep(self, task_id: str, kind: str, request: dict[str, Any]) -> None:
-        """Write the request of task `task_id` (of `kind`) durably, before the task is submitted."""
+        """Write the request of task `task_id` (of `kind`), before the task is submitted."""
         self.root.mkdir(parents=True, exist_ok=True)
         temporary = self.root / f".{task_id}.new"
-        with temporary.open("wb") as out:
-            out.write(json.dumps({"kind": kind, "request": request}).encode())
-            out.flush()
-            os.fsync(out.fileno())
+        # Renamed into place whole, so a crash of the process never leaves it torn. Not fsynced: the task it
+        # belongs to is no more durable (JetStream syncs its files every 2 minutes by default); after a power
+        # loss a missing or torn file fails the resumed task, saying so (RequestUnreadable).
+        temporary.write_bytes(json.dumps({"kind": kind, "request": request}).encode())
         os.rename(temporary, self._path(task_id))
-        fsync_dir(self.root)
 
     def read(self, task_id: str, kind: str) -> dict[str, Any] | None:
         """The request kept for task `task_id`; None when none was; RequestUnreadable when it cannot be read."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -250,7 +249,7 @@ class VmService:
         if request is None:
             return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work)))
         task_id = new_id()
-        await asyncio.to_thread(self.images.requests.keep, task_id, kind, request)  # fsyncs: off the loop
+        self.images.requests.keep(task_id, kind, request)
         try:
             return TaskReply(await self.runner.submit(kind, name, with_kill_hook(kind, work), task_id=task_id))
         except BaseException:
