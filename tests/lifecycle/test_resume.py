@@ -112,12 +112,17 @@ async def test_a_cut_vm_task_is_resumed_and_succeeds(
                                                                   TaskReply))
             assert stop.status == "succeeded", stop.error
     finally:
-        if domain_state(shared_driver, vm) is not None:
-            domain = shared_driver.lookupByName(f"edgevm-{vm}")
-            if domain.isActive():
-                domain.destroy()
-            domain.undefine()
+        remove_domain(shared_driver, vm)
         await again.shutdown()
+
+
+def remove_domain(driver: libvirt.virConnect, vm: str) -> None:
+    """Destroy and undefine VM `vm`'s domain when it is there (a test's cleanup)."""
+    if domain_state(driver, vm) is not None:
+        domain = driver.lookupByName(f"edgevm-{vm}")
+        if domain.isActive():
+            domain.destroy()
+        domain.undefine()
 
 
 async def test_a_cut_image_import_with_no_kept_request_fails_saying_to_import_again(
@@ -284,10 +289,7 @@ async def test_a_cut_stop_is_resumed_as_asked(nats_server: NatsServer, nc: NATS,
         assert shared_driver.lookupByName(f"edgevm-{vm}").state() == [SHUTOFF, reason]
         await no_request_left(again)  # a request goes with its task's end
     finally:
-        domain = shared_driver.lookupByName(f"edgevm-{vm}")
-        if domain.isActive():
-            domain.destroy()
-        domain.undefine()
+        remove_domain(shared_driver, vm)
         await again.shutdown()
 
 
