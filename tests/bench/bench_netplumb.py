@@ -35,7 +35,7 @@ from edgevm.netplumb.drivers import netns as ns
 from edgevm.netplumb.drivers.links import links_session, open_links
 from edgevm.netplumb.drivers.values import PortMappingRule, VrfPlan, plan_vrf
 from edgevm.netplumb.drivers.vrf import ensure_vrf
-from edgevm.netplumb.nftjson import batch
+from edgevm.netplumb.nftjson import Table, batch
 from edgevm.netplumb.rulesets import FAMILY, TABLE, tables
 from edgevm.netplumb.settings import Settings
 from edgevm.shared.client import Client
@@ -57,6 +57,15 @@ def median_seconds(action: Callable[[], object], rounds: int = ROUNDS) -> float:
         action()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def raw_apply_seconds(table: Table, netns: str) -> float:
+    """The raw baseline: `nft -j -f` of the table's whole batch in `netns`, median seconds."""
+    payload = json.dumps(batch(table))
+    return median_seconds(
+        lambda: subprocess.run(["ip", "netns", "exec", netns, "nft", "-j", "-f", "-"], input=payload, text=True,
+                               check=True)
+    )
 
 
 def plan(prefix: str) -> tuple[list[VrfPlan], list[PortMappingRule]]:
@@ -101,14 +110,9 @@ def main() -> None:
         desired = tables(vrfs, rules, [])
         node_table = desired[None]
         rule_count = sum(len(chain.rules) for chain in node_table.chains)
-        payload = json.dumps(batch(node_table))
 
         apply = median_seconds(lambda: nft.apply_table(node_table, node))
-        raw_apply = median_seconds(
-            lambda: subprocess.run(
-                ["ip", "netns", "exec", node, "nft", "-j", "-f", "-"], input=payload, text=True, check=True
-            )
-        )
+        raw_apply = raw_apply_seconds(node_table, node)
         reconcile = median_seconds(lambda: nft.ensure_table(node_table, node))
         raw_list = median_seconds(
             lambda: subprocess.run(
@@ -132,7 +136,7 @@ def main() -> None:
 
     print(
         f"netplumb bench: {VMS} VMs in {VRFS} VRFs, {len(rules)} port mappings, "
-        f"{rule_count} rules in the node table ({len(payload)} bytes of nft JSON)"
+        f"{rule_count} rules in the node table ({len(json.dumps(batch(node_table)))} bytes of nft JSON)"
     )
     print(f"  build all tables (pure)            {build * 1000:8.1f} ms")
     print(
@@ -230,11 +234,7 @@ async def bench_service(prefix: str, vrf_count: int) -> None:
         await client.call("net.vm.activate", last)
         node_table = nft.read_table(FAMILY, TABLE, node_ns)
         assert node_table is not None
-        payload = json.dumps(batch(node_table))
-        raw_apply = median_seconds(
-            lambda: subprocess.run(["ip", "netns", "exec", node_ns, "nft", "-j", "-f", "-"], input=payload,
-                                   text=True, check=True)
-        )
+        raw_apply = raw_apply_seconds(node_table, node_ns)
         namespaces = [node_ns] + [f"{node_ns}-{name}" for name in vrfs[1:]]
         raw_list = median_seconds(
             lambda: [subprocess.run(["ip", "netns", "exec", n, "nft", "-j", "list", "table", FAMILY, TABLE],
@@ -300,11 +300,7 @@ async def bench_vm_change(prefix: str, vrf_count: int) -> None:
         vrf_ns = f"{node_ns}-{vrf}"
         table = nft.read_table(FAMILY, TABLE, vrf_ns)
         assert table is not None
-        payload = json.dumps(batch(table))
-        raw_apply = median_seconds(
-            lambda: subprocess.run(["ip", "netns", "exec", vrf_ns, "nft", "-j", "-f", "-"], input=payload,
-                                   text=True, check=True)
-        )
+        raw_apply = raw_apply_seconds(table, vrf_ns)
         ratio = change / raw_apply
         print(f"  {vrf_count:4d} VRF(s) besides default (built in {built:5.1f} s): prepare+activate {change * 1000:7.1f} ms"
               f"   raw nft -j -f of the VRF's table {raw_apply * 1000:6.1f} ms   ratio {ratio:5.2f}"
